@@ -1,0 +1,122 @@
+"""The "paged" attention implementation registered in transformers' AttentionInterface.
+
+One stateless function fed through kwargs (as HF's integrations/sdpa_paged.py): `PagedCache.update` writes the
+step's new K/V into the block pools and puts a `PagedAttentionMetadata` plus the layer's pools into the attention
+module's kwargs; this function reads K/V straight through the block tables. Without that metadata (no PagedCache
+in the forward) it attends over the contiguous K/V transformers passes, with the mask from `paged_mask`, so
+correctness never depends on which cache is in use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
+
+from hf_paged.kernels import ops
+
+METADATA_KEY = "paged_metadata"
+KV_POOL_KEY = "paged_kv_pool"
+
+
+@dataclass(slots=True)
+class PagedAttentionMetadata:
+    """Per-forward metadata shared by every layer (block ids mean the same slots in every layer's pool).
+
+    The forward's query is [B, Hq, Q, D]; its B*Q positions are flattened row-major and `query_index` picks the
+    ones that are real tokens (None: all of them), packed sequence after sequence as `cu_seqlens_q` describes.
+    """
+
+    block_tables: torch.Tensor  # (S, max_blocks) int32
+    seq_lens: torch.Tensor  # (S,) int32: context per sequence, this step's tokens included
+    cu_seqlens_q: torch.Tensor  # (S + 1,) int32
+    query_index: torch.Tensor | None  # (T,) int64 into the flattened B*Q positions
+    max_seqlen_q: int
+
+
+@dataclass(slots=True)
+class LayerKV:
+    key_cache: torch.Tensor  # (num_blocks, block_size, Hkv, D)
+    value_cache: torch.Tensor
+    sliding_window: int | None
+
+
+def paged_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Attention of `query` [B, Hq, Q, D] over paged K/V. Returns ([B, Q, Hq, D], None)."""
+    if kwargs.get("output_attentions"):
+        raise ValueError("the 'paged' attention does not return attention weights; use attn_implementation='eager'")
+    if dropout:
+        raise ValueError("the 'paged' attention is for inference; it does not support attention dropout")
+    meta: PagedAttentionMetadata | None = kwargs.get(METADATA_KEY)
+    layer: LayerKV | None = kwargs.get(KV_POOL_KEY)
+    if meta is None or layer is None:
+        return _contiguous_attention(module, query, key, value, attention_mask, scaling, softcap, **kwargs)
+
+    batch, num_q_heads, q_len, head_dim = query.shape
+    scale = scaling if scaling is not None else head_dim**-0.5
+    window = sliding_window if sliding_window is not None else layer.sliding_window
+    flat_q = query.transpose(1, 2).reshape(batch * q_len, num_q_heads, head_dim)  # (B*Q, Hq, D)
+    packed_q = flat_q if meta.query_index is None else flat_q.index_select(0, meta.query_index)
+    packed_out = ops.paged_attention(
+        packed_q.contiguous(),
+        layer.key_cache,
+        layer.value_cache,
+        meta.block_tables,
+        meta.seq_lens,
+        meta.cu_seqlens_q,
+        scale,
+        sliding_window=window,
+        softcap=softcap,
+        max_seqlen_q=meta.max_seqlen_q,
+    )  # (T, Hq, D)
+    if meta.query_index is None:
+        out = packed_out
+    else:
+        out = packed_out.new_zeros(batch * q_len, num_q_heads, head_dim)
+        out.index_copy_(0, meta.query_index, packed_out)
+    return out.view(batch, q_len, num_q_heads, head_dim), None
+
+
+def _contiguous_attention(module, query, key, value, attention_mask, scaling, softcap, **kwargs):
+    """Attention over ordinary contiguous K/V [B, Hkv, L, D] with a boolean (or absent = causal) mask."""
+    kwargs.pop("sliding_window", None)
+    if softcap is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+    # Soft-capping (Gemma2) needs the scores before softmax: plain eager math.
+    group = query.shape[1] // key.shape[1]
+    key = key.repeat_interleave(group, dim=1)
+    value = value.repeat_interleave(group, dim=1)
+    scores = torch.matmul(query, key.transpose(2, 3)) * (scaling if scaling is not None else query.shape[-1] ** -0.5)
+    scores = torch.tanh(scores / softcap) * softcap  # (B, Hq, Q, L)
+    q_len, kv_len = query.shape[2], key.shape[2]
+    if attention_mask is None:
+        q_pos = torch.arange(kv_len - q_len, kv_len, device=query.device)[:, None]
+        attention_mask = torch.arange(kv_len, device=query.device)[None, :] <= q_pos
+    if attention_mask.dtype == torch.bool:
+        scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+    else:
+        scores = scores + attention_mask
+    probs = torch.softmax(scores.float(), dim=-1).to(query.dtype)
+    return torch.matmul(probs, value).transpose(1, 2).contiguous(), None
+
+
+def paged_mask(*args, **kwargs):
+    """Mask function registered for "paged" (without one, transformers would hand the attention no padding mask).
+
+    With a PagedCache the block tables carry causality and padding and this mask is ignored; it exists for forwards
+    without one, where it is exactly sdpa's boolean mask.
+    """
+    return sdpa_mask(*args, **kwargs)

@@ -1,0 +1,397 @@
+"""PagedCache: a transformers.Cache whose KV lives in fixed-size blocks of one shared pool per layer.
+
+Each row of the batch `generate` runs is a sequence with its own block table. Rows that are copies of one
+prompt (beam search, num_return_sequences) share their prompt blocks; beam search forks tables in
+`reorder_cache` instead of copying KV, and a shared partial block is copied on write.
+
+Left padding is never stored: the cache keeps, per row, how many leading positions are padding, and
+`get_seq_length` reports the padded (logical) length transformers expects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedConfig
+from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and_kwargs
+
+from hf_paged.attention import KV_POOL_KEY, METADATA_KEY, LayerKV, PagedAttentionMetadata
+from hf_paged.blocks import BlockManager, BlockPool, BlockPoolExhausted, BlockTable
+from hf_paged.kernels import ops
+
+SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
+
+
+@dataclass(slots=True)
+class CacheStats:
+    """A snapshot of the cache's memory. `waste` = unused slots of the blocks in use / all their slots."""
+
+    num_blocks: int
+    blocks_in_use: int
+    tokens_stored: int
+    bytes_per_block: int
+    bytes_in_use: int
+    bytes_reserved: int
+    waste: float
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+
+
+class PagedLayer(CacheLayerMixin):
+    """One layer's K/V pools, [num_blocks, block_size, num_kv_heads, head_dim], allocated on first use."""
+
+    is_compileable = False
+    is_croppable = True
+
+    def __init__(self, num_blocks: int, block_size: int, sliding_window: int | None = None):
+        super().__init__()
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.sliding_window = sliding_window
+        self.is_sliding = sliding_window is not None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        # key_states: (B, Hkv, Q, D); the pool goes on the layer's own device (accelerate device_map placements).
+        _, num_kv_heads, _, head_dim = key_states.shape
+        shape = (self.num_blocks, self.block_size, num_kv_heads, head_dim)
+        self.keys = torch.zeros(shape, dtype=key_states.dtype, device=key_states.device)
+        self.values = torch.zeros(
+            (*shape[:3], value_states.shape[-1]), dtype=value_states.dtype, device=value_states.device
+        )
+        self.device = key_states.device
+        self.is_initialized = True
+
+    # PagedCache drives its layers; the per-layer Cache API is answered at the cache level.
+    def update(self, key_states, value_states, *args, **kwargs):
+        raise NotImplementedError("PagedLayer is updated through PagedCache.update")
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        raise NotImplementedError("answered by PagedCache.get_mask_sizes")
+
+    def get_seq_length(self) -> int:
+        raise NotImplementedError("answered by PagedCache.get_seq_length")
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        pass
+
+
+@dataclass(slots=True)
+class _StepPlan:
+    slot_mapping: torch.Tensor  # (B*Q,) int64, -1 = not stored
+    copies: list[tuple[int, int]]
+    metadata: PagedAttentionMetadata
+
+
+def _config_kv_shape(config: PreTrainedConfig) -> tuple[int, int, int]:
+    """(num_layers, num_kv_heads, head_dim) from a decoder config."""
+    num_heads = config.num_attention_heads
+    num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
+    return config.num_hidden_layers, num_kv_heads, head_dim
+
+
+class PagedCache(Cache):
+    """KV cache in fixed-size blocks of a shared pool, with per-sequence block tables and ref-counted blocks.
+
+    Args:
+        config: the model's config (its decoder config is used).
+        num_blocks: blocks in the pool. Give this or `kv_cache_memory`.
+        kv_cache_memory: a budget in bytes for all layers' K and V; turned into a number of blocks.
+        block_size: tokens per block (16 by default, as vLLM).
+        dtype: the KV dtype, used to turn `kv_cache_memory` into blocks (default: torch's default dtype).
+
+    Example:
+        >>> import hf_paged
+        >>> cache = hf_paged.PagedCache(model.config, num_blocks=256)
+        >>> out = model.generate(**inputs, cache=cache, max_new_tokens=32)
+        >>> cache.stats().waste
+    """
+
+    def __init__(
+        self,
+        config: PreTrainedConfig,
+        num_blocks: int | None = None,
+        kv_cache_memory: int | None = None,
+        block_size: int = 16,
+        dtype: torch.dtype | None = None,
+    ):
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        self.config = config.get_text_config(decoder=True)
+        num_layers, num_kv_heads, head_dim = _config_kv_shape(self.config)
+        itemsize = torch.empty((), dtype=dtype or torch.get_default_dtype()).element_size()
+        self.bytes_per_block = 2 * num_layers * block_size * num_kv_heads * head_dim * itemsize
+        if (num_blocks is None) == (kv_cache_memory is None):
+            raise ValueError("give exactly one of num_blocks or kv_cache_memory")
+        if num_blocks is None:
+            num_blocks = kv_cache_memory // self.bytes_per_block
+            if num_blocks < 1:
+                raise ValueError(
+                    f"kv_cache_memory={kv_cache_memory} bytes holds no block of {self.bytes_per_block} bytes"
+                )
+        layer_types, layer_kwargs = get_layer_types_and_kwargs(self.config)
+        unsupported = sorted({t for t in layer_types if t not in SUPPORTED_LAYER_TYPES})
+        if unsupported:
+            raise ValueError(f"PagedCache does not support layer types {unsupported} ({type(config).__name__})")
+        if "chunked_attention" in layer_types:
+            raise ValueError("PagedCache does not support chunked attention layers yet")
+        layers = [PagedLayer(num_blocks, block_size, kw.get("sliding_window")) for kw in layer_kwargs]
+        super().__init__(layers=layers)
+        self.block_size = block_size
+        self.pool = BlockPool(num_blocks, enable_prefix_caching=False)
+        self.manager = BlockManager(self.pool, block_size)
+        self.tables: list[BlockTable] = []
+        self.pad_counts: list[int] = []  # leading padding positions per row (never stored)
+        self.group_size = 1  # rows r*g .. r*g+g-1 start as copies of one prompt
+        self.logical_len = 0  # positions seen per row, padding included (what DynamicCache would hold)
+        self._plan: _StepPlan | None = None
+        self._last_layer = -1
+
+    # ----------------------------------------------------------------------------------------------- set-up
+    def begin_generate(self, attention_mask: torch.Tensor | None, batch_size: int, group_size: int = 1) -> None:
+        """Called by the generate patch before the first forward: rows, their padding and prompt copies.
+
+        Args:
+            attention_mask: [B, L] 2D mask of the (expanded) prompt, or None when nothing is padded.
+            batch_size: B, the number of rows (after beam / num_return_sequences expansion).
+            group_size: how many consecutive rows are copies of one prompt.
+        """
+        if self.logical_len:
+            raise ValueError("this PagedCache already holds a generation; call reset() or build a new one")
+        pads = [0] * batch_size
+        if attention_mask is not None:
+            mask = attention_mask.bool()
+            lengths = mask.sum(-1)
+            # Left padding only: each row's ones must be one contiguous run ending at the last position.
+            is_left_padded = mask.flip(-1).cumprod(-1).sum(-1) == lengths
+            if not bool(is_left_padded.all()):
+                raise ValueError(
+                    "cache_implementation='paged' supports left-padded batches only (tokenizer.padding_side='left');"
+                    " the attention_mask has padding after real tokens"
+                )
+            pads = (mask.shape[-1] - lengths).tolist()
+        self.pad_counts = pads
+        self.group_size = group_size if batch_size % group_size == 0 else 1
+
+    # ----------------------------------------------------------------------------------------------- the step
+    def _plan_step(self, batch: int, q_len: int, device: torch.device) -> _StepPlan:
+        if not self.pad_counts:
+            self.pad_counts = [0] * batch
+        if len(self.pad_counts) != batch:
+            raise ValueError(f"PagedCache holds {len(self.pad_counts)} rows but the forward has {batch}")
+        first_step = not self.tables
+        if first_step:
+            self.tables = [self.manager.new_table() for _ in range(batch)]
+        start = self.logical_len
+        new_tokens = [max(0, start + q_len - max(start, pad)) for pad in self.pad_counts]
+        follower = [first_step and self.group_size > 1 and b % self.group_size != 0 for b in range(batch)]
+        writers = [b for b in range(batch) if not follower[b] and new_tokens[b]]
+        needed = sum(self.manager.blocks_needed(self.tables[b], new_tokens[b]) for b in writers)
+        if needed > self.pool.num_free_blocks:
+            # Raise before touching any table: the cache stays as it was.
+            raise BlockPoolExhausted(needed, self.pool.num_free_blocks, self.pool.num_blocks)
+        slot_mapping = [-1] * (batch * q_len)
+        copies = []
+        for b in writers:
+            result = self.manager.append(self.tables[b], new_tokens[b])
+            copies += result.copies
+            first = b * q_len + q_len - new_tokens[b]
+            slot_mapping[first : first + new_tokens[b]] = result.slots
+        for b in range(batch):
+            if follower[b]:
+                leader = b - b % self.group_size
+                self.tables[b] = self.manager.fork(self.tables[leader])
+        return self._build_plan(slot_mapping, copies, new_tokens, q_len, device)
+
+    def _build_plan(self, slot_mapping, copies, new_tokens, q_len, device) -> _StepPlan:
+        batch = len(self.tables)
+        max_blocks = max(1, max(len(t.block_ids) for t in self.tables))
+        block_tables = torch.zeros((batch, max_blocks), dtype=torch.int32)
+        for b, table in enumerate(self.tables):
+            block_tables[b, : len(table.block_ids)] = torch.tensor(table.block_ids, dtype=torch.int32)
+        cu = [0]
+        for n in new_tokens:
+            cu.append(cu[-1] + n)
+        query_index = None
+        if cu[-1] != batch * q_len:
+            query_index = torch.tensor(
+                [b * q_len + q_len - n + i for b, n in enumerate(new_tokens) for i in range(n)],
+                dtype=torch.long,
+                device=device,
+            )
+        metadata = PagedAttentionMetadata(
+            block_tables=block_tables.to(device),
+            seq_lens=torch.tensor([t.num_tokens for t in self.tables], dtype=torch.int32, device=device),
+            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=device),
+            query_index=query_index,
+            max_seqlen_q=max(new_tokens),
+        )
+        return _StepPlan(torch.tensor(slot_mapping, dtype=torch.long, device=device), copies, metadata)
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this step's K/V [B, Hkv, Q, D] for `layer_idx` in the pool.
+
+        With the "paged" attention the new states are returned as they are and the attention reads the pool
+        through the metadata put in `kwargs`; with any other attention the row's whole K/V comes back contiguous,
+        left-padded with zeros to the logical length, as DynamicCache would hold it.
+        """
+        batch, _, q_len, _ = key_states.shape
+        if self._plan is None or layer_idx <= self._last_layer:
+            self._plan = self._plan_step(batch, q_len, key_states.device)
+            self.logical_len += q_len
+        self._last_layer = layer_idx
+        layer = self.layers[layer_idx]
+        if not layer.is_initialized:
+            layer.lazy_initialization(key_states, value_states)
+        plan = self._plan
+        slot_mapping = plan.slot_mapping.to(layer.device)
+        if plan.copies:
+            src = torch.tensor([s for s, _ in plan.copies], dtype=torch.long, device=layer.device)
+            dst = torch.tensor([d for _, d in plan.copies], dtype=torch.long, device=layer.device)
+            ops.copy_blocks(layer.keys, layer.values, src, dst)
+        flat_k = key_states.transpose(1, 2).reshape(batch * q_len, *key_states.shape[1:2], key_states.shape[-1])
+        flat_v = value_states.transpose(1, 2).reshape(batch * q_len, value_states.shape[1], value_states.shape[-1])
+        ops.write_kv(flat_k.contiguous(), flat_v.contiguous(), layer.keys, layer.values, slot_mapping)
+
+        call_kwargs = kwargs.get("kwargs")
+        if self.config._attn_implementation == "paged" and isinstance(call_kwargs, dict):
+            call_kwargs[METADATA_KEY] = _to_device(plan.metadata, layer.device)
+            call_kwargs[KV_POOL_KEY] = LayerKV(layer.keys, layer.values, layer.sliding_window)
+            return key_states, value_states
+        return self._contiguous_kv(layer)
+
+    def _contiguous_kv(self, layer: PagedLayer) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every row's K/V as [B, Hkv, logical_len, D], stored tokens right-aligned, padding as zeros."""
+        keys = layer.keys.new_zeros((len(self.tables), self.logical_len, *layer.keys.shape[2:]))
+        values = layer.values.new_zeros((len(self.tables), self.logical_len, *layer.values.shape[2:]))
+        for b, table in enumerate(self.tables):
+            n = table.num_tokens
+            if n == 0:
+                continue
+            index = torch.tensor([table.slot(p) for p in range(n)], dtype=torch.long, device=layer.device)
+            keys[b, self.logical_len - n :] = layer.keys.view(-1, *layer.keys.shape[2:])[index]
+            values[b, self.logical_len - n :] = layer.values.view(-1, *layer.values.shape[2:])[index]
+        return keys.transpose(1, 2), values.transpose(1, 2)  # (B, Hkv, L, D)
+
+    # ------------------------------------------------------------------------------------- the Cache API
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.logical_len
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self.logical_len + query_length, 0
+
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        return self.logical_len
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return -1
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+    @property
+    def is_initialized(self) -> bool:
+        return bool(self.tables)
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.tables) if self.tables else -1
+
+    def _end_step(self) -> None:
+        self._plan = None
+        self._last_layer = -1
+
+    def _replace_rows(self, sources: list[int]) -> None:
+        """Row b becomes a fork of old row sources[b]; the old tables are released afterwards."""
+        self._end_step()
+        if not self.tables:
+            self.pad_counts = [self.pad_counts[s] for s in sources] if self.pad_counts else []
+            return
+        new_tables = [self.manager.fork(self.tables[s]) for s in sources]
+        for table in self.tables:
+            self.manager.free(table)
+        self.tables = new_tables
+        self.pad_counts = [self.pad_counts[s] for s in sources]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: fork the chosen beams' block tables (ref counts, no KV copied)."""
+        self._replace_rows(beam_idx.tolist())
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._replace_rows([b for b in range(len(self.pad_counts)) for _ in range(repeats)])
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._replace_rows(indices.tolist())
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the last `-tokens_to_remove` positions of every row (assisted decoding's rollback)."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes a negative number of tokens to remove, got {tokens_to_remove}")
+        self._end_step()
+        n = -tokens_to_remove
+        if n == 0:
+            return
+        if n > self.logical_len:
+            raise ValueError(f"cannot remove {n} positions from a cache holding {self.logical_len}")
+        self.logical_len -= n
+        for b, table in enumerate(self.tables):
+            keep = max(0, self.logical_len - self.pad_counts[b])
+            self.manager.truncate(table, keep)
+
+    def reset(self) -> None:
+        """Free every block and forget the rows; the pools stay allocated for the next generation."""
+        self._end_step()
+        for table in self.tables:
+            self.manager.free(table)
+        self.tables, self.pad_counts, self.logical_len, self.group_size = [], [], 0, 1
+
+    # ------------------------------------------------------------------------------------------- stats
+    def stats(self) -> CacheStats:
+        """Blocks in use, tokens stored (shared blocks counted once), bytes, and the waste fraction."""
+        fill: dict[int, int] = {}
+        for table in self.tables:
+            for i, block_id in enumerate(table.block_ids):
+                filled = min(self.block_size, table.num_tokens - i * self.block_size)
+                fill[block_id] = max(fill.get(block_id, 0), filled)
+        blocks_in_use = self.pool.num_used_blocks
+        tokens = sum(fill.values())
+        slots = blocks_in_use * self.block_size
+        return CacheStats(
+            num_blocks=self.pool.num_blocks,
+            blocks_in_use=blocks_in_use,
+            tokens_stored=tokens,
+            bytes_per_block=self.bytes_per_block,
+            bytes_in_use=blocks_in_use * self._actual_bytes_per_block(),
+            bytes_reserved=self.pool.num_blocks * self._actual_bytes_per_block(),
+            waste=(slots - tokens) / slots if slots else 0.0,
+            prefix_cache_queries=self.pool.num_cache_queries,
+            prefix_cache_hits=self.pool.num_cache_hits,
+        )
+
+    def _actual_bytes_per_block(self) -> int:
+        """Bytes of one block over all initialized layers (exact once the pools exist), else the config estimate."""
+        layers = [layer for layer in self.layers if layer.is_initialized]
+        if not layers:
+            return self.bytes_per_block
+        return sum(
+            (layer.keys[0].numel() * layer.keys.element_size() + layer.values[0].numel() * layer.values.element_size())
+            for layer in layers
+        )
+
+
+def _to_device(meta: PagedAttentionMetadata, device: torch.device) -> PagedAttentionMetadata:
+    if meta.block_tables.device == device:
+        return meta
+    return PagedAttentionMetadata(
+        meta.block_tables.to(device),
+        meta.seq_lens.to(device),
+        meta.cu_seqlens_q.to(device),
+        None if meta.query_index is None else meta.query_index.to(device),
+        meta.max_seqlen_q,
+    )

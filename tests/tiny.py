@@ -1,0 +1,59 @@
+"""Tiny random models built from configs (no hub): one builder per architecture the tests cover."""
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma2Config,
+    GPT2Config,
+    LlamaConfig,
+    MistralConfig,
+    Phi3Config,
+    Qwen2Config,
+    Qwen3Config,
+)
+
+VOCAB = 96
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              max_position_embeddings=512, initializer_range=0.2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+CONFIGS = {
+    "llama": lambda: LlamaConfig(**COMMON, num_key_value_heads=2),
+    "mistral": lambda: MistralConfig(**COMMON, num_key_value_heads=2, sliding_window=7),
+    "qwen2": lambda: Qwen2Config(**COMMON, num_key_value_heads=2),
+    "qwen2_sliding": lambda: Qwen2Config(
+        **{**COMMON, "num_hidden_layers": 3}, num_key_value_heads=2, use_sliding_window=True, sliding_window=6,
+        max_window_layers=1,
+    ),
+    "qwen3": lambda: Qwen3Config(**COMMON, num_key_value_heads=2, head_dim=32),
+    "gemma2": lambda: Gemma2Config(
+        **{**COMMON, "num_hidden_layers": 4}, num_key_value_heads=2, head_dim=16, sliding_window=6,
+        attn_logit_softcapping=5.0, final_logit_softcapping=30.0, query_pre_attn_scalar=16,
+    ),
+    "phi3": lambda: Phi3Config(**COMMON, num_key_value_heads=4),
+    "gpt2": lambda: GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=512,
+                               initializer_range=0.2, bos_token_id=1, eos_token_id=2, pad_token_id=0),
+}
+
+_CACHE = {}
+
+
+def tiny_model(arch: str = "llama", seed: int = 0):
+    """A small random model of `arch`, fp32, eval mode (cached per process; do not mutate it)."""
+    key = (arch, seed)
+    if key not in _CACHE:
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(CONFIGS[arch]())
+        _CACHE[key] = model.eval()
+    return _CACHE[key]
+
+
+def ragged_batch(lengths, seed: int = 0, pad_token_id: int = 0):
+    """Left-padded input_ids / attention_mask for prompts of the given lengths (tokens in [3, VOCAB))."""
+    g = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.full((len(lengths), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(lengths), width), dtype=torch.long)
+    for row, n in enumerate(lengths):
+        ids[row, width - n :] = torch.randint(3, VOCAB, (n,), generator=g)
+        mask[row, width - n :] = 1
+    return ids, mask
