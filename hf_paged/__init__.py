@@ -10,10 +10,30 @@ _patches.apply()
 
 from hf_paged.blocks import BlockManager, BlockPool, BlockPoolExhausted, BlockTable  # noqa: E402
 from hf_paged.cache import CacheStats, PagedCache  # noqa: E402
+from hf_paged.engine import (  # noqa: E402
+    LLM,
+    AsyncLLMEngine,
+    BeamSearchParams,
+    CompletionOutput,
+    EngineConfig,
+    LLMEngine,
+    RequestError,
+    RequestOutput,
+    SamplingParams,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "LLM",
+    "AsyncLLMEngine",
+    "BeamSearchParams",
+    "CompletionOutput",
+    "EngineConfig",
+    "LLMEngine",
+    "RequestError",
+    "RequestOutput",
+    "SamplingParams",
     "BlockManager",
     "BlockPool",
     "BlockPoolExhausted",

@@ -79,9 +79,11 @@ class PagedLayer(CacheLayerMixin):
 
 
 @dataclass(slots=True)
-class _StepPlan:
+class StepPlan:
+    """Where one forward's K/V go and how attention reads them (shared by every layer)."""
+
     slot_mapping: torch.Tensor  # (B*Q,) int64, -1 = not stored
-    copies: list[tuple[int, int]]
+    copies: list[tuple[int, int]]  # copy-on-write (src, dst) blocks, applied before writing
     metadata: PagedAttentionMetadata
 
 
@@ -102,6 +104,7 @@ class PagedCache(Cache):
         kv_cache_memory: a budget in bytes for all layers' K and V; turned into a number of blocks.
         block_size: tokens per block (16 by default, as vLLM).
         dtype: the KV dtype, used to turn `kv_cache_memory` into blocks (default: torch's default dtype).
+        enable_prefix_caching: keep freed full blocks findable by content hash (the engine's prefix cache).
 
     Example:
         >>> import hf_paged
@@ -117,6 +120,7 @@ class PagedCache(Cache):
         kv_cache_memory: int | None = None,
         block_size: int = 16,
         dtype: torch.dtype | None = None,
+        enable_prefix_caching: bool = False,
     ):
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
@@ -141,14 +145,16 @@ class PagedCache(Cache):
         layers = [PagedLayer(num_blocks, block_size, kw.get("sliding_window")) for kw in layer_kwargs]
         super().__init__(layers=layers)
         self.block_size = block_size
-        self.pool = BlockPool(num_blocks, enable_prefix_caching=False)
+        self.pool = BlockPool(num_blocks, enable_prefix_caching=enable_prefix_caching)
         self.manager = BlockManager(self.pool, block_size)
         self.tables: list[BlockTable] = []
         self.pad_counts: list[int] = []  # leading padding positions per row (never stored)
         self.group_size = 1  # rows r*g .. r*g+g-1 start as copies of one prompt
         self.logical_len = 0  # positions seen per row, padding included (what DynamicCache would hold)
-        self._plan: _StepPlan | None = None
+        self._plan: StepPlan | None = None
         self._last_layer = -1
+        # Engine mode: the engine owns the block tables and hands each forward its plan.
+        self._engine_plan: StepPlan | None = None
 
     # ----------------------------------------------------------------------------------------------- set-up
     def begin_generate(self, attention_mask: torch.Tensor | None, batch_size: int, group_size: int = 1) -> None:
@@ -176,8 +182,12 @@ class PagedCache(Cache):
         self.pad_counts = pads
         self.group_size = group_size if batch_size % group_size == 0 else 1
 
+    def set_step(self, plan: StepPlan | None) -> None:
+        """Engine mode: the next forward uses `plan` (packed [1, T] batch, tables managed by the caller)."""
+        self._engine_plan = plan
+
     # ----------------------------------------------------------------------------------------------- the step
-    def _plan_step(self, batch: int, q_len: int, device: torch.device) -> _StepPlan:
+    def _plan_step(self, batch: int, q_len: int, device: torch.device) -> StepPlan:
         if not self.pad_counts:
             self.pad_counts = [0] * batch
         if len(self.pad_counts) != batch:
@@ -206,7 +216,7 @@ class PagedCache(Cache):
                 self.tables[b] = self.manager.fork(self.tables[leader])
         return self._build_plan(slot_mapping, copies, new_tokens, q_len, device)
 
-    def _build_plan(self, slot_mapping, copies, new_tokens, q_len, device) -> _StepPlan:
+    def _build_plan(self, slot_mapping, copies, new_tokens, q_len, device) -> StepPlan:
         batch = len(self.tables)
         max_blocks = max(1, max(len(t.block_ids) for t in self.tables))
         block_tables = torch.zeros((batch, max_blocks), dtype=torch.int32)
@@ -229,7 +239,7 @@ class PagedCache(Cache):
             query_index=query_index,
             max_seqlen_q=max(new_tokens),
         )
-        return _StepPlan(torch.tensor(slot_mapping, dtype=torch.long, device=device), copies, metadata)
+        return StepPlan(torch.tensor(slot_mapping, dtype=torch.long, device=device), copies, metadata)
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
@@ -241,7 +251,9 @@ class PagedCache(Cache):
         left-padded with zeros to the logical length, as DynamicCache would hold it.
         """
         batch, _, q_len, _ = key_states.shape
-        if self._plan is None or layer_idx <= self._last_layer:
+        if self._engine_plan is not None:
+            self._plan = self._engine_plan
+        elif self._plan is None or layer_idx <= self._last_layer:
             self._plan = self._plan_step(batch, q_len, key_states.device)
             self.logical_len += q_len
         self._last_layer = layer_idx
@@ -259,6 +271,13 @@ class PagedCache(Cache):
         ops.write_kv(flat_k.contiguous(), flat_v.contiguous(), layer.keys, layer.values, slot_mapping)
 
         call_kwargs = kwargs.get("kwargs")
+        if self._engine_plan is not None and not (
+            self.config._attn_implementation == "paged" and isinstance(call_kwargs, dict)
+        ):
+            raise ValueError(
+                f"{type(self.config).__name__}: the engine needs the 'paged' attention and attention modules that "
+                "pass their kwargs to cache.update (this model's do not)"
+            )
         if self.config._attn_implementation == "paged" and isinstance(call_kwargs, dict):
             call_kwargs[METADATA_KEY] = _to_device(plan.metadata, layer.device)
             call_kwargs[KV_POOL_KEY] = LayerKV(layer.keys, layer.values, layer.sliding_window)
@@ -279,14 +298,16 @@ class PagedCache(Cache):
         return keys.transpose(1, 2), values.transpose(1, 2)  # (B, Hkv, L, D)
 
     # ------------------------------------------------------------------------------------- the Cache API
+    # NOTE: in engine mode the forward is a packed [1, T] batch whose metadata carries all positions; transformers'
+    # own mask is then a plain causal skip (kv length == query length) that the paged attention ignores.
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.logical_len
+        return 0 if self._engine_plan is not None else self.logical_len
 
     def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
-        return self.logical_len + query_length, 0
+        return self.get_seq_length() + query_length, 0
 
     def get_query_offset(self, layer_idx: int = 0) -> int:
-        return self.logical_len
+        return self.get_seq_length()
 
     def get_max_length(self, layer_idx: int | None = None) -> int:
         return -1

@@ -1,0 +1,90 @@
+"""An asyncio front for LLMEngine (what the server uses): one background task steps the engine.
+
+The engine is single-threaded: requests and aborts are queued by the event loop and applied by the stepping task
+between steps; each step itself runs in a worker thread so the loop stays responsive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator
+
+from hf_paged.engine.engine import LLMEngine
+from hf_paged.engine.params import BeamSearchParams, SamplingParams
+from hf_paged.engine.request import RequestOutput
+
+
+class AsyncLLMEngine:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self._streams: dict[str, asyncio.Queue] = {}
+        self._pending: list[tuple] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._ids = itertools.count()
+        self.errored: BaseException | None = None
+
+    def _ensure_started(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def generate(
+        self, prompt, params: SamplingParams | BeamSearchParams, request_id: str | None = None
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs; leaving the iteration early (or cancelling) aborts the request."""
+        request_id = request_id or f"async-{next(self._ids)}"
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        # Validate now so the caller gets the error; the stepping task queues it between steps.
+        request = self.engine.make_request(request_id, prompt, params)
+        queue: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = queue
+        self._pending.append(("add", request))
+        self._ensure_started()
+        self._wake.set()
+        finished = False
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finished:
+                    finished = True
+                    return
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        """Abort between steps (safe to call from the event loop at any time)."""
+        self._pending.append(("abort", request_id))
+        self._wake.set()
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            pending, self._pending = self._pending, []
+            for op, arg in pending:
+                if op == "add":
+                    self.engine.enqueue(arg)
+                else:
+                    self.engine.abort(arg)
+            if not self.engine.has_unfinished_requests():
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            try:
+                outputs = await loop.run_in_executor(None, self.engine.step)
+            except Exception as exc:  # a failing step fails the requests in it, not the loop
+                self.errored = exc
+                for request_id, queue in list(self._streams.items()):
+                    queue.put_nowait(exc)
+                    self.engine.abort(request_id)
+                continue
+            for output in outputs:
+                queue = self._streams.get(output.request_id)
+                if queue is not None:
+                    queue.put_nowait(output)

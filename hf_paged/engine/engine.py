@@ -1,0 +1,345 @@
+"""LLMEngine: add requests, step, abort. The loop is thin: schedule -> forward -> sample -> stop checks."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+
+from hf_paged.cache import PagedCache
+from hf_paged.engine.beam import BeamState
+from hf_paged.engine.params import BeamSearchParams, SamplingParams
+from hf_paged.engine.request import CompletionOutput, Request, RequestOutput, Sequence, SequenceStatus
+from hf_paged.engine.runner import ModelRunner
+from hf_paged.engine.sampler import SamplingState, sample
+from hf_paged.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+
+
+class RequestError(ValueError):
+    """A request the engine cannot take (empty or too-long prompt, unknown token ids, duplicate id, ...)."""
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    block_size: int = 16
+    num_blocks: int | None = None
+    kv_cache_memory: int | None = None  # bytes; used when num_blocks is None
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+
+    def __post_init__(self):
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if self.num_blocks is None and self.kv_cache_memory is None:
+            raise ValueError("give num_blocks or kv_cache_memory")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+
+
+@dataclass(slots=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    blocks_in_use: int
+    num_blocks: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    num_preemptions: int
+    prompt_tokens: int
+    generation_tokens: int
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
+
+
+class LLMEngine:
+    """Continuous batching over a stock HF causal LM with a PagedCache.
+
+    Args:
+        model: a loaded `PreTrainedModel` (PEFT and quantized models included), in eval mode.
+        tokenizer: used to encode string prompts and decode outputs (optional with token-id prompts).
+        config: block pool size and scheduling limits.
+    """
+
+    def __init__(self, model, tokenizer, config: EngineConfig):
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        dtype = model.dtype if model.dtype.is_floating_point else torch.float16
+        budget = {"num_blocks": config.num_blocks} if config.num_blocks else {"kv_cache_memory": config.kv_cache_memory}
+        self.cache = PagedCache(
+            model.config, block_size=config.block_size, dtype=dtype,
+            enable_prefix_caching=config.enable_prefix_caching, **budget,
+        )
+        text_config = model.config.get_text_config(decoder=True)
+        self.max_model_len = config.max_model_len or getattr(text_config, "max_position_embeddings", None) or 4096
+        self.vocab_size = model.get_output_embeddings().weight.shape[0]
+        self.scheduler = Scheduler(
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.enable_chunked_prefill,
+                            config.enable_prefix_caching),
+            self.cache.manager,
+        )
+        self.runner = ModelRunner(model, self.cache)
+        self.requests: dict[str, Request] = {}
+        self.eos_token_ids = _eos_ids(model, tokenizer)
+        self._seq_ids = itertools.count()
+        self.num_preemptions = self.prompt_tokens = self.generation_tokens = 0
+
+    # ------------------------------------------------------------------------------------------ requests
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams | BeamSearchParams,
+        extra_keys: tuple = (),
+    ) -> Request:
+        """Queue a request; raises RequestError (and queues nothing) if it can never run."""
+        request = self.make_request(request_id, prompt, params, extra_keys)
+        self.enqueue(request)
+        return request
+
+    def make_request(self, request_id: str, prompt, params, extra_keys: tuple = ()) -> Request:
+        """Validate and build a request without touching the engine's queues (safe from another thread)."""
+        if request_id in self.requests:
+            raise RequestError(f"request id {request_id!r} is already in use")
+        if not isinstance(params, (SamplingParams, BeamSearchParams)):
+            raise TypeError(f"params must be SamplingParams or BeamSearchParams, got {type(params).__name__}")
+        text, prompt_ids = self._encode(prompt)
+        width = params.beam_width if isinstance(params, BeamSearchParams) else params.n
+        self._check_fits(prompt_ids, params.max_tokens, width)
+        request = Request(request_id, text, prompt_ids, params, extra_keys=extra_keys)
+        if isinstance(params, BeamSearchParams):
+            request.beam = BeamState(params, len(prompt_ids), self.eos_token_ids)
+        seq = self._new_sequence(request, 0, params if isinstance(params, SamplingParams) else None)
+        request.sequences.append(seq)
+        return request
+
+    def enqueue(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise RequestError(f"request id {request.request_id!r} is already in use")
+        self.requests[request.request_id] = request
+        self.scheduler.add(list(request.sequences))
+
+    def _encode(self, prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise RequestError("string prompts need a tokenizer; pass token ids or give the engine a tokenizer")
+            if not prompt:
+                raise RequestError("the prompt is empty")
+            return prompt, self.tokenizer.encode(prompt)
+        if not isinstance(prompt, (list, tuple)) or not all(isinstance(t, int) for t in prompt):
+            raise RequestError(f"a prompt is a string or a list of token ids, got {type(prompt).__name__}")
+        if not prompt:
+            raise RequestError("the prompt is empty")
+        bad = [t for t in prompt if not 0 <= t < self.vocab_size]
+        if bad:
+            raise RequestError(f"token ids {bad[:5]} are outside the vocabulary (size {self.vocab_size})")
+        return None, list(prompt)
+
+    def _check_fits(self, prompt_ids: list[int], max_tokens: int, width: int) -> None:
+        if len(prompt_ids) >= self.max_model_len:
+            raise RequestError(
+                f"the prompt has {len(prompt_ids)} tokens; the model takes at most {self.max_model_len - 1} "
+                f"(max_model_len={self.max_model_len}) to leave room for one new token"
+            )
+        length = min(len(prompt_ids) + max_tokens, self.max_model_len)
+        blocks = width * -(-length // self.config.block_size)
+        if blocks > self.cache.pool.num_blocks:
+            raise RequestError(
+                f"the request needs up to {blocks} KV blocks ({width} x {length} tokens) but the pool has "
+                f"{self.cache.pool.num_blocks}; lower max_tokens / n or give the engine more KV memory"
+            )
+
+    def _new_sequence(self, request: Request, index: int, params: SamplingParams | None) -> Sequence:
+        seq = Sequence(next(self._seq_ids), request.request_id, index, request.prompt_ids,
+                       params or SamplingParams(max_tokens=request.params.max_tokens), arrival=request.arrival,
+                       extra_keys=request.extra_keys)
+        if params is not None and params.seed is not None:
+            seq.generator = torch.Generator(device=self.runner.device).manual_seed(params.seed + index)
+        if params is not None and params.logprobs is not None:
+            seq.logprobs = []
+        return seq
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request and return all its blocks to the pool. False if it is unknown or already done."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return False
+        for seq in request.sequences:
+            if not seq.status.finished:
+                seq.status, seq.finish_reason = SequenceStatus.FINISHED_ABORTED, "abort"
+            self.scheduler.remove(seq)
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # ------------------------------------------------------------------------------------------ the step
+    def step(self) -> list[RequestOutput]:
+        """Run one iteration; returns an output for every request that advanced (finished ones last time)."""
+        out = self.scheduler.schedule()
+        self.num_preemptions += len(out.preempted)
+        if not out.scheduled:
+            if self.scheduler.has_unfinished():
+                raise RuntimeError("the scheduler could not schedule anything: the KV pool is too small")
+            return []
+        logits = self.runner.execute(out)
+        touched = self._process(out, logits)
+        return [self._output(r) for r in touched]
+
+    def _process(self, out: SchedulerOutput, logits: torch.Tensor) -> list[Request]:
+        rows: dict[int, int] = {}
+        for item in out.scheduled:
+            seq = item.seq
+            seq.num_computed_tokens += item.num_tokens
+            if self.config.enable_prefix_caching:
+                self.cache.manager.cache_full_blocks(seq.table, seq.token_ids, seq.extra_keys)
+            if item.sample:
+                rows[seq.seq_id] = len(rows)
+            if seq.num_computed_tokens <= len(seq.prompt_ids):
+                self.prompt_tokens += item.num_tokens
+        touched: dict[str, Request] = {}
+        sampled = [item.seq for item in out.scheduled if item.sample]
+        beams = [s for s in sampled if self.requests[s.request_id].beam is not None]
+        plain = [s for s in sampled if self.requests[s.request_id].beam is None]
+        if plain:
+            self._sample(plain, logits[[rows[s.seq_id] for s in plain]])
+            touched.update((s.request_id, self.requests[s.request_id]) for s in plain)
+        for request_id in dict.fromkeys(s.request_id for s in beams):
+            request = self.requests[request_id]
+            group = [s for s in beams if s.request_id == request_id]
+            self._beam_step(request, group, logits[[rows[s.seq_id] for s in group]])
+            touched[request_id] = request
+        for request in touched.values():
+            if request.finished:
+                self.requests.pop(request.request_id, None)
+        return list(touched.values())
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        # Parallel sampling: a request's first sample forks its prefilled sequence into n (prompt blocks shared).
+        expanded, rows = [], []
+        for row, seq in enumerate(seqs):
+            request = self.requests[seq.request_id]
+            family = [seq]
+            if seq.params.n > 1 and not seq.output_ids and len(request.sequences) == 1:
+                for index in range(1, seq.params.n):
+                    child = self._new_sequence(request, index, seq.params)
+                    child.table = self.cache.manager.fork(seq.table)
+                    child.num_computed_tokens, child.num_cached_tokens = seq.num_computed_tokens, seq.num_cached_tokens
+                    child.status = SequenceStatus.RUNNING
+                    request.sequences.append(child)
+                    self.scheduler.running.append([child])
+                    family.append(child)
+            expanded += family
+            rows += [row] * len(family)
+        states = [SamplingState(s.params, s.prompt_ids, s.output_ids, s.generator, self.eos_token_ids)
+                  for s in expanded]
+        results = sample(logits[rows], states)
+        for seq, result in zip(expanded, results):
+            seq.output_ids.append(result.token)
+            seq.cumulative_logprob += result.logprob
+            if seq.logprobs is not None:
+                seq.logprobs.append(result.top_logprobs)
+            self.generation_tokens += 1
+            self._check_stop(seq, result.token)
+
+    def _check_stop(self, seq: Sequence, token: int) -> None:
+        params = seq.params
+        if len(seq.output_ids) >= params.min_tokens:
+            if token in self.eos_token_ids and not params.ignore_eos:
+                seq.status = SequenceStatus.FINISHED_STOPPED
+            elif token in params.stop_token_ids:
+                seq.status, seq.stop_reason = SequenceStatus.FINISHED_STOPPED, token
+            elif params.stop and self.tokenizer is not None:
+                text = self._decode(seq)
+                for stop in params.stop:
+                    at = text.find(stop)
+                    if at >= 0:
+                        seq.status, seq.stop_reason = SequenceStatus.FINISHED_STOPPED, stop
+                        seq.text = text[: at + (len(stop) if params.include_stop_str_in_output else 0)]
+                        break
+        if not seq.status.finished and (
+            len(seq.output_ids) >= params.max_tokens or seq.num_tokens >= self.max_model_len
+        ):
+            seq.status = SequenceStatus.FINISHED_LENGTH
+        if seq.status.finished:
+            seq.finish_reason = seq.status.value
+            self.scheduler.remove(seq)
+
+    def _beam_step(self, request: Request, group: list[Sequence], logits: torch.Tensor) -> None:
+        state: BeamState = request.beam
+        parents = state.step(logits)
+        manager = self.cache.manager
+        if state.done:
+            for seq in group:
+                seq.status = SequenceStatus.FINISHED_LENGTH
+                seq.finish_reason = "length"
+                self.scheduler.remove(seq)
+            request.sequences = group
+            return
+        # The new beams fork their parents' tables (ref counts, no KV copied); then the old tables are released.
+        new_seqs = []
+        for k, parent in enumerate(parents):
+            source = group[parent]
+            seq = group[k] if k < len(group) else self._new_sequence(request, k, None)
+            new_seqs.append((seq, manager.fork(source.table), source.num_computed_tokens, state.running[k]))
+        for seq in group:
+            manager.free(seq.table)
+        running_group = next(g for g in self.scheduler.running if group[0] in g)
+        running_group.clear()
+        for seq, table, computed, tokens in new_seqs:
+            seq.table, seq.num_computed_tokens, seq.output_ids = table, computed, list(tokens)
+            seq.status = SequenceStatus.RUNNING
+            running_group.append(seq)
+        request.sequences = list(running_group)
+        self.generation_tokens += len(new_seqs)
+
+    # ------------------------------------------------------------------------------------------ outputs
+    def _decode(self, seq: Sequence) -> str:
+        if self.tokenizer is None:
+            return ""
+        return self.tokenizer.decode(seq.output_ids, skip_special_tokens=seq.params.skip_special_tokens)
+
+    def _output(self, request: Request) -> RequestOutput:
+        if request.beam is not None and request.finished:
+            outputs = [
+                CompletionOutput(i, self._decode_ids(h.token_ids), h.token_ids, h.score, None, "length")
+                for i, h in enumerate(request.beam.results())
+            ]
+        else:
+            outputs = []
+            for seq in sorted(request.sequences, key=lambda s: s.index):
+                text = seq.text if seq.stop_reason is not None and isinstance(seq.stop_reason, str) else self._decode(seq)
+                outputs.append(CompletionOutput(seq.index, text, list(seq.output_ids), seq.cumulative_logprob,
+                                                seq.logprobs, seq.finish_reason, seq.stop_reason))
+        cached = max((s.num_cached_tokens for s in request.sequences), default=0)
+        return RequestOutput(request.request_id, request.prompt, request.prompt_ids, outputs, request.finished, cached)
+
+    def _decode_ids(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer is not None else ""
+
+    def stats(self) -> EngineStats:
+        pool = self.cache.pool
+        return EngineStats(
+            num_running=self.scheduler.num_running_seqs(),
+            num_waiting=sum(len(g) for g in self.scheduler.waiting),
+            blocks_in_use=pool.num_used_blocks,
+            num_blocks=pool.num_blocks,
+            prefix_cache_queries=pool.num_cache_queries,
+            prefix_cache_hits=pool.num_cache_hits,
+            num_preemptions=self.num_preemptions,
+            prompt_tokens=self.prompt_tokens,
+            generation_tokens=self.generation_tokens,
+        )
+
+
+def _eos_ids(model, tokenizer) -> tuple[int, ...]:
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    if eos is None and tokenizer is not None:
+        eos = tokenizer.eos_token_id
+    if eos is None:
+        return ()
+    return tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)

@@ -1,0 +1,154 @@
+"""`LLM`: the batch API vLLM users know, over the continuous-batching engine."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence as Seq
+
+import torch
+from tqdm.auto import tqdm
+
+from hf_paged.engine.engine import EngineConfig, EngineStats, LLMEngine, RequestError
+from hf_paged.engine.params import BeamSearchParams, SamplingParams
+from hf_paged.engine.request import RequestOutput
+
+DEFAULT_CPU_KV_MEMORY = 256 * 2**20
+GPU_MEMORY_UTILIZATION = 0.9
+
+Prompt = str | list[int] | list[dict]
+
+
+def _is_single_prompt(prompts) -> bool:
+    if isinstance(prompts, str):
+        return True
+    if isinstance(prompts, Seq) and prompts and all(isinstance(t, int) for t in prompts):
+        return True  # one list of token ids
+    return isinstance(prompts, Seq) and bool(prompts) and all(isinstance(m, dict) for m in prompts)  # one chat
+
+
+def default_kv_cache_memory(model) -> int:
+    """On CUDA: 90% of the device's memory minus what is already in use; on CPU: an explicit 256 MiB."""
+    device = model.get_input_embeddings().weight.device
+    if device.type != "cuda":
+        return DEFAULT_CPU_KV_MEMORY
+    free, total = torch.cuda.mem_get_info(device)
+    used = total - free
+    return max(int(total * GPU_MEMORY_UTILIZATION) - used, 0)
+
+
+class LLM:
+    """Continuous-batching generation with paged KV memory for a stock HF causal LM.
+
+    Args:
+        model: a loaded HF model (PEFT / bitsandbytes models included) or a local directory.
+        tokenizer: a tokenizer, a local path, or None (taken from the model's directory when it is a path).
+        block_size: tokens per KV block.
+        kv_cache_memory: bytes for the KV pool (default: 90% of free GPU memory; 256 MiB on CPU).
+        num_blocks: the pool size in blocks (overrides kv_cache_memory).
+        max_num_seqs: sequences running at once.
+        max_num_batched_tokens: the token budget of one step (chunked prefill splits longer prompts).
+        enable_prefix_caching: share full KV blocks of identical prefixes across requests.
+
+    Example:
+        >>> llm = hf_paged.LLM(model, tokenizer)
+        >>> outs = llm.generate(["Hello", "The sky is"], hf_paged.SamplingParams(max_tokens=32))
+        >>> outs[0].outputs[0].text
+    """
+
+    def __init__(
+        self,
+        model,
+        tokenizer=None,
+        block_size: int = 16,
+        kv_cache_memory: int | None = None,
+        num_blocks: int | None = None,
+        max_num_seqs: int = 64,
+        max_num_batched_tokens: int = 2048,
+        enable_prefix_caching: bool = True,
+        enable_chunked_prefill: bool = True,
+        max_model_len: int | None = None,
+    ):
+        model, tokenizer = _load(model, tokenizer)
+        if num_blocks is None and kv_cache_memory is None:
+            kv_cache_memory = default_kv_cache_memory(model)
+        config = EngineConfig(block_size, num_blocks, kv_cache_memory, max_num_seqs, max_num_batched_tokens,
+                              max_model_len, enable_prefix_caching, enable_chunked_prefill)
+        self.engine = LLMEngine(model.eval(), tokenizer, config)
+        self.tokenizer = tokenizer
+        self._ids = itertools.count()
+
+    def _prepare(self, prompt: Prompt):
+        """Chat messages go through the tokenizer's chat template; strings and token ids pass as they are."""
+        if isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
+            if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+                raise RequestError("chat messages need a tokenizer with a chat template")
+            return self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+        return prompt
+
+    def _run(self, prompts, params_list, use_tqdm: bool) -> list[RequestOutput]:
+        ids = []
+        try:
+            for prompt, params in zip(prompts, params_list):
+                request_id = f"llm-{next(self._ids)}"
+                self.engine.add_request(request_id, self._prepare(prompt), params)
+                ids.append(request_id)
+        except Exception:
+            for request_id in ids:  # a bad prompt queues nothing of the batch
+                self.engine.abort(request_id)
+            raise
+        finished: dict[str, RequestOutput] = {}
+        with tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm, unit="req") as bar:
+            while self.engine.has_unfinished_requests():
+                for output in self.engine.step():
+                    if output.finished:
+                        finished[output.request_id] = output
+                        bar.update(1)
+        return [finished[i] for i in ids]
+
+    def generate(
+        self,
+        prompts: Prompt | list[Prompt],
+        sampling_params: SamplingParams | list[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt (strings, token-id lists or chat message lists); outputs in input order."""
+        if _is_single_prompt(prompts):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if not prompts:
+            return []
+        params = sampling_params or SamplingParams()
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        if len(params_list) != len(prompts):
+            raise ValueError(f"{len(params_list)} sampling params for {len(prompts)} prompts")
+        return self._run(prompts, params_list, use_tqdm)
+
+    def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
+             use_tqdm: bool = True) -> list[RequestOutput]:
+        """Generate replies to one conversation or a list of conversations."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        return self.generate(list(conversations), sampling_params, use_tqdm)
+
+    def beam_search(self, prompts: Prompt | list[Prompt], params: BeamSearchParams,
+                    use_tqdm: bool = False) -> list[RequestOutput]:
+        """Beam search per prompt; each output holds `beam_width` beams, best first (as HF generate returns)."""
+        if _is_single_prompt(prompts):
+            prompts = [prompts]
+        prompts = list(prompts)
+        return self._run(prompts, [params] * len(prompts), use_tqdm)
+
+    def get_stats(self) -> EngineStats:
+        return self.engine.stats()
+
+
+def _load(model, tokenizer):
+    if isinstance(model, str):
+        from hf_paged.models import load_model
+
+        loaded, loaded_tok = load_model(model)
+        return loaded, tokenizer if tokenizer is not None else loaded_tok
+    if isinstance(tokenizer, str):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer, local_files_only=True)
+    return model, tokenizer

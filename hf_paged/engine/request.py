@@ -1,0 +1,106 @@
+"""Requests and sequences: the engine's state, as plain dataclasses with an Enum status."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from hf_paged.blocks import BlockTable
+from hf_paged.engine.params import BeamSearchParams, SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED_STOPPED = "stop"
+    FINISHED_LENGTH = "length"
+    FINISHED_ABORTED = "abort"
+
+    @property
+    def finished(self) -> bool:
+        return self in (SequenceStatus.FINISHED_STOPPED, SequenceStatus.FINISHED_LENGTH, SequenceStatus.FINISHED_ABORTED)
+
+
+@dataclass(slots=True, eq=False)
+class Sequence:
+    """One stream of tokens with its own block table (a request has n of them, or beam_width)."""
+
+    seq_id: int
+    request_id: str
+    index: int  # which of the request's outputs this is
+    prompt_ids: list[int]
+    params: SamplingParams
+    arrival: float
+    output_ids: list[int] = field(default_factory=list)
+    status: SequenceStatus = SequenceStatus.WAITING
+    table: BlockTable | None = None
+    num_computed_tokens: int = 0
+    generator: torch.Generator | None = None
+    cumulative_logprob: float = 0.0
+    logprobs: list[dict[int, float]] | None = None
+    text: str = ""
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    num_preemptions: int = 0
+    # Number of prompt tokens found in the prefix cache at admission.
+    num_cached_tokens: int = 0
+    extra_keys: tuple = ()  # prefix-cache key parts beyond the tokens (e.g. a LoRA adapter)
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def num_uncomputed(self) -> int:
+        return self.num_tokens - self.num_computed_tokens
+
+
+@dataclass(slots=True)
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    cumulative_logprob: float | None
+    logprobs: list[dict[int, float]] | None
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """What the engine hands back for a request (vLLM's shape)."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    num_cached_tokens: int = 0
+
+
+@dataclass(slots=True, eq=False)
+class Request:
+    """A user's request: a prompt and its parameters; its sequences appear once the prompt is prefilled."""
+
+    request_id: str
+    prompt: str | None
+    prompt_ids: list[int]
+    params: SamplingParams | BeamSearchParams
+    arrival: float = field(default_factory=time.monotonic)
+    sequences: list[Sequence] = field(default_factory=list)
+    extra_keys: tuple = ()  # prefix-cache key parts beyond the tokens (e.g. a LoRA adapter)
+    beam: object | None = None  # BeamState for beam search requests
+
+    @property
+    def finished(self) -> bool:
+        return bool(self.sequences) and all(s.status.finished for s in self.sequences)

@@ -1,0 +1,170 @@
+"""Iteration-level FCFS scheduler: token budget, chunked prefill, admission by free blocks, preemption.
+
+The unit of scheduling is a *group*: the sequences that must advance in lockstep (the beams of a beam search),
+or a single sequence. Each step first advances running groups (decodes, unfinished prefills) in arrival order,
+preempting the most recent running groups by recompute when blocks run out, then admits waiting groups while the
+token budget, `max_num_seqs` and the free blocks allow, matching each new prompt against the prefix cache.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from hf_paged.blocks import BlockManager
+from hf_paged.engine.request import Sequence, SequenceStatus
+
+
+@dataclass(slots=True)
+class SchedulerConfig:
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    enable_chunked_prefill: bool = True
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self):
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+
+
+@dataclass(slots=True)
+class ScheduledSeq:
+    seq: Sequence
+    num_tokens: int  # tokens computed this step, starting at seq.num_computed_tokens
+    sample: bool  # this chunk reaches the end of the sequence: its logits are needed
+    slots: list[int] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    scheduled: list[ScheduledSeq]
+    copies: list[tuple[int, int]]  # copy-on-write block pairs to apply before the forward
+    preempted: list[Sequence]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.scheduled)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, manager: BlockManager):
+        self.config = config
+        self.manager = manager
+        self.waiting: deque[list[Sequence]] = deque()
+        self.running: list[list[Sequence]] = []
+
+    # ------------------------------------------------------------------------------------------ queues
+    def add(self, group: list[Sequence]) -> None:
+        for seq in group:
+            seq.status = SequenceStatus.WAITING
+        self.waiting.append(group)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def num_running_seqs(self) -> int:
+        return sum(len(g) for g in self.running)
+
+    def remove(self, seq: Sequence) -> None:
+        """Take a finished or aborted sequence out of the queues and free its blocks."""
+        for queue in (self.running, self.waiting):
+            for group in list(queue):
+                if seq in group:
+                    group.remove(seq)
+                    if not group:
+                        queue.remove(group)
+        self._release(seq)
+
+    def _release(self, seq: Sequence) -> None:
+        if seq.table is not None:
+            self.manager.free(seq.table)
+            seq.table = None
+        seq.num_computed_tokens = 0
+
+    def _preempt(self, group: list[Sequence]) -> None:
+        """Preemption by recompute: drop the group's KV; it re-enters the front of the waiting queue."""
+        self.running.remove(group)
+        for seq in group:
+            self._release(seq)
+            seq.status = SequenceStatus.WAITING
+            seq.num_preemptions += 1
+        self.waiting.appendleft(group)
+
+    # ------------------------------------------------------------------------------------------ the step
+    def _chunks(self, group: list[Sequence], budget: int) -> list[int] | None:
+        """Tokens each sequence of `group` computes this step within `budget` (None: nothing fits)."""
+        per_seq = budget // len(group)
+        if per_seq < 1:
+            return None
+        wants = [seq.num_uncomputed for seq in group]
+        if not self.config.enable_chunked_prefill and any(w > per_seq for w in wants):
+            return None
+        chunks = [min(w, per_seq) for w in wants]
+        finishing = [c == w for c, w in zip(chunks, wants)]
+        if any(finishing) and not all(finishing):
+            # Lockstep: sequences of a group reach their end (and sample) in the same step.
+            chunks = [min(c, w - 1) for c, w in zip(chunks, wants)]
+        return chunks
+
+    def _blocks_needed(self, group: list[Sequence], chunks: list[int]) -> int:
+        return sum(self.manager.blocks_needed(seq.table, n) for seq, n in zip(group, chunks))
+
+    def _commit(self, group, chunks, out: SchedulerOutput) -> None:
+        for seq, n in zip(group, chunks):
+            if n == 0:
+                continue
+            result = self.manager.append(seq.table, n)
+            out.copies.extend(result.copies)
+            sample = seq.num_computed_tokens + n == seq.num_tokens
+            out.scheduled.append(ScheduledSeq(seq, n, sample, result.slots))
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput([], [], [])
+        budget = self.config.max_num_batched_tokens
+        pool = self.manager.pool
+
+        # 1. Running groups, oldest first; make room by preempting the newest.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            group = self.running[i]
+            chunks = self._chunks(group, budget)
+            if chunks is None:
+                break
+            while self._blocks_needed(group, chunks) > pool.num_free_blocks and self.running[-1] is not group:
+                victim = self.running[-1]
+                self._preempt(victim)
+                out.preempted.extend(victim)
+            if self._blocks_needed(group, chunks) > pool.num_free_blocks:
+                self._preempt(group)
+                out.preempted.extend(group)
+                break
+            self._commit(group, chunks, out)
+            budget -= sum(chunks)
+            i += 1
+
+        # 2. Waiting groups, FCFS, while nothing had to be preempted this step.
+        while self.waiting and budget > 0 and not out.preempted:
+            group = self.waiting[0]
+            if self.num_running_seqs() + len(group) > self.config.max_num_seqs:
+                break
+            for seq in group:
+                if seq.table is None:
+                    seq.table = self.manager.new_table()
+                    if self.config.enable_prefix_caching:
+                        seq.num_computed_tokens = self.manager.match_prefix(seq.table, seq.token_ids, seq.extra_keys)
+                        seq.num_cached_tokens = max(seq.num_cached_tokens, seq.num_computed_tokens)
+            chunks = self._chunks(group, budget)
+            if chunks is None or self._blocks_needed(group, chunks) > pool.num_free_blocks:
+                for seq in group:  # give back the prefix-cache hits; retry next step
+                    self._release(seq)
+                break
+            self.waiting.popleft()
+            self._commit(group, chunks, out)
+            for seq in group:
+                seq.status = SequenceStatus.RUNNING
+            self.running.append(group)
+            budget -= sum(chunks)
+        return out
+
