@@ -48,6 +48,20 @@ def _check_model_supported(model) -> None:
         )
     if not model._supports_default_dynamic_cache():
         raise ValueError(f"cache_implementation='paged' does not support {type(model).__name__} (no Cache support)")
+    # PEFT prompt learning (prefix / prompt / p-tuning) swaps in its own prepare_inputs_for_generation, which feeds
+    # the virtual tokens as a ready-made DynamicCache: there is no paged equivalent yet.
+    reject_prompt_learning(getattr(model.prepare_inputs_for_generation, "__self__", None))
+
+
+def reject_prompt_learning(peft_model) -> None:
+    """Raise if `peft_model` is a PEFT model whose active adapter is prompt learning (no paged support)."""
+    peft_config = getattr(peft_model, "active_peft_config", None)
+    if getattr(peft_config, "is_prompt_learning", False):
+        raise ValueError(
+            f"cache_implementation='paged' does not support PEFT prompt learning ({peft_config.peft_type}: prefix, "
+            "prompt or p-tuning adapters pass their virtual tokens as a DynamicCache); use the default cache, or a "
+            "LoRA adapter"
+        )
 
 
 @contextlib.contextmanager

@@ -14,6 +14,7 @@ from hf_paged.engine.request import CompletionOutput, Request, RequestOutput, Se
 from hf_paged.engine.runner import ModelRunner
 from hf_paged.engine.sampler import SamplingState, sample
 from hf_paged.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from hf_paged.patches.generate import reject_prompt_learning
 
 
 class RequestError(ValueError):
@@ -67,6 +68,7 @@ class LLMEngine:
     """
 
     def __init__(self, model, tokenizer, config: EngineConfig):
+        reject_prompt_learning(model)
         self.model, self.tokenizer, self.config = model, tokenizer, config
         dtype = model.dtype if model.dtype.is_floating_point else torch.float16
         budget = {"num_blocks": config.num_blocks} if config.num_blocks else {"kv_cache_memory": config.kv_cache_memory}
