@@ -146,6 +146,14 @@ def test_top_p_matches_hf(values):
                                    rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("p, kept", [(0.5, 2), (0.75, 3), (0.25, 1), (1.0, 4)])
+def test_top_p_boundary_mass_is_removed_as_hf(p, kept):
+    logits = torch.zeros(1, 4)  # probabilities 1/4 exactly: cumulative mass lands on 1 - p exactly
+    got = apply_top_p(logits.clone(), [p])
+    torch.testing.assert_close(got, TopPLogitsWarper(p)(None, logits.clone()), rtol=0, atol=0)
+    assert int(torch.isfinite(got).sum()) == kept
+
+
 @pytest.mark.parametrize("values", [[0.0, 0.05, 0.3, 1.0], [0.1, 0.1, 0.1, 0.9]])
 def test_min_p_matches_hf(values):
     logits = tied_logits(4)
@@ -277,3 +285,21 @@ def test_beam_candidates_are_top_log_softmax_in_float32():
     torch.testing.assert_close(values, want.values)
     assert torch.equal(tokens, want.indices)
     assert beam_candidates(logits, 2 * V)[1].shape == (3, V)
+
+
+@pytest.mark.cuda
+def test_cuda_logits_with_cuda_and_cpu_generators():
+    logits = tied_logits(3, vocab=300, seed=11)
+    on_gpu = logits.cuda().to(torch.bfloat16)
+
+    def draws(make_gen, crowd):
+        gen = make_gen()
+        states = [state(temperature=0.8), state(generator=gen, top_k=40, repetition_penalty=1.2, output=[3, 4]),
+                  state(temperature=0)]
+        rows = [0, 1, 2] if crowd else [1]
+        return [sample(on_gpu[rows], [states[r] for r in rows])[rows.index(1)].token for _ in range(6)]
+
+    for make_gen in (lambda: torch.Generator("cuda").manual_seed(5), lambda: seeded(5)):
+        assert draws(make_gen, crowd=True) == draws(make_gen, crowd=False)
+    greedy = sample(on_gpu, [state(temperature=0)] * 3)
+    assert [r.token for r in greedy] == logits.to(torch.bfloat16).float().argmax(-1).tolist()

@@ -1,0 +1,61 @@
+"""On the GPU: paged generate (Triton kernels) and the engine against DynamicCache + sdpa."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig
+
+import hf_paged
+from tests.tiny import ragged_batch
+
+pytestmark = pytest.mark.cuda
+
+SHAPE = dict(vocab_size=96, hidden_size=512, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=8,
+             num_key_value_heads=2, head_dim=64, max_position_embeddings=2048, initializer_range=0.1,
+             pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def _model(config_cls, dtype, **extra):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config_cls(**SHAPE, **extra), dtype=dtype)
+    return model.to("cuda").eval()
+
+
+@pytest.mark.parametrize("config_cls,extra", [(LlamaConfig, {}), (MistralConfig, {"sliding_window": 24})],
+                         ids=["llama", "mistral-sliding"])
+def test_generate_paged_on_cuda_matches_dynamic_cache(config_cls, extra):
+    model = _model(config_cls, torch.float32, **extra)
+    ids, mask = ragged_batch([40, 7, 23, 60], seed=1)
+    ids, mask = ids.cuda(), mask.cuda()
+    kwargs = dict(attention_mask=mask, max_new_tokens=40, do_sample=False, pad_token_id=0, eos_token_id=None,
+                  return_dict_in_generate=True, output_scores=True)
+    ref = model.generate(ids, **kwargs)
+    out = model.generate(ids, cache_implementation="paged", **kwargs)
+    torch.testing.assert_close(torch.stack(out.scores), torch.stack(ref.scores), rtol=2e-3, atol=2e-3)
+    assert torch.equal(out.sequences, ref.sequences)
+    beams = dict(kwargs, num_beams=4, num_return_sequences=2, output_scores=False)
+    assert torch.equal(model.generate(ids, cache_implementation="paged", **beams).sequences,
+                       model.generate(ids, **beams).sequences)
+
+
+def test_generate_paged_bf16_logits_close():
+    model = _model(LlamaConfig, torch.bfloat16)
+    ids, mask = ragged_batch([33, 12], seed=2)
+    ids, mask = ids.cuda(), mask.cuda()
+    kwargs = dict(attention_mask=mask, max_new_tokens=1, do_sample=False, pad_token_id=0,
+                  return_dict_in_generate=True, output_logits=True)
+    ref = model.generate(ids, **kwargs).logits[0].float()
+    out = model.generate(ids, cache_implementation="paged", **kwargs).logits[0].float()
+    torch.testing.assert_close(out, ref, rtol=3e-2, atol=3e-2)
+
+
+def test_engine_on_cuda_matches_generate():
+    model = _model(LlamaConfig, torch.float32)
+    prompts = [ragged_batch([n], seed=n)[0][0].tolist() for n in (5, 17, 33, 64, 100, 3)]
+    llm = hf_paged.LLM(model, num_blocks=512, block_size=16, max_num_batched_tokens=64)
+    outputs = llm.generate(prompts, hf_paged.SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),
+                           use_tqdm=False)
+    for prompt, output in zip(prompts, outputs):
+        ref = model.generate(torch.tensor([prompt], device="cuda"), max_new_tokens=24, do_sample=False,
+                             pad_token_id=0, eos_token_id=None)
+        assert output.outputs[0].token_ids == ref[0, len(prompt):].tolist()
+    assert llm.get_stats().blocks_in_use == 0
