@@ -5,6 +5,7 @@ ordinary ``generate`` with a ``PagedCache``. It is idempotent and checks the tra
 """
 
 from hf_paged.patches.generate import apply_generate_patch, is_generate_patched
+from hf_paged.patches.pipeline import apply_pipeline_patch, is_pipeline_patched
 from hf_paged.patches.registry import apply_attention_registration, is_attention_registered
 from hf_paged.patches.version import SUPPORTED_TRANSFORMERS, UnsupportedTransformersVersion, check_transformers_version
 
@@ -14,6 +15,7 @@ def apply() -> None:
     check_transformers_version()
     apply_attention_registration()
     apply_generate_patch()
+    apply_pipeline_patch()
 
 
 __all__ = [
@@ -23,4 +25,5 @@ __all__ = [
     "check_transformers_version",
     "is_attention_registered",
     "is_generate_patched",
+    "is_pipeline_patched",
 ]

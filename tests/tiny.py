@@ -57,3 +57,27 @@ def ragged_batch(lengths, seed: int = 0, pad_token_id: int = 0):
         ids[row, width - n :] = torch.randint(3, VOCAB, (n,), generator=g)
         mask[row, width - n :] = 1
     return ids, mask
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<s> {{ m['role'] }} : {{ m['content'] }} </s> {% endfor %}"
+    "{% if add_generation_prompt %}<s> assistant : {% endif %}"
+)
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer over VOCAB ids: <pad>=0, <s>=1, </s>=2, then words w3 .. w95; left padding."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    if "tokenizer" not in _CACHE:
+        vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
+        vocab["user"], vocab["assistant"], vocab["system"], vocab[":"] = 3, 4, 5, 6
+        vocab = {word: i for word, i in vocab.items() if word not in ("w3", "w4", "w5", "w6")}
+        backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+        backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>",
+                                      eos_token="</s>", unk_token="<pad>", padding_side="left")
+        tok.chat_template = CHAT_TEMPLATE
+        _CACHE["tokenizer"] = tok
+    return _CACHE["tokenizer"]
