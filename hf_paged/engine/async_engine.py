@@ -10,7 +10,7 @@ import asyncio
 import itertools
 from collections.abc import AsyncIterator
 
-from hf_paged.engine.engine import LLMEngine
+from hf_paged.engine.engine import EngineStats, LLMEngine
 from hf_paged.engine.params import BeamSearchParams, SamplingParams
 from hf_paged.engine.request import RequestOutput
 
@@ -24,6 +24,9 @@ class AsyncLLMEngine:
         self._task: asyncio.Task | None = None
         self._ids = itertools.count()
         self.errored: BaseException | None = None
+        # NOTE: engine.stats() walks the scheduler's queues, which the stepping thread mutates; readers on the
+        # event loop (the server's /metrics) read this snapshot, taken between steps.
+        self.last_stats: EngineStats = engine.stats()
 
     def _ensure_started(self) -> None:
         if self._task is None or self._task.done():
@@ -72,6 +75,7 @@ class AsyncLLMEngine:
                     self.engine.enqueue(arg)
                 else:
                     self.engine.abort(arg)
+            self.last_stats = self.engine.stats()
             if not self.engine.has_unfinished_requests():
                 self._wake.clear()
                 await self._wake.wait()

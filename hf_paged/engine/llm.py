@@ -82,7 +82,9 @@ class LLM:
         if isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
             if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
                 raise RequestError("chat messages need a tokenizer with a chat template")
-            return self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+            # Token ids straight from the template: re-encoding its text would add special tokens (BOS) twice.
+            ids = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
+            return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
         return prompt
 
     def _run(self, prompts, params_list, use_tqdm: bool) -> list[RequestOutput]:

@@ -175,3 +175,16 @@ def test_bad_requests_raise_typed_errors_and_queue_nothing(make_llm):
     with pytest.raises(RequestError, match="tokenizer"):
         llm.generate(["text prompt without tokenizer"], GREEDY)
     assert not llm.engine.has_unfinished_requests()
+
+
+def test_chat_messages_use_the_template_token_ids():
+    from tests.tiny import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    llm = LLM(tiny_model("llama"), tokenizer, num_blocks=64, block_size=4)
+    messages = [{"role": "user", "content": "w10 w11 w12"}]
+    output = llm.chat(messages, GREEDY, use_tqdm=False)[0]
+    expected = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    expected = list(expected["input_ids"] if hasattr(expected, "keys") else expected)
+    assert output.prompt_token_ids == expected and expected[0] == tokenizer.bos_token_id
+    assert output.outputs[0].token_ids == _hf_greedy(tiny_model("llama"), expected, 12)

@@ -1,0 +1,15 @@
+"""`python -m hf_paged.server [model] [options]`: the OpenAI-compatible server (same as `hf-paged serve`)."""
+
+import argparse
+
+from hf_paged.server.launch import add_serve_args, run_serve
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m hf_paged.server",
+                                     description="Serve a model with an OpenAI-compatible API (hf_paged engine).")
+    run_serve(add_serve_args(parser).parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
