@@ -1,7 +1,7 @@
 """The continuous-batching engine: requests, scheduler, sampler, model runner, and the LLM batch API."""
 
 from hf_paged.engine.async_engine import AsyncLLMEngine
-from hf_paged.engine.engine import EngineConfig, EngineStats, LLMEngine, RequestError
+from hf_paged.engine.engine import EngineConfig, EngineStats, LLMEngine, RequestError, StepError
 from hf_paged.engine.llm import LLM
 from hf_paged.engine.params import BeamSearchParams, SamplingParams
 from hf_paged.engine.request import CompletionOutput, RequestOutput
@@ -17,4 +17,5 @@ __all__ = [
     "RequestError",
     "RequestOutput",
     "SamplingParams",
+    "StepError",
 ]

@@ -10,7 +10,7 @@ import asyncio
 import itertools
 from collections.abc import AsyncIterator
 
-from hf_paged.engine.engine import EngineStats, LLMEngine
+from hf_paged.engine.engine import EngineStats, LLMEngine, StepError
 from hf_paged.engine.params import BeamSearchParams, SamplingParams
 from hf_paged.engine.request import RequestOutput
 
@@ -84,9 +84,12 @@ class AsyncLLMEngine:
                 outputs = await loop.run_in_executor(None, self.engine.step)
             except Exception as exc:  # a failing step fails the requests in it, not the loop
                 self.errored = exc
-                for request_id, queue in list(self._streams.items()):
-                    queue.put_nowait(exc)
+                failed = exc.request_ids if isinstance(exc, StepError) else list(self._streams)
+                for request_id in failed:
                     self.engine.abort(request_id)
+                    queue = self._streams.get(request_id)
+                    if queue is not None:
+                        queue.put_nowait(exc)
                 continue
             for output in outputs:
                 queue = self._streams.get(output.request_id)

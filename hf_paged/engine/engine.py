@@ -21,6 +21,14 @@ class RequestError(ValueError):
     """A request the engine cannot take (empty or too-long prompt, unknown token ids, duplicate id, ...)."""
 
 
+class StepError(RuntimeError):
+    """The model failed during a step; the requests of that step were aborted (their blocks are free)."""
+
+    def __init__(self, request_ids: list[str], cause: BaseException):
+        super().__init__(f"the step running requests {request_ids} failed: {cause!r}")
+        self.request_ids = request_ids
+
+
 @dataclass(slots=True)
 class EngineConfig:
     block_size: int = 16
@@ -188,7 +196,14 @@ class LLMEngine:
             if self.scheduler.has_unfinished():
                 raise RuntimeError("the scheduler could not schedule anything: the KV pool is too small")
             return []
-        logits = self.runner.execute(out)
+        try:
+            logits = self.runner.execute(out)
+        except Exception as exc:
+            # The step's blocks hold no valid KV: drop its requests, keep the others running.
+            failed = list(dict.fromkeys(item.seq.request_id for item in out.scheduled))
+            for request_id in failed:
+                self.abort(request_id)
+            raise StepError(failed, exc) from exc
         touched = self._process(out, logits)
         return [self._output(r) for r in touched]
 

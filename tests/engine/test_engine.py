@@ -188,3 +188,24 @@ def test_chat_messages_use_the_template_token_ids():
     expected = list(expected["input_ids"] if hasattr(expected, "keys") else expected)
     assert output.prompt_token_ids == expected and expected[0] == tokenizer.bos_token_id
     assert output.outputs[0].token_ids == _hf_greedy(tiny_model("llama"), expected, 12)
+
+
+def test_a_failing_step_aborts_only_its_requests(make_llm, monkeypatch):
+    from hf_paged.engine import StepError
+
+    llm = make_llm(max_num_seqs=1)  # one request runs at a time: the other waits
+    engine = llm.engine
+    first, second = _prompts(2, seed=30)
+    engine.add_request("a", first, GREEDY)
+    engine.add_request("b", second, GREEDY)
+    real = engine.runner.execute
+    monkeypatch.setattr(engine.runner, "execute", lambda out: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(StepError, match="boom") as info:
+        engine.step()
+    assert info.value.request_ids == ["a"]
+    monkeypatch.setattr(engine.runner, "execute", real)
+    outputs = []
+    while engine.has_unfinished_requests():
+        outputs += engine.step()
+    assert [o.request_id for o in outputs if o.finished] == ["b"]
+    assert outputs[-1].outputs[0].token_ids == _hf_greedy(tiny_model("llama"), second, 12)
