@@ -104,14 +104,17 @@ class LLMEngine:
         request_id: str,
         prompt: str | list[int],
         params: SamplingParams | BeamSearchParams,
-        extra_keys: tuple = (),
+        adapter: str | None = None,
     ) -> Request:
-        """Queue a request; raises RequestError (and queues nothing) if it can never run."""
-        request = self.make_request(request_id, prompt, params, extra_keys)
+        """Queue a request; raises RequestError (and queues nothing) if it can never run.
+
+        `adapter` names one of a PeftModel's loaded LoRA adapters for this request (None: the active one).
+        """
+        request = self.make_request(request_id, prompt, params, adapter)
         self.enqueue(request)
         return request
 
-    def make_request(self, request_id: str, prompt, params, extra_keys: tuple = ()) -> Request:
+    def make_request(self, request_id: str, prompt, params, adapter: str | None = None) -> Request:
         """Validate and build a request without touching the engine's queues (safe from another thread)."""
         if request_id in self.requests:
             raise RequestError(f"request id {request_id!r} is already in use")
@@ -120,7 +123,10 @@ class LLMEngine:
         text, prompt_ids = self._encode(prompt)
         width = params.beam_width if isinstance(params, BeamSearchParams) else params.n
         self._check_fits(prompt_ids, params.max_tokens, width)
-        request = Request(request_id, text, prompt_ids, params, extra_keys=extra_keys)
+        self._check_adapter(adapter)
+        # The adapter is part of the prefix-cache key: the same tokens under another adapter have other KV.
+        extra_keys = (("adapter", adapter),) if adapter is not None else ()
+        request = Request(request_id, text, prompt_ids, params, extra_keys=extra_keys, adapter=adapter)
         if isinstance(params, BeamSearchParams):
             request.beam = BeamState(params, len(prompt_ids), self.eos_token_ids)
         seq = self._new_sequence(request, 0, params if isinstance(params, SamplingParams) else None)
@@ -149,6 +155,15 @@ class LLMEngine:
             raise RequestError(f"token ids {bad[:5]} are outside the vocabulary (size {self.vocab_size})")
         return None, list(prompt)
 
+    def _check_adapter(self, adapter: str | None) -> None:
+        if adapter is None:
+            return
+        loaded = sorted(getattr(self.model, "peft_config", None) or {})
+        if not loaded:
+            raise RequestError(f"adapter {adapter!r} requested but the model is not a PEFT model with adapters")
+        if adapter not in loaded:
+            raise RequestError(f"unknown adapter {adapter!r}; the model has {loaded}")
+
     def _check_fits(self, prompt_ids: list[int], max_tokens: int, width: int) -> None:
         if len(prompt_ids) >= self.max_model_len:
             raise RequestError(
@@ -166,7 +181,7 @@ class LLMEngine:
     def _new_sequence(self, request: Request, index: int, params: SamplingParams | None) -> Sequence:
         seq = Sequence(next(self._seq_ids), request.request_id, index, request.prompt_ids,
                        params or SamplingParams(max_tokens=request.params.max_tokens), arrival=request.arrival,
-                       extra_keys=request.extra_keys)
+                       extra_keys=request.extra_keys, adapter=request.adapter)
         if params is not None and params.seed is not None:
             seq.generator = torch.Generator(device=self.runner.device).manual_seed(params.seed + index)
         if params is not None and params.logprobs is not None:

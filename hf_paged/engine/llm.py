@@ -87,12 +87,15 @@ class LLM:
             return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
         return prompt
 
-    def _run(self, prompts, params_list, use_tqdm: bool) -> list[RequestOutput]:
+    def _run(self, prompts, params_list, use_tqdm: bool, adapters=None) -> list[RequestOutput]:
         ids = []
+        adapters = adapters if isinstance(adapters, list) else [adapters] * len(prompts)
+        if len(adapters) != len(prompts):
+            raise ValueError(f"{len(adapters)} adapters for {len(prompts)} prompts")
         try:
-            for prompt, params in zip(prompts, params_list):
+            for prompt, params, adapter in zip(prompts, params_list, adapters):
                 request_id = f"llm-{next(self._ids)}"
-                self.engine.add_request(request_id, self._prepare(prompt), params)
+                self.engine.add_request(request_id, self._prepare(prompt), params, adapter=adapter)
                 ids.append(request_id)
         except Exception:
             for request_id in ids:  # a bad prompt queues nothing of the batch
@@ -112,8 +115,13 @@ class LLM:
         prompts: Prompt | list[Prompt],
         sampling_params: SamplingParams | list[SamplingParams] | None = None,
         use_tqdm: bool = True,
+        adapter: str | list[str | None] | None = None,
     ) -> list[RequestOutput]:
-        """Generate for every prompt (strings, token-id lists or chat message lists); outputs in input order."""
+        """Generate for every prompt (strings, token-id lists or chat message lists); outputs in input order.
+
+        `adapter`: for a PeftModel with several LoRA adapters loaded, the adapter name for all prompts or one per
+        prompt (None: the model's active adapter). Requests with different adapters share the batch.
+        """
         if _is_single_prompt(prompts):
             prompts = [prompts]
         prompts = list(prompts)
@@ -123,7 +131,7 @@ class LLM:
         params_list = params if isinstance(params, list) else [params] * len(prompts)
         if len(params_list) != len(prompts):
             raise ValueError(f"{len(params_list)} sampling params for {len(prompts)} prompts")
-        return self._run(prompts, params_list, use_tqdm)
+        return self._run(prompts, params_list, use_tqdm, adapter)
 
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
              use_tqdm: bool = True) -> list[RequestOutput]:

@@ -48,6 +48,7 @@ class Sequence:
     # Number of prompt tokens found in the prefix cache at admission.
     num_cached_tokens: int = 0
     extra_keys: tuple = ()  # prefix-cache key parts beyond the tokens (e.g. a LoRA adapter)
+    adapter: str | None = None  # the PEFT adapter this sequence runs with (None: the model's active one)
 
     @property
     def token_ids(self) -> list[int]:
@@ -99,6 +100,7 @@ class Request:
     arrival: float = field(default_factory=time.monotonic)
     sequences: list[Sequence] = field(default_factory=list)
     extra_keys: tuple = ()  # prefix-cache key parts beyond the tokens (e.g. a LoRA adapter)
+    adapter: str | None = None
     beam: object | None = None  # BeamState for beam search requests
 
     @property

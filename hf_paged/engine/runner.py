@@ -50,14 +50,37 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> torch.Tensor:
-        """Forward the step; returns float32 logits [num_sampling_seqs, vocab] in scheduling order."""
+        """Forward the step; returns float32 logits [num_sampling_seqs, vocab] in scheduling order.
+
+        Sequences under different LoRA adapters run as separate packed forwards of the same step (one adapter per
+        forward, through PEFT's `adapter_names`); the copy-on-write copies go with the first.
+        """
+        groups: dict[str | None, list] = {}
+        for item in out.scheduled:
+            groups.setdefault(item.seq.adapter, []).append(item)
+        if len(groups) == 1:
+            return self._forward(out, next(iter(groups)))
+        parts, order = [], []
+        copies = out.copies
+        for adapter, items in groups.items():
+            part = SchedulerOutput(items, copies, [])
+            copies = []
+            parts.append(self._forward(part, adapter))
+            order += [item.seq.seq_id for item in items if item.sample]
+        logits = torch.cat(parts)
+        position = {seq_id: row for row, seq_id in enumerate(order)}
+        wanted = [position[item.seq.seq_id] for item in out.scheduled if item.sample]
+        return logits[torch.tensor(wanted, dtype=torch.long, device=logits.device)]
+
+    def _forward(self, out: SchedulerOutput, adapter: str | None) -> torch.Tensor:
         ids, pos, plan, sample_index = self._plan(out)
         keep = torch.tensor(sample_index or [0], dtype=torch.long, device=self.device)
+        extra = {"adapter_names": [adapter]} if adapter is not None else {}
         self.cache.set_step(plan)
         try:
             with paged_attention(self.model):
                 logits = self.model(
-                    input_ids=ids, position_ids=pos, cache=self.cache, use_cache=True, logits_to_keep=keep
+                    input_ids=ids, position_ids=pos, cache=self.cache, use_cache=True, logits_to_keep=keep, **extra
                 ).logits
         finally:
             self.cache.set_step(None)

@@ -66,3 +66,31 @@ def checkpoint(tmp_path_factory):
 def test_bitsandbytes_checkpoint(checkpoint, quant):
     model = AutoModelForCausalLM.from_pretrained(checkpoint, quantization_config=quant, device_map="cpu").eval()
     _check(model)
+
+
+def test_several_adapters_chosen_per_request_in_one_batch():
+    base = copy.deepcopy(tiny_model("llama"))
+    torch.manual_seed(1)
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                      init_lora_weights=False), adapter_name="alpha")
+    torch.manual_seed(2)
+    model.add_adapter("beta", peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "o_proj"],
+                                           init_lora_weights=False))
+    model.eval()
+    ids, _ = ragged_batch([7], seed=32)
+    prompt = ids[0].tolist()
+    expected = {}
+    for name in ("alpha", "beta"):
+        model.set_adapter(name)
+        expected[name] = model.generate(input_ids=ids, **GEN)[0, len(prompt):].tolist()
+    assert expected["alpha"] != expected["beta"]
+    model.set_adapter("alpha")
+    llm = hf_paged.LLM(model, num_blocks=64, block_size=4)
+    outputs = llm.generate([prompt, prompt, prompt], GREEDY, adapter=["alpha", "beta", "alpha"], use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outputs] == [expected["alpha"], expected["beta"], expected["alpha"]]
+    # The adapter is part of the prefix-cache key: "beta" never reuses "alpha"'s blocks, a second "beta" does.
+    again = llm.generate([prompt], GREEDY, adapter="beta", use_tqdm=False)[0]
+    assert again.num_cached_tokens == 4 and again.outputs[0].token_ids == expected["beta"]
+    with pytest.raises(hf_paged.RequestError, match="unknown adapter 'c'"):
+        llm.generate([prompt], GREEDY, adapter="c")
+    assert llm.get_stats().blocks_in_use == 0
