@@ -1,7 +1,87 @@
-# TEMPORARY shim (the kernels helper replaces this file): reference kernels only.
-from hf_paged.kernels.reference import copy_blocks, write_kv
-from hf_paged.kernels.reference import paged_attention as _ref_attention
+"""The kernels `hf_paged.attention` calls: Triton on CUDA tensors when triton imports, the torch reference otherwise.
+
+HF_PAGED_KERNELS overrides the choice: "reference" always uses kernels/reference.py, "triton" always uses Triton
+(on CPU tensors that needs TRITON_INTERPRET=1, set before triton is first imported), "auto" (default) decides per
+call from the tensors' device. `import triton` stays lazy, so hf_paged imports without it.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+from hf_paged.kernels import reference
+
+_MODES = ("auto", "reference", "triton")
 
 
-def paged_attention(*args, max_seqlen_q=None, **kwargs):
-    return _ref_attention(*args, **kwargs)
+@functools.cache
+def _triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _use_triton(tensor: torch.Tensor) -> bool:
+    mode = os.environ.get("HF_PAGED_KERNELS", "auto").strip().lower() or "auto"
+    if mode not in _MODES:
+        raise ValueError(f"HF_PAGED_KERNELS={mode!r}: expected one of {_MODES}")
+    if mode == "reference":
+        return False
+    if mode == "triton":
+        if not _triton_importable():
+            raise RuntimeError("HF_PAGED_KERNELS=triton but triton is not installed (pip install hf_paged[triton])")
+        if not tensor.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError(f"HF_PAGED_KERNELS=triton on {tensor.device} tensors needs TRITON_INTERPRET=1")
+        return True
+    return tensor.is_cuda and _triton_importable()
+
+
+def paged_attention(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    scale: float,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    max_seqlen_q: int | None = None,
+) -> torch.Tensor:
+    """Varlen causal attention over paged K/V; see `reference.paged_attention` for the layouts.
+
+    max_seqlen_q (the longest q_len; 1 = pure decode) lets the Triton path choose its kernel without a host sync.
+    """
+    if _use_triton(query):
+        from hf_paged.kernels.paged_attention import paged_attention as triton_paged_attention
+
+        return triton_paged_attention(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale,
+                                      sliding_window, softcap, max_seqlen_q)
+    return reference.paged_attention(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale,
+                                     sliding_window, softcap)
+
+
+def write_kv(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Store key/value [num_tokens, num_kv_heads, head_dim] into the cache slots of `slot_mapping` (-1: skip)."""
+    if _use_triton(key_cache):
+        from hf_paged.kernels.kv_write import write_kv as triton_write_kv
+
+        return triton_write_kv(key, value, key_cache, value_cache, slot_mapping)
+    return reference.write_kv(key, value, key_cache, value_cache, slot_mapping)
+
+
+def copy_blocks(key_cache: torch.Tensor, value_cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
+    """Copy whole blocks src[i] -> dst[i] in both caches (copy-on-write)."""
+    if _use_triton(key_cache):
+        from hf_paged.kernels.block_copy import copy_blocks as triton_copy_blocks
+
+        return triton_copy_blocks(key_cache, value_cache, src, dst)
+    return reference.copy_blocks(key_cache, value_cache, src, dst)

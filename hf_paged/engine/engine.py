@@ -270,6 +270,7 @@ class LLMEngine:
         states = [SamplingState(s.params, s.prompt_ids, s.output_ids, s.generator, self.eos_token_ids)
                   for s in expanded]
         results = sample(logits[rows], states)
+        _agree_across_ranks(results, logits.device)
         for seq, result in zip(expanded, results):
             seq.output_ids.append(result.token)
             seq.cumulative_logprob += result.logprob
@@ -366,6 +367,18 @@ class LLMEngine:
             prompt_tokens=self.prompt_tokens,
             generation_tokens=self.generation_tokens,
         )
+
+
+def _agree_across_ranks(results, device) -> None:
+    """Tensor parallelism: every rank runs the same scheduler, so every rank must see rank 0's sampled tokens."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    if torch.distributed.get_world_size() == 1:
+        return
+    tokens = torch.tensor([r.token for r in results], dtype=torch.long, device=device)
+    torch.distributed.broadcast(tokens, src=0)
+    for result, token in zip(results, tokens.tolist()):
+        result.token = token
 
 
 def _eos_ids(model, tokenizer) -> tuple[int, ...]:

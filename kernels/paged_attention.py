@@ -1,0 +1,468 @@
+"""Triton paged attention: a split-K decode kernel and a varlen prefill kernel, both GQA-aware.
+
+Same function as `reference.paged_attention` (its module docstring gives the layouts). Both kernels run one
+program per (piece of work, sequence, KV head) and put the query heads of that KV head's group side by side in
+the rows of one tile, so each K/V tile read through the block table serves the whole group:
+
+    rows of a tile   decode: the GROUP query heads of one token (padded to 16 for tl.dot)
+                     prefill: BLOCK_Q tokens x GROUP heads, row r = token r // GROUP, head r % GROUP
+
+Decode (every q_len <= 1) is memory-bound: it streams each sequence's K/V once. When batch x KV heads would not
+fill the GPU it splits the context over NUM_SPLITS programs (flash-decoding) that write partial (acc, max, sum)
+triples, merged by `_reduce_kernel`. Prefill walks the K/V of its query tile up to the tile's last position with
+an online softmax; tiles that lie wholly below the causal diagonal skip the mask.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MAX_HEAD_DIM = 256
+# Whether the @triton.jit below ran under TRITON_INTERPRET=1 (read, as triton does, when they are decorated).
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeConfig:
+    block_n: int  # KV tokens per loop step
+    num_splits: int  # programs per (sequence, KV head); > 1 adds the reduction kernel
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillConfig:
+    block_m: int  # rows per program (query tokens x query heads of one KV group)
+    block_n: int  # KV tokens per loop step
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+# NOTE: the kernels call only triton builtins and this file's @triton.jit helpers, never triton's own jit'd library
+# functions (tl.zeros, tl.max, tl.sum, tl.cdiv): when triton was imported before TRITON_INTERPRET=1 was set
+# (torch._dynamo imports it), those stay compiled-only and the CPU interpreter cannot call them. The reductions
+# below are tl.max / tl.sum's own bodies; the interpreter recognises their combine functions and uses numpy.
+@triton.jit
+def _row_max(x, axis: tl.constexpr):
+    return tl.reduce(x, axis, tl.standard._elementwise_max)
+
+
+@triton.jit
+def _row_sum(x, axis: tl.constexpr):
+    return tl.reduce(x, axis, tl.standard._sum_combine)
+
+
+@triton.jit
+def _tanh(x):
+    # tanh through exp2 (exact at both tails: exp2 -> inf gives 1, exp2 -> 0 gives -1).
+    return 1.0 - 2.0 / (tl.exp2(x * 2.8853900817779268) + 1.0)
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
+    """a @ b (+ acc, accumulated in place by the tensor cores)."""
+    if INTERPRET:
+        # NOTE: the CPU interpreter multiplies bf16 as raw uint16 bits; fp32 products of 16-bit operands are exact.
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _attend_tile(
+    acc, m_i, l_i,  # (BLOCK_M, HEAD_PAD) f32, (BLOCK_M,) f32 running max (log2 units), (BLOCK_M,) f32 running sum
+    q,  # (BLOCK_M, HEAD_PAD)
+    q_pos,  # (BLOCK_M,) absolute query positions, -1 on padding rows (read only when MASKED)
+    k_cache, v_cache, block_table,  # block_table points at this sequence's row
+    stride_kb, stride_kt, head_off,
+    n0, end,  # this tile's first KV token; the range's end
+    qk_scale, softcap_scale, window,
+    offs_d, d_mask,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+    MASKED: tl.constexpr, SLIDING: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    """One online-softmax step of q over the KV tokens [n0, n0 + BLOCK_N), read through the block table.
+
+    MASKED=False promises that every key of the tile exists and is visible to every real row: no bounds, causal
+    or window masks then.
+    """
+    offs_n = n0 + tl.arange(0, BLOCK_N)  # (BLOCK_N,) token positions
+    if MASKED:
+        in_range = offs_n < end
+        blk = tl.load(block_table + offs_n // BLOCK_SIZE, mask=in_range, other=0)
+    else:
+        blk = tl.load(block_table + offs_n // BLOCK_SIZE)
+    rows = blk.to(tl.int64) * stride_kb + (offs_n % BLOCK_SIZE) * stride_kt + head_off  # (BLOCK_N,)
+    kv_offs = rows[:, None] + offs_d[None, :]  # (BLOCK_N, HEAD_PAD)
+    if MASKED:
+        kv_mask = in_range[:, None] & d_mask[None, :]
+        k = tl.load(k_cache + kv_offs, mask=kv_mask, other=0.0)
+    elif HEAD_PAD != HEAD_DIM:
+        k = tl.load(k_cache + kv_offs, mask=d_mask[None, :], other=0.0)
+    else:
+        k = tl.load(k_cache + kv_offs)
+    s = _dot(q, tl.trans(k), None, DOT_PRECISION, INTERPRET)  # (BLOCK_M, BLOCK_N) raw scores
+    if SOFTCAP:
+        s = _tanh(s * softcap_scale)  # the cap itself is folded into qk_scale
+    if MASKED:
+        visible = (offs_n[None, :] <= q_pos[:, None]) & in_range[None, :]
+        if SLIDING:
+            visible = visible & ((q_pos[:, None] - offs_n[None, :]) < window)
+        s = tl.where(visible, s, float("-inf"))
+    # Scores in log2 units are s * qk_scale; the scaling folds into one FMA with the max subtraction.
+    m_new = tl.maximum(m_i, _row_max(s, 1) * qk_scale)
+    if MASKED:
+        m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+    else:
+        m_new_safe = m_new  # finite: every row sees the whole tile
+    alpha = tl.exp2(m_i - m_new_safe)
+    p = tl.exp2(s * qk_scale - m_new_safe[:, None])
+    l_i = l_i * alpha + _row_sum(p, 1)
+    if MASKED:
+        v = tl.load(v_cache + kv_offs, mask=kv_mask, other=0.0)
+    elif HEAD_PAD != HEAD_DIM:
+        v = tl.load(v_cache + kv_offs, mask=d_mask[None, :], other=0.0)
+    else:
+        v = tl.load(v_cache + kv_offs)
+    acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], DOT_PRECISION, INTERPRET)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _attend_loop(
+    acc, m_i, l_i, q, q_pos, k_cache, v_cache, block_table, stride_kb, stride_kt, head_off,
+    start, end,  # KV token range [start, end); a whole number of tiles unless MASKED
+    qk_scale, softcap_scale, window, offs_d, d_mask,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+    MASKED: tl.constexpr, SLIDING: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    if INTERPRET:
+        # NOTE: the CPU interpreter cannot bound range() by tensors under numpy >= 2.4 (its scalars are shape-(1,)
+        # arrays); compiled code keeps the for loop, which is what the software pipeliner works on.
+        n0 = start
+        while n0 < end:
+            acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, q_pos, k_cache, v_cache, block_table, stride_kb, stride_kt,
+                                         head_off, n0, end, qk_scale, softcap_scale, window, offs_d, d_mask,
+                                         BLOCK_SIZE, BLOCK_N, HEAD_PAD, HEAD_DIM, MASKED, SLIDING, SOFTCAP,
+                                         DOT_PRECISION, INTERPRET)
+            n0 += BLOCK_N
+    else:
+        for n0 in range(start, end, BLOCK_N):
+            acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, q_pos, k_cache, v_cache, block_table, stride_kb, stride_kt,
+                                         head_off, n0, end, qk_scale, softcap_scale, window, offs_d, d_mask,
+                                         BLOCK_SIZE, BLOCK_N, HEAD_PAD, HEAD_DIM, MASKED, SLIDING, SOFTCAP,
+                                         DOT_PRECISION, INTERPRET)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _attend(
+    q, q_pos, k_cache, v_cache, block_table, stride_kb, stride_kt, head_off,
+    start, full_end, end,  # [start, full_end): whole tiles every row sees in full; [full_end, end): masked
+    qk_scale, softcap_scale, window, offs_d, d_mask,
+    ROWS: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, SLIDING: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    """Unnormalised attention of the ROWS query rows over the KV tokens [start, end). Returns (acc, max, sum)."""
+    acc = tl.full([ROWS, HEAD_PAD], 0.0, dtype=tl.float32)
+    m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
+    l_i = tl.full([ROWS], 0.0, dtype=tl.float32)
+    acc, m_i, l_i = _attend_loop(acc, m_i, l_i, q, q_pos, k_cache, v_cache, block_table, stride_kb, stride_kt,
+                                 head_off, start, full_end, qk_scale, softcap_scale, window, offs_d, d_mask,
+                                 BLOCK_SIZE, BLOCK_N, HEAD_PAD, HEAD_DIM, False, SLIDING, SOFTCAP, DOT_PRECISION,
+                                 INTERPRET)
+    return _attend_loop(acc, m_i, l_i, q, q_pos, k_cache, v_cache, block_table, stride_kb, stride_kt, head_off,
+                        full_end, end, qk_scale, softcap_scale, window, offs_d, d_mask,
+                        BLOCK_SIZE, BLOCK_N, HEAD_PAD, HEAD_DIM, True, SLIDING, SOFTCAP, DOT_PRECISION, INTERPRET)
+
+
+@triton.jit
+def _decode_kernel(
+    out, part_acc, part_ml,  # out (T, Hq, D); partials (S, Hq, NUM_SPLITS, D) f32 and (S, Hq, NUM_SPLITS, 2) f32
+    query, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q,
+    stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_kt, stride_kh, stride_bt,
+    qk_scale, softcap_scale, window,
+    GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    SLIDING: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    q_start = tl.load(cu_seqlens_q + seq)
+    if tl.load(cu_seqlens_q + seq + 1) == q_start:
+        return
+    seq_len = tl.load(seq_lens + seq)
+    lo = 0
+    if SLIDING:
+        lo = tl.maximum(seq_len - window, 0)
+    # NOTE: the only query sits at seq_len - 1, so every key in [lo, seq_len) is visible: only the last partial
+    # tile of each split needs a (bounds) mask.
+    tiles_per_split = ((seq_len - lo + BLOCK_N - 1) // BLOCK_N + NUM_SPLITS - 1) // NUM_SPLITS
+    start = lo + split * tiles_per_split * BLOCK_N
+    end = tl.minimum(start + tiles_per_split * BLOCK_N, seq_len)
+    full_end = start + tl.maximum(end - start, 0) // BLOCK_N * BLOCK_N
+
+    heads = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, HEAD_PAD)
+    d_mask = offs_d < HEAD_DIM
+    h_mask = heads < GROUP
+    q_heads = kv_head * GROUP + heads  # (BLOCK_H,)
+    q = tl.load(query + q_start * stride_qt + q_heads[:, None] * stride_qh + offs_d[None, :],
+                mask=h_mask[:, None] & d_mask[None, :], other=0.0)  # (BLOCK_H, HEAD_PAD)
+    q_pos = tl.full([BLOCK_H], 0, dtype=tl.int32) + seq_len - 1
+    acc, m_i, l_i = _attend(q, q_pos, k_cache, v_cache, block_tables + seq.to(tl.int64) * stride_bt, stride_kb,
+                            stride_kt, kv_head * stride_kh, start, full_end, end, qk_scale, softcap_scale, window,
+                            offs_d, d_mask, BLOCK_H, BLOCK_SIZE, BLOCK_N, HEAD_PAD, HEAD_DIM, SLIDING, SOFTCAP,
+                            DOT_PRECISION, INTERPRET)
+    if NUM_SPLITS == 1:
+        o = acc / l_i[:, None]
+        tl.store(out + q_start * stride_ot + q_heads[:, None] * stride_oh + offs_d[None, :],
+                 o.to(out.dtype.element_ty), mask=h_mask[:, None] & d_mask[None, :])
+    else:
+        row = (seq * GROUP * tl.num_programs(1) + q_heads) * NUM_SPLITS + split  # (BLOCK_H,) into (S, Hq, SPLITS)
+        tl.store(part_acc + row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=h_mask[:, None] & d_mask[None, :])
+        tl.store(part_ml + row * 2, m_i, mask=h_mask)
+        tl.store(part_ml + row * 2 + 1, l_i, mask=h_mask)
+
+
+@triton.jit
+def _reduce_kernel(
+    out, part_acc, part_ml, cu_seqlens_q, stride_ot, stride_oh,
+    NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
+):
+    """Merge the NUM_SPLITS partial softmaxes of one (sequence, query head)."""
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    q_start = tl.load(cu_seqlens_q + seq)
+    if tl.load(cu_seqlens_q + seq + 1) == q_start:
+        return
+    splits = tl.arange(0, SPLITS_PAD)
+    offs_d = tl.arange(0, HEAD_PAD)
+    s_mask = splits < NUM_SPLITS
+    row = (seq * tl.num_programs(1) + head) * NUM_SPLITS + splits  # (SPLITS_PAD,)
+    m = tl.load(part_ml + row * 2, mask=s_mask, other=float("-inf"))
+    l = tl.load(part_ml + row * 2 + 1, mask=s_mask, other=0.0)
+    acc = tl.load(part_acc + row[:, None] * HEAD_DIM + offs_d[None, :],
+                  mask=s_mask[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)  # (SPLITS_PAD, HEAD_PAD)
+    m_max = _row_max(m, 0)  # finite: the split holding the query's own token saw it
+    w = tl.exp2(m - m_max)  # 0 for empty splits (m = -inf)
+    o = _row_sum(acc * w[:, None], 0) / _row_sum(l * w, 0)
+    tl.store(out + q_start * stride_ot + head * stride_oh + offs_d, o.to(out.dtype.element_ty),
+             mask=offs_d < HEAD_DIM)
+
+
+@triton.jit
+def _prefill_kernel(
+    out, query, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q,
+    stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_kt, stride_kh, stride_bt,
+    qk_scale, softcap_scale, window,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, HEAD_DIM: tl.constexpr,
+    HEAD_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+    SLIDING: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    # The last query tiles of a sequence see the most keys: start them first.
+    tile = tl.num_programs(0) - 1 - tl.program_id(0)
+    seq = tl.program_id(1)
+    kv_head = tl.program_id(2)
+    q_start = tl.load(cu_seqlens_q + seq)
+    q_len = tl.load(cu_seqlens_q + seq + 1) - q_start
+    if tile * BLOCK_Q >= q_len:
+        return
+    seq_len = tl.load(seq_lens + seq)
+    ctx_start = seq_len - q_len  # position of the sequence's first query token
+
+    rows = tl.arange(0, BLOCK_M)
+    tok = tile * BLOCK_Q + rows // GROUP  # (BLOCK_M,) query token within the sequence
+    q_heads = kv_head * GROUP + rows % GROUP
+    row_ok = (rows < BLOCK_Q * GROUP) & (tok < q_len)
+    q_pos = tl.where(row_ok, ctx_start + tok, -1)
+    offs_d = tl.arange(0, HEAD_PAD)
+    d_mask = offs_d < HEAD_DIM
+    q_offs = (q_start + tok).to(tl.int64)[:, None] * stride_qt + q_heads[:, None] * stride_qh + offs_d[None, :]
+    q = tl.load(query + q_offs, mask=row_ok[:, None] & d_mask[None, :], other=0.0)  # (BLOCK_M, HEAD_PAD)
+
+    first = ctx_start + tile * BLOCK_Q  # first and last query positions of the tile
+    end = ctx_start + tl.minimum(tile * BLOCK_Q + BLOCK_Q, q_len)  # = last + 1
+    if SLIDING:
+        lo = tl.maximum(first - window + 1, 0)
+        full_end = lo  # the window's lower edge moves per row: mask every tile
+    else:
+        lo = 0
+        full_end = (first + 1) // BLOCK_N * BLOCK_N  # keys every row sees, in whole tiles
+    acc, m_i, l_i = _attend(q, q_pos, k_cache, v_cache, block_tables + seq.to(tl.int64) * stride_bt, stride_kb,
+                            stride_kt, kv_head * stride_kh, lo, full_end, end, qk_scale, softcap_scale, window,
+                            offs_d, d_mask, BLOCK_M, BLOCK_SIZE, BLOCK_N, HEAD_PAD, HEAD_DIM, SLIDING, SOFTCAP,
+                            DOT_PRECISION, INTERPRET)
+    l_i = tl.where(l_i == 0.0, 1.0, l_i)  # padding rows
+    o = acc / l_i[:, None]
+    o_offs = (q_start + tok).to(tl.int64)[:, None] * stride_ot + q_heads[:, None] * stride_oh + offs_d[None, :]
+    tl.store(out + o_offs, o.to(out.dtype.element_ty), mask=row_ok[:, None] & d_mask[None, :])
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def default_decode_config(num_seqs: int, num_kv_heads: int, head_dim: int, device: torch.device) -> DecodeConfig:
+    """Split the context until the grid holds two programs per SM (few long sequences need it most).
+
+    Measured on an H100 (docs/kernels.md): batch 64 x 8 KV heads (3.9 programs per SM) runs fastest unsplit.
+    """
+    if device.type != "cuda":  # the CPU interpreter: small tiles, one split
+        return DecodeConfig(block_n=16, num_splits=1, num_warps=1, num_stages=1)
+    programs = max(num_seqs * num_kv_heads, 1)
+    splits = min(16, triton.next_power_of_2(triton.cdiv(2 * _num_sms(device), programs)))
+    return DecodeConfig(block_n=64 if head_dim <= 128 else 32, num_splits=splits, num_warps=4, num_stages=3)
+
+
+def default_prefill_config(group: int, head_dim: int, device: torch.device) -> PrefillConfig:
+    """32-64 query tokens and 32 keys a step, one warpgroup (fastest of a sweep on an H100, docs/kernels.md)."""
+    if device.type != "cuda":
+        return PrefillConfig(block_m=max(16, triton.next_power_of_2(group)), block_n=16, num_warps=1, num_stages=1)
+    if head_dim > 128:
+        return PrefillConfig(block_m=64, block_n=32, num_warps=4, num_stages=2)
+    return PrefillConfig(block_m=64 if group == 1 else 128, block_n=32, num_warps=4, num_stages=3)
+
+
+def _check_inputs(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, sliding_window, softcap):
+    if query.dim() != 3:
+        raise ValueError(f"query must be [num_tokens, num_q_heads, head_dim], got shape {tuple(query.shape)}")
+    if key_cache.dim() != 4:
+        raise ValueError(f"key_cache must be [num_blocks, block_size, num_kv_heads, head_dim], "
+                         f"got shape {tuple(key_cache.shape)}")
+    if value_cache.shape != key_cache.shape or value_cache.stride() != key_cache.stride():
+        raise ValueError(f"value_cache {tuple(value_cache.shape)} / strides {value_cache.stride()} must match "
+                         f"key_cache {tuple(key_cache.shape)} / strides {key_cache.stride()}")
+    if query.dtype not in _DTYPES:
+        raise TypeError(f"query dtype {query.dtype} is not supported; use one of {_DTYPES}")
+    if key_cache.dtype != query.dtype or value_cache.dtype != query.dtype:
+        raise TypeError(f"query, key_cache and value_cache must share a dtype, got {query.dtype}, "
+                        f"{key_cache.dtype}, {value_cache.dtype}")
+    num_q_heads, head_dim = query.shape[1:]
+    num_kv_heads = key_cache.shape[2]
+    if key_cache.shape[3] != head_dim:
+        raise ValueError(f"head_dim differs: query has {head_dim}, key_cache has {key_cache.shape[3]}")
+    if not 16 <= head_dim <= _MAX_HEAD_DIM:
+        raise ValueError(f"head_dim {head_dim} is outside the supported 16..{_MAX_HEAD_DIM}")
+    if num_q_heads % num_kv_heads:
+        raise ValueError(f"num_q_heads {num_q_heads} is not a multiple of num_kv_heads {num_kv_heads}")
+    if query.stride(-1) != 1 or key_cache.stride(-1) != 1:
+        raise ValueError(f"the head_dim axis must be contiguous: query strides {query.stride()}, "
+                         f"key_cache strides {key_cache.stride()}")
+    if key_cache.stride(2) != head_dim:
+        raise ValueError(f"key_cache heads must be packed [.., num_kv_heads, head_dim], strides {key_cache.stride()}")
+    num_seqs = seq_lens.shape[0]
+    for name, t, shape in (("block_tables", block_tables, (num_seqs, block_tables.shape[-1])),
+                           ("seq_lens", seq_lens, (num_seqs,)), ("cu_seqlens_q", cu_seqlens_q, (num_seqs + 1,))):
+        if t.dtype != torch.int32:
+            raise TypeError(f"{name} must be int32, got {t.dtype}")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape} (num_seqs = {num_seqs}), got {tuple(t.shape)}")
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous along its last axis, strides {t.stride()}")
+    for name, t in (("key_cache", key_cache), ("value_cache", value_cache), ("block_tables", block_tables),
+                    ("seq_lens", seq_lens), ("cu_seqlens_q", cu_seqlens_q)):
+        if t.device != query.device:
+            raise ValueError(f"{name} is on {t.device}, query on {query.device}")
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"sliding_window must be >= 1 or None, got {sliding_window}")
+    if softcap is not None and softcap <= 0:
+        raise ValueError(f"softcap must be > 0 or None, got {softcap}")
+
+
+def paged_attention(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    scale: float,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    max_seqlen_q: int | None = None,
+    *,
+    config: DecodeConfig | PrefillConfig | None = None,
+) -> torch.Tensor:
+    """Varlen causal attention of packed queries over paged K/V; `reference.paged_attention` is the spec.
+
+    Args:
+        query: [num_tokens, num_q_heads, head_dim] fp16/bf16/fp32, the queries of all sequences back to back;
+            NOTE: cu_seqlens_q[-1] must equal num_tokens (rows past it are left unwritten).
+        key_cache, value_cache: [num_blocks, block_size, num_kv_heads, head_dim], query's dtype.
+        block_tables: [num_seqs, max_blocks] int32. seq_lens: [num_seqs] int32 (context incl. new tokens).
+        cu_seqlens_q: [num_seqs + 1] int32.
+        max_seqlen_q: the longest q_len; 1 picks the decode kernel. None reads it from cu_seqlens_q (a host sync).
+        config: a DecodeConfig / PrefillConfig to override the tuned defaults (benchmarks, tests).
+    Returns:
+        [num_tokens, num_q_heads, head_dim] in query's dtype.
+    """
+    _check_inputs(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, sliding_window, softcap)
+    out = torch.empty_like(query, memory_format=torch.contiguous_format)
+    num_seqs = seq_lens.shape[0]
+    if num_seqs == 0 or query.shape[0] == 0:
+        return out
+    if max_seqlen_q is None:
+        max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
+    _, num_q_heads, head_dim = query.shape
+    _, block_size, num_kv_heads, _ = key_cache.shape
+    group = num_q_heads // num_kv_heads
+    if softcap is None:
+        qk_scale, softcap_scale = scale * _LOG2E, 1.0
+    else:
+        qk_scale, softcap_scale = softcap * _LOG2E, scale / softcap
+    common = dict(
+        GROUP=group, HEAD_DIM=head_dim, HEAD_PAD=max(16, triton.next_power_of_2(head_dim)), BLOCK_SIZE=block_size,
+        SLIDING=sliding_window is not None, SOFTCAP=softcap is not None,
+        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", INTERPRET=_INTERPRET,
+    )
+    window = sliding_window if sliding_window is not None else 0
+    args = (query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q,
+            query.stride(0), query.stride(1), out.stride(0), out.stride(1),
+            key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), block_tables.stride(0),
+            qk_scale, softcap_scale, window)
+    if max_seqlen_q <= 1:
+        cfg = config or default_decode_config(num_seqs, num_kv_heads, head_dim, query.device)
+        if not isinstance(cfg, DecodeConfig):
+            raise TypeError(f"a decode batch (max_seqlen_q = 1) needs a DecodeConfig, got {cfg!r}")
+        _launch_decode(out, args, common, cfg, num_seqs, num_kv_heads, num_q_heads, head_dim)
+    else:
+        cfg = config or default_prefill_config(group, head_dim, query.device)
+        if not isinstance(cfg, PrefillConfig):
+            raise TypeError(f"a prefill batch (max_seqlen_q > 1) needs a PrefillConfig, got {cfg!r}")
+        block_m = max(cfg.block_m, triton.next_power_of_2(group))
+        block_q = block_m // group
+        grid = (triton.cdiv(max_seqlen_q, block_q), num_seqs, num_kv_heads)
+        _prefill_kernel[grid](out, *args, BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=cfg.block_n, **common,
+                              num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out
+
+
+def _launch_decode(out, args, common, cfg, num_seqs, num_kv_heads, num_q_heads, head_dim):
+    splits = cfg.num_splits
+    block_h = max(16, triton.next_power_of_2(common["GROUP"]))
+    if splits == 1:
+        part_acc = part_ml = out  # unused
+    else:
+        part_acc = torch.empty(num_seqs, num_q_heads, splits, head_dim, device=out.device, dtype=torch.float32)
+        part_ml = torch.empty(num_seqs, num_q_heads, splits, 2, device=out.device, dtype=torch.float32)
+    _decode_kernel[(num_seqs, num_kv_heads, splits)](
+        out, part_acc, part_ml, *args, BLOCK_H=block_h, BLOCK_N=cfg.block_n, NUM_SPLITS=splits, **common,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if splits > 1:
+        _reduce_kernel[(num_seqs, num_q_heads)](
+            out, part_acc, part_ml, args[5], out.stride(0), out.stride(1),
+            NUM_SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits), HEAD_DIM=head_dim,
+            HEAD_PAD=common["HEAD_PAD"], num_warps=4)

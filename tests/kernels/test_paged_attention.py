@@ -1,0 +1,162 @@
+"""Triton paged attention (decode + varlen prefill) against kernels/reference.py."""
+
+import pytest
+import torch
+
+from hf_paged.kernels import reference
+from hf_paged.kernels.paged_attention import DecodeConfig, PrefillConfig, paged_attention
+from tests.kernels.paged_inputs import DEVICE, TOLERANCES, attention_inputs, ragged_lengths
+
+on_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def check(q_lens, seq_lens, num_q_heads, num_kv_heads, head_dim, block_size, dtype, seed=0, window=None,
+          softcap=None, config=None, max_seqlen_q=None):
+    inputs = attention_inputs(q_lens, seq_lens, num_q_heads, num_kv_heads, head_dim, block_size, dtype, seed)
+    scale = head_dim**-0.5
+    out = paged_attention(**inputs, scale=scale, sliding_window=window, softcap=softcap, max_seqlen_q=max_seqlen_q,
+                          config=config)
+    ref = reference.paged_attention(**inputs, scale=scale, sliding_window=window, softcap=softcap)
+    atol, rtol = TOLERANCES[dtype]
+    torch.testing.assert_close(out, ref, atol=atol, rtol=rtol)
+
+
+# (dtype, block_size, num_q_heads, num_kv_heads, head_dim)
+SHAPES = [
+    (torch.float32, 8, 4, 4, 64),
+    (torch.float16, 16, 4, 2, 64),
+    (torch.bfloat16, 32, 8, 2, 64),
+    (torch.bfloat16, 16, 6, 2, 80),  # group of 3, padded head dim
+    (torch.float16, 8, 2, 1, 96),
+    (torch.float32, 16, 4, 1, 128),
+    (torch.bfloat16, 8, 2, 2, 256),
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_decode_matches_reference(shape):
+    dtype, block_size, hq, hkv, d = shape
+    seq_lens = ragged_lengths(4, 1, 70, seed=block_size + d)
+    check([1] * len(seq_lens), seq_lens, hq, hkv, d, block_size, dtype, seed=d, max_seqlen_q=1)
+
+
+@pytest.mark.parametrize("num_splits", [2, 3, 4])
+def test_decode_split_k_matches_reference(num_splits):
+    # 1..80 tokens over splits of 16-token tiles: some splits are empty, some end mid-tile.
+    seq_lens = [1, 9, 16, 17, 50, 80]
+    check([1] * 6, seq_lens, 8, 2, 64, 16, torch.float32, seed=num_splits,
+          config=DecodeConfig(block_n=16, num_splits=num_splits, num_warps=1, num_stages=1))
+
+
+@pytest.mark.parametrize("window, softcap", [(1, None), (5, None), (24, 2.0), (None, 1.5), (100, 30.0)])
+@pytest.mark.parametrize("num_splits", [1, 2])
+def test_decode_sliding_window_and_softcap(window, softcap, num_splits):
+    seq_lens = [3, 23, 40, 61]
+    check([1] * 4, seq_lens, 4, 2, 64, 8, torch.float32, seed=7, window=window, softcap=softcap,
+          config=DecodeConfig(block_n=16, num_splits=num_splits, num_warps=1, num_stages=1))
+
+
+def test_decode_skips_sequences_without_queries():
+    # max_seqlen_q = 1 with some q_len = 0 sequences (their rows do not exist in the packed query).
+    check([1, 0, 1, 0], [5, 9, 33, 2], 4, 2, 64, 16, torch.bfloat16, seed=3, max_seqlen_q=1)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_prefill_matches_reference(shape):
+    # Prefix-cache hits / chunked prefill: each sequence attends to a cached prefix plus its new tokens; a
+    # q_len = 1 sequence (a decode in a mixed batch) and a prefill with no prefix ride along.
+    dtype, block_size, hq, hkv, d = shape
+    q_lens = [7, 1, 20, 13]
+    prefix = ragged_lengths(4, 0, 30, seed=d)
+    prefix[3] = 0
+    check(q_lens, [q + p for q, p in zip(q_lens, prefix)], hq, hkv, d, block_size, dtype, seed=block_size)
+
+
+@pytest.mark.parametrize("window, softcap", [(1, None), (6, 5.0), (None, 2.0), (40, None)])
+def test_prefill_sliding_window_and_softcap(window, softcap):
+    q_lens = [19, 5, 33]
+    check(q_lens, [19, 30, 50], 4, 1, 64, 8, torch.float32, seed=11, window=window, softcap=softcap)
+
+
+@pytest.mark.parametrize("block_m, group", [(16, 1), (16, 4), (32, 2), (16, 16)])
+def test_prefill_query_tiles(block_m, group):
+    # Tiles of block_m // group tokens: ragged tails, and a group as large as the tile.
+    q_lens = [17, 3, 40]
+    check(q_lens, [20, 3, 41], 2 * group, 2, 64, 16, torch.float32, seed=group,
+          config=PrefillConfig(block_m=block_m, block_n=16, num_warps=1, num_stages=1))
+
+
+def test_empty_batch_and_query():
+    inputs = attention_inputs([0, 0], [4, 5], 4, 2, 64, 8, torch.float32)
+    out = paged_attention(**inputs, scale=0.125)
+    assert out.shape == (0, 4, 64)
+
+
+def test_launcher_rejects_bad_inputs():
+    inputs = attention_inputs([1, 1], [4, 5], 4, 2, 64, 8, torch.float32)
+    bad = {
+        "block_tables": (TypeError, inputs["block_tables"].long()),
+        "key_cache": (TypeError, inputs["key_cache"].half()),
+        "cu_seqlens_q": (ValueError, inputs["cu_seqlens_q"][:2]),
+        "query": (ValueError, inputs["query"].transpose(1, 2).contiguous().transpose(1, 2)),
+    }
+    for name, (error, value) in bad.items():
+        with pytest.raises(error, match=name):
+            paged_attention(**{**inputs, name: value}, scale=0.125)
+    with pytest.raises(ValueError, match="multiple"):
+        paged_attention(**{**inputs, "query": inputs["query"][:, :3]}, scale=0.125)
+    with pytest.raises(TypeError, match="PrefillConfig"):
+        paged_attention(**inputs, scale=0.125, config=PrefillConfig(16, 16))
+
+
+# Realistic shapes on the GPU: compiled kernels, default (tuned) configs, long contexts.
+@pytest.mark.cuda
+@on_gpu
+@pytest.mark.parametrize("hq, hkv", [(32, 8), (32, 32), (28, 4)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_decode_long_contexts(hq, hkv, dtype):
+    seq_lens = ragged_lengths(64, 1, 4100, seed=hq + hkv)
+    check([1] * 64, seq_lens, hq, hkv, 128, 16, dtype, seed=1, max_seqlen_q=1)
+
+
+@pytest.mark.cuda
+@on_gpu
+@pytest.mark.parametrize("num_seqs", [1, 3, 200])  # few sequences: many splits; many: none
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_gpu_decode_shapes(shape, num_seqs):
+    dtype, block_size, hq, hkv, d = shape
+    check([1] * num_seqs, ragged_lengths(num_seqs, 1, 3000, seed=d), hq, hkv, d, block_size, dtype, seed=d)
+
+
+@pytest.mark.cuda
+@on_gpu
+@pytest.mark.parametrize("window, softcap", [(4096, None), (255, 50.0), (None, 30.0), (1, None)])
+@pytest.mark.parametrize("num_seqs", [2, 64])
+def test_gpu_decode_window_softcap(window, softcap, num_seqs):
+    check([1] * num_seqs, ragged_lengths(num_seqs, 1, 5000, seed=5), 16, 8, 256, 16, torch.bfloat16, seed=2,
+          window=window, softcap=softcap)
+
+
+@pytest.mark.cuda
+@on_gpu
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_gpu_prefill_shapes(shape):
+    dtype, block_size, hq, hkv, d = shape
+    q_lens = [1000, 1, 333, 64, 1]
+    prefix = [0, 700, 1029, 5, 1]
+    check(q_lens, [q + p for q, p in zip(q_lens, prefix)], hq, hkv, d, block_size, dtype, seed=d)
+
+
+@pytest.mark.cuda
+@on_gpu
+@pytest.mark.parametrize("window, softcap", [(4096, None), (255, 50.0), (None, 30.0), (1, None)])
+def test_gpu_prefill_window_softcap(window, softcap):
+    q_lens = [1500, 77, 512]
+    check(q_lens, [1500, 1200, 3000], 16, 8, 128, 16, torch.bfloat16, seed=4, window=window, softcap=softcap)
+
+
+@pytest.mark.cuda
+@on_gpu
+@pytest.mark.parametrize("hq, hkv", [(32, 8), (32, 32)])
+def test_gpu_prefill_batch(hq, hkv):
+    check([1024] * 8, [1024] * 8, hq, hkv, 128, 16, torch.bfloat16, seed=9)
