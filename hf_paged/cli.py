@@ -2,6 +2,8 @@
 
     hf-paged generate "What is the capital of France?"
     hf-paged bench kernels --tiny
+    hf-paged bench throughput --model tiny --num-requests 8
+    hf-paged serve --port 8000
 """
 
 from __future__ import annotations
@@ -128,8 +130,26 @@ def _add_bench_parser(subparsers) -> None:
     parser = subparsers.add_parser("bench", help="benchmarks", description="hf_paged benchmarks.")
     benches = parser.add_subparsers(dest="bench", metavar="BENCHMARK", required=True)
     # NOTE: the kernels benchmark parses its own options: main() hands it everything after "bench kernels".
-    kernels = benches.add_parser("kernels", add_help=False, help="time the paged kernels (run with --help for options)")
-    kernels.set_defaults(handler=_bench_kernels, parser=kernels)
+    helps = {
+        "kernels": "time the paged kernels against sdpa (run with --help for options)",
+        "throughput": "HF generate vs HF continuous batching vs hf_paged, one workload (--help for options)",
+        "memory": "KV bytes of beam search and parallel sampling vs DynamicCache (--help for options)",
+    }
+    for name, text in helps.items():
+        bench = benches.add_parser(name, add_help=False, help=text)
+        bench.set_defaults(handler=_bench, parser=bench, bench_module=f"hf_paged.bench.{name}")
+
+
+def _add_serve_parser(subparsers) -> None:
+    from hf_paged.server import add_serve_args
+
+    parser = subparsers.add_parser(
+        "serve", help="run the OpenAI-compatible server",
+        description="Serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
+                    "/v1/models, /health, /metrics) on the continuous-batching engine.",
+    )
+    add_serve_args(parser)
+    parser.set_defaults(handler=_serve, parser=parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_generate_parser(subparsers)
     _add_bench_parser(subparsers)
+    _add_serve_parser(subparsers)
     return parser
 
 
@@ -279,14 +300,23 @@ def _one_line(text: str, width: int = 72) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ bench
-def _bench_kernels(args: argparse.Namespace, extra: list[str]) -> int:
+def _bench(args: argparse.Namespace, extra: list[str]) -> int:
     try:
-        kernels = importlib.import_module("hf_paged.bench.kernels")
+        bench = importlib.import_module(args.bench_module)
     except ModuleNotFoundError as err:
-        if err.name not in ("hf_paged.bench", "hf_paged.bench.kernels"):
+        if not args.bench_module.startswith(err.name or "\0"):
             raise
-        raise UsageError("the kernel benchmark (hf_paged.bench.kernels) is not part of this installation") from None
-    return kernels.main(extra) or 0
+        raise UsageError(f"the benchmark {args.bench_module} is not part of this installation") from None
+    return bench.main(extra) or 0
+
+
+def _serve(args: argparse.Namespace, extra: list[str]) -> int:
+    if extra:
+        raise UsageError(f"unrecognized arguments: {' '.join(extra)}")
+    from hf_paged.server import run_serve
+
+    run_serve(args)
+    return 0
 
 
 # ------------------------------------------------------------------------------------------------ main

@@ -238,11 +238,25 @@ def test_bench_kernels_missing(capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "hf_paged.bench.kernels", None)  # import fails with ModuleNotFoundError
     rc, out, err = run(["bench", "kernels", "--tiny"], capsys)
     assert (rc, out) == (2, "")
-    assert err == "hf-paged bench kernels: error: the kernel benchmark (hf_paged.bench.kernels) is not part of this " \
-                  "installation\n"
+    assert err == "hf-paged bench kernels: error: the benchmark hf_paged.bench.kernels is not part of this installation\n"
 
 
 def test_bench_kernels_help_is_the_benchmarks(capsys):
     pytest.importorskip("hf_paged.bench.kernels")
     rc, out, _ = run(["bench", "kernels", "--help"], capsys)
     assert rc == 0 and out.startswith("usage: hf-paged bench kernels") and "--tiny" in out
+
+
+@pytest.mark.parametrize("bench", ["throughput", "memory"])
+def test_bench_throughput_and_memory_help(capsys, bench):
+    rc, out, _ = run(["bench", bench, "--help"], capsys)
+    assert rc == 0 and out.startswith(f"usage: hf-paged bench {bench}")
+
+
+def test_serve_help_reads_like_vllm(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0
+    for option in ("--host", "--port", "--api-key", "--block-size", "--max-num-seqs", "--max-num-batched-tokens"):
+        assert option in out
