@@ -372,6 +372,35 @@ class PagedCache(Cache):
             self.manager.free(table)
         self.tables, self.pad_counts, self.logical_len, self.group_size = [], [], 0, 1
 
+    # ------------------------------------------------------------------------------------------- swap
+    @torch.inference_mode()
+    def swap(self, swap_out: list[tuple[int, int]], swap_in: list[tuple[int, int]], num_cpu_blocks: int) -> None:
+        """Copy blocks device -> CPU (`swap_out`: (block, cpu_block)) then CPU -> device (`swap_in`), every layer.
+
+        The CPU pools ([num_cpu_blocks, block_size, Hkv, D] per layer, pinned when a GPU is present) are allocated
+        at the first swap.
+        """
+        if not swap_out and not swap_in:
+            return
+        if getattr(self, "_cpu_pools", None) is None:
+            pin = torch.cuda.is_available()
+            self._cpu_pools = [
+                (torch.zeros((num_cpu_blocks, *layer.keys.shape[1:]), dtype=layer.keys.dtype, pin_memory=pin),
+                 torch.zeros((num_cpu_blocks, *layer.values.shape[1:]), dtype=layer.values.dtype, pin_memory=pin))
+                for layer in self.layers
+            ]
+        for layer, (cpu_keys, cpu_values) in zip(self.layers, self._cpu_pools):
+            if swap_out:
+                src = torch.tensor([d for d, _ in swap_out], dtype=torch.long, device=layer.device)
+                dst = torch.tensor([c for _, c in swap_out], dtype=torch.long)
+                cpu_keys[dst] = layer.keys[src].cpu()
+                cpu_values[dst] = layer.values[src].cpu()
+            if swap_in:
+                src = torch.tensor([c for c, _ in swap_in], dtype=torch.long)
+                dst = torch.tensor([d for _, d in swap_in], dtype=torch.long, device=layer.device)
+                layer.keys[dst] = cpu_keys[src].to(layer.device, non_blocking=True)
+                layer.values[dst] = cpu_values[src].to(layer.device, non_blocking=True)
+
     # ------------------------------------------------------------------------------------------- stats
     def stats(self) -> CacheStats:
         """Blocks in use, tokens stored (shared blocks counted once), bytes, and the waste fraction."""

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from hf_paged.blocks import BlockManager, BlockPool
 from hf_paged.cache import PagedCache
 from hf_paged.engine.beam import BeamState
 from hf_paged.engine.params import BeamSearchParams, SamplingParams
@@ -39,8 +40,12 @@ class EngineConfig:
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
+    preemption_mode: str = "recompute"  # "swap": preempted KV goes to a CPU pool of `swap_space` bytes
+    swap_space: int = 0
 
     def __post_init__(self):
+        if self.preemption_mode == "swap" and self.swap_space <= 0:
+            raise ValueError("preemption_mode='swap' needs swap_space > 0 (bytes of CPU memory for preempted KV)")
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
         if self.num_blocks is None and self.kv_cache_memory is None:
@@ -60,6 +65,7 @@ class EngineStats:
     num_preemptions: int
     prompt_tokens: int
     generation_tokens: int
+    computed_tokens: int  # every token that went through the model (recomputation included)
 
     @property
     def prefix_cache_hit_rate(self) -> float:
@@ -87,16 +93,25 @@ class LLMEngine:
         text_config = model.config.get_text_config(decoder=True)
         self.max_model_len = config.max_model_len or getattr(text_config, "max_position_embeddings", None) or 4096
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
+        cpu_manager = None
+        if config.preemption_mode == "swap":
+            num_cpu_blocks = config.swap_space // self.cache.bytes_per_block
+            if num_cpu_blocks < 1:
+                raise ValueError(f"swap_space={config.swap_space} bytes holds no block of "
+                                 f"{self.cache.bytes_per_block} bytes")
+            cpu_manager = BlockManager(BlockPool(num_cpu_blocks, enable_prefix_caching=False), config.block_size)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.enable_chunked_prefill,
-                            config.enable_prefix_caching),
+                            config.enable_prefix_caching, config.preemption_mode),
             self.cache.manager,
+            cpu_manager,
         )
+        self.num_swapped_out = 0
         self.runner = ModelRunner(model, self.cache)
         self.requests: dict[str, Request] = {}
         self.eos_token_ids = _eos_ids(model, tokenizer)
         self._seq_ids = itertools.count()
-        self.num_preemptions = self.prompt_tokens = self.generation_tokens = 0
+        self.num_preemptions = self.prompt_tokens = self.generation_tokens = self.computed_tokens = 0
 
     # ------------------------------------------------------------------------------------------ requests
     def add_request(
@@ -207,6 +222,10 @@ class LLMEngine:
         """Run one iteration; returns an output for every request that advanced (finished ones last time)."""
         out = self.scheduler.schedule()
         self.num_preemptions += len(out.preempted)
+        if out.swap_out or out.swap_in:
+            cpu = self.scheduler.cpu_manager
+            self.cache.swap(out.swap_out, out.swap_in, cpu.pool.num_blocks)
+            self.num_swapped_out += len(out.swap_out)
         if not out.scheduled:
             if self.scheduler.has_unfinished():
                 raise RuntimeError("the scheduler could not schedule anything: the KV pool is too small")
@@ -219,6 +238,7 @@ class LLMEngine:
             for request_id in failed:
                 self.abort(request_id)
             raise StepError(failed, exc) from exc
+        self.computed_tokens += out.num_tokens
         touched = self._process(out, logits)
         return [self._output(r) for r in touched]
 
@@ -366,6 +386,7 @@ class LLMEngine:
             num_preemptions=self.num_preemptions,
             prompt_tokens=self.prompt_tokens,
             generation_tokens=self.generation_tokens,
+            computed_tokens=self.computed_tokens,
         )
 
 

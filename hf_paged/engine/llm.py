@@ -48,6 +48,8 @@ class LLM:
         max_num_seqs: sequences running at once.
         max_num_batched_tokens: the token budget of one step (chunked prefill splits longer prompts).
         enable_prefix_caching: share full KV blocks of identical prefixes across requests.
+        preemption_mode: "recompute" (default) drops a preempted sequence's KV and recomputes it; "swap" copies it
+            to a CPU pool of `swap_space` bytes and back (falling back to recompute when that pool is full).
 
     Example:
         >>> llm = hf_paged.LLM(model, tokenizer)
@@ -67,12 +69,14 @@ class LLM:
         enable_prefix_caching: bool = True,
         enable_chunked_prefill: bool = True,
         max_model_len: int | None = None,
+        preemption_mode: str = "recompute",
+        swap_space: int = 0,
     ):
         model, tokenizer = _load(model, tokenizer)
         if num_blocks is None and kv_cache_memory is None:
             kv_cache_memory = default_kv_cache_memory(model)
         config = EngineConfig(block_size, num_blocks, kv_cache_memory, max_num_seqs, max_num_batched_tokens,
-                              max_model_len, enable_prefix_caching, enable_chunked_prefill)
+                              max_model_len, enable_prefix_caching, enable_chunked_prefill, preemption_mode, swap_space)
         self.engine = LLMEngine(model.eval(), tokenizer, config)
         self.tokenizer = tokenizer
         self._ids = itertools.count()

@@ -49,6 +49,7 @@ class Sequence:
     num_cached_tokens: int = 0
     extra_keys: tuple = ()  # prefix-cache key parts beyond the tokens (e.g. a LoRA adapter)
     adapter: str | None = None  # the PEFT adapter this sequence runs with (None: the model's active one)
+    swapped: BlockTable | None = None  # its KV while preempted by swapping: a table in the CPU pool
 
     @property
     def token_ids(self) -> list[int]:

@@ -21,8 +21,11 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 2048
     enable_chunked_prefill: bool = True
     enable_prefix_caching: bool = True
+    preemption_mode: str = "recompute"  # or "swap": preempted KV moves to the CPU pool and comes back
 
     def __post_init__(self):
+        if self.preemption_mode not in ("recompute", "swap"):
+            raise ValueError(f"preemption_mode must be 'recompute' or 'swap', got {self.preemption_mode!r}")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < 1:
@@ -42,6 +45,8 @@ class SchedulerOutput:
     scheduled: list[ScheduledSeq]
     copies: list[tuple[int, int]]  # copy-on-write block pairs to apply before the forward
     preempted: list[Sequence]
+    swap_out: list[tuple[int, int]] = field(default_factory=list)  # (device block, CPU block), before the forward
+    swap_in: list[tuple[int, int]] = field(default_factory=list)  # (CPU block, device block), before the forward
 
     @property
     def num_tokens(self) -> int:
@@ -49,9 +54,12 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, manager: BlockManager):
+    def __init__(self, config: SchedulerConfig, manager: BlockManager, cpu_manager: BlockManager | None = None):
+        if config.preemption_mode == "swap" and cpu_manager is None:
+            raise ValueError("preemption_mode='swap' needs swap space (a CPU block pool)")
         self.config = config
         self.manager = manager
+        self.cpu_manager = cpu_manager if config.preemption_mode == "swap" else None
         self.waiting: deque[list[Sequence]] = deque()
         self.running: list[list[Sequence]] = []
 
@@ -81,16 +89,47 @@ class Scheduler:
         if seq.table is not None:
             self.manager.free(seq.table)
             seq.table = None
+        if seq.swapped is not None:
+            self.cpu_manager.free(seq.swapped)
+            seq.swapped = None
         seq.num_computed_tokens = 0
 
-    def _preempt(self, group: list[Sequence]) -> None:
-        """Preemption by recompute: drop the group's KV; it re-enters the front of the waiting queue."""
+    def _preempt(self, group: list[Sequence], out: SchedulerOutput) -> None:
+        """Preempt a running group; it re-enters the front of the waiting queue.
+
+        Swap mode (when the CPU pool has room): its blocks are copied to the CPU pool and come back on readmission.
+        Otherwise recompute: its KV is dropped and recomputed from its tokens (the prefix cache may still hold it).
+        """
         self.running.remove(group)
+        cpu = self.cpu_manager
+        swap = cpu is not None and sum(len(s.table.block_ids) for s in group) <= cpu.pool.num_free_blocks
         for seq in group:
-            self._release(seq)
+            if swap:
+                seq.swapped = cpu.new_table()
+                cpu.append(seq.swapped, seq.table.num_tokens)
+                out.swap_out.extend(zip(seq.table.block_ids, seq.swapped.block_ids))
+                self.manager.free(seq.table)
+                seq.table = None
+            else:
+                self._release(seq)
             seq.status = SequenceStatus.WAITING
             seq.num_preemptions += 1
+        out.preempted.extend(group)
         self.waiting.appendleft(group)
+
+    def _swap_in(self, group: list[Sequence], chunks: list[int], out: SchedulerOutput) -> bool:
+        """Bring a swapped group's KV back (False, changing nothing, if the device pool cannot hold it yet)."""
+        bs = self.manager.block_size
+        needed = sum(-(-(seq.swapped.num_tokens + n) // bs) for seq, n in zip(group, chunks))
+        if needed > self.manager.pool.num_free_blocks:
+            return False
+        for seq in group:
+            seq.table = self.manager.new_table()
+            self.manager.append(seq.table, seq.swapped.num_tokens)
+            out.swap_in.extend(zip(seq.swapped.block_ids, seq.table.block_ids))
+            self.cpu_manager.free(seq.swapped)
+            seq.swapped = None
+        return True
 
     # ------------------------------------------------------------------------------------------ the step
     def _chunks(self, group: list[Sequence], budget: int) -> list[int] | None:
@@ -133,12 +172,9 @@ class Scheduler:
             if chunks is None:
                 break
             while self._blocks_needed(group, chunks) > pool.num_free_blocks and self.running[-1] is not group:
-                victim = self.running[-1]
-                self._preempt(victim)
-                out.preempted.extend(victim)
+                self._preempt(self.running[-1], out)
             if self._blocks_needed(group, chunks) > pool.num_free_blocks:
-                self._preempt(group)
-                out.preempted.extend(group)
+                self._preempt(group, out)
                 break
             self._commit(group, chunks, out)
             budget -= sum(chunks)
@@ -149,6 +185,10 @@ class Scheduler:
             group = self.waiting[0]
             if self.num_running_seqs() + len(group) > self.config.max_num_seqs:
                 break
+            if group[0].swapped is not None:
+                chunks = self._chunks(group, budget)
+                if chunks is None or not self._swap_in(group, chunks, out):
+                    break
             for seq in group:
                 if seq.table is None:
                     seq.table = self.manager.new_table()

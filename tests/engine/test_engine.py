@@ -209,3 +209,21 @@ def test_a_failing_step_aborts_only_its_requests(make_llm, monkeypatch):
         outputs += engine.step()
     assert [o.request_id for o in outputs if o.finished] == ["b"]
     assert outputs[-1].outputs[0].token_ids == _hf_greedy(tiny_model("llama"), second, 12)
+
+
+def test_preemption_by_swap_keeps_the_kv_and_the_outputs(make_llm):
+    model = tiny_model("llama")
+    prompts = _prompts(8, seed=9, low=10, high=20)
+    recompute = make_llm(num_blocks=14, block_size=4, max_num_seqs=8)
+    swap = make_llm(num_blocks=14, block_size=4, max_num_seqs=8, preemption_mode="swap", swap_space=2**20)
+    ref = recompute.generate(prompts, GREEDY, use_tqdm=False)
+    out = swap.generate(prompts, GREEDY, use_tqdm=False)
+    for prompt, output in zip(prompts, out):
+        assert output.outputs[0].token_ids == _hf_greedy(model, prompt, 12)
+    assert [o.outputs[0].token_ids for o in out] == [o.outputs[0].token_ids for o in ref]
+    assert swap.engine.num_swapped_out > 0 and swap.get_stats().num_preemptions > 0
+    # Swapped sequences come back without recomputing: fewer tokens go through the model.
+    assert swap.get_stats().computed_tokens < recompute.get_stats().computed_tokens
+    assert swap.engine.scheduler.cpu_manager.pool.num_free_blocks == swap.engine.scheduler.cpu_manager.pool.num_blocks
+    with pytest.raises(ValueError, match="swap_space"):
+        make_llm(preemption_mode="swap")
