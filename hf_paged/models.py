@@ -139,6 +139,7 @@ def load_model(
     name_or_path: str | Path | None = None,
     dtype: torch.dtype | str | None = None,
     device: torch.device | str | None = None,
+    tp_plan: str | None = None,
 ):
     """Load a causal LM and its tokenizer from the embedded default, a local directory or a .gguf file.
 
@@ -151,6 +152,8 @@ def load_model(
         dtype: a torch dtype or ``"float32"``/``"float16"``/``"bfloat16"``/``"auto"`` (None, ``"auto"``: the
             checkpoint's own; GGUF files dequantize to float32).
         device: where to put the model, e.g. ``"cuda"`` (None: where from_pretrained leaves it, the CPU).
+        tp_plan: ``"auto"`` shards the model with transformers' tensor parallelism (under torchrun; model
+            directories only).
 
     Returns:
         (model, tokenizer), the model in eval mode.
@@ -163,11 +166,14 @@ def load_model(
     source = resolve_model(name_or_path)
     if source.gguf_file is not None and importlib.util.find_spec("gguf") is None:
         raise ModelLoadError(f"loading {source} needs the gguf package; install it with: {INSTALL_HINT}")
-    return _load_cached(source, _resolve_dtype(dtype), _resolve_device(device))
+    if tp_plan is not None and source.gguf_file is not None:
+        raise ModelLoadError(f"tensor parallelism needs a model directory, not the GGUF file {source}")
+    return _load_cached(source, _resolve_dtype(dtype), _resolve_device(device), tp_plan)
 
 
 @functools.lru_cache(maxsize=4)
-def _load_cached(source: ModelSource, dtype: torch.dtype | None, device: torch.device | None):
+def _load_cached(source: ModelSource, dtype: torch.dtype | None, device: torch.device | None,
+                 tp_plan: str | None = None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs = {"local_files_only": True}
@@ -181,7 +187,8 @@ def _load_cached(source: ModelSource, dtype: torch.dtype | None, device: torch.d
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"could not load the tokenizer of {source}: {_first_line(err)}") from err
     try:
-        model = AutoModelForCausalLM.from_pretrained(source.directory, dtype=dtype or "auto", **kwargs)
+        extra = {"tp_plan": tp_plan} if tp_plan is not None else {}
+        model = AutoModelForCausalLM.from_pretrained(source.directory, dtype=dtype or "auto", **kwargs, **extra)
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"could not load a causal LM from {source}: {_first_line(err)}") from err
     if device is not None:

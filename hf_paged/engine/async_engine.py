@@ -16,8 +16,17 @@ from hf_paged.engine.request import RequestOutput
 
 
 class AsyncLLMEngine:
-    def __init__(self, engine: LLMEngine):
+    """Args:
+        engine: the engine to drive (from this event loop only).
+        sync: under tensor parallelism, rank 0's `StepSync`: every step's new requests and aborts are broadcast to
+            the other ranks before it runs (they follow with `StepSync.follow`).
+    """
+
+    HEARTBEAT_S = 30.0  # idle rank 0 still talks to the followers so their collectives never time out
+
+    def __init__(self, engine: LLMEngine, sync=None):
         self.engine = engine
+        self.sync = sync
         self._streams: dict[str, asyncio.Queue] = {}
         self._pending: list[tuple] = []
         self._wake = asyncio.Event()
@@ -70,15 +79,22 @@ class AsyncLLMEngine:
         loop = asyncio.get_running_loop()
         while True:
             pending, self._pending = self._pending, []
-            for op, arg in pending:
-                if op == "add":
-                    self.engine.enqueue(arg)
-                else:
-                    self.engine.abort(arg)
+            added = [arg for op, arg in pending if op == "add"]
+            aborted = [arg for op, arg in pending if op == "abort"]
+            for request in added:
+                self.engine.enqueue(request)
+            for request_id in aborted:
+                self.engine.abort(request_id)
             self.last_stats = self.engine.stats()
-            if not self.engine.has_unfinished_requests():
+            step = self.engine.has_unfinished_requests()
+            if self.sync is not None and (pending or step):
+                await loop.run_in_executor(None, self.sync.lead, added, aborted, step)
+            if not step:
                 self._wake.clear()
-                await self._wake.wait()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), self.HEARTBEAT_S if self.sync is not None else None)
+                except TimeoutError:
+                    await loop.run_in_executor(None, self.sync.lead, [], [], False)
                 continue
             try:
                 outputs = await loop.run_in_executor(None, self.engine.step)

@@ -42,13 +42,13 @@ class _ClientGone(Exception):
 class OpenAIServer:
     """The handlers of one app: one engine, one served model name, a bound on requests in flight."""
 
-    def __init__(self, llm_engine: LLMEngine, model_name: str, max_queue: int):
+    def __init__(self, llm_engine: LLMEngine, model_name: str, max_queue: int, step_sync=None):
         if max_queue < 1:
             raise ValueError(f"max_queue must be >= 1, got {max_queue}")
         if llm_engine.tokenizer is None:
             raise ValueError("the server needs an engine with a tokenizer (to encode prompts and decode outputs)")
         self.engine, self.model_name, self.max_queue = llm_engine, model_name, max_queue
-        self.front = AsyncLLMEngine(llm_engine)
+        self.front = AsyncLLMEngine(llm_engine, sync=step_sync)
         self.in_flight = 0
         stats = self.front.last_stats
         self.capacity = stats.num_blocks * llm_engine.config.block_size  # tokens the whole KV pool holds
@@ -292,7 +292,9 @@ def _install_error_handlers(app: FastAPI) -> None:
         return _error(server_error(exc, "internal server error"))
 
 
-def build_app(llm_engine: LLMEngine, model_name: str, api_key: str | None = None, max_queue: int = 256) -> FastAPI:
+def build_app(
+    llm_engine: LLMEngine, model_name: str, api_key: str | None = None, max_queue: int = 256, step_sync=None
+) -> FastAPI:
     """The OpenAI-compatible app over `llm_engine` (which it drives from the app's event loop).
 
     Args:
@@ -300,12 +302,13 @@ def build_app(llm_engine: LLMEngine, model_name: str, api_key: str | None = None
         model_name: the name clients pass as `model` (and `/v1/models` lists).
         api_key: when given, every route but `/health` needs `Authorization: Bearer <api_key>`.
         max_queue: generation requests in flight at most; more are answered 429.
+        step_sync: tensor parallelism: rank 0's `hf_paged.engine.tp.StepSync` (the other ranks follow it).
 
     Example:
         >>> llm = hf_paged.LLM(model, tokenizer)
         >>> uvicorn.run(build_app(llm.engine, "my-model"), host="127.0.0.1", port=8000)
     """
-    server = OpenAIServer(llm_engine, model_name, max_queue)
+    server = OpenAIServer(llm_engine, model_name, max_queue, step_sync)
     app = FastAPI(title="hf_paged OpenAI-compatible server")
     app.state.server = server
     router = APIRouter(dependencies=[Depends(_api_key_check(api_key))] if api_key else [])

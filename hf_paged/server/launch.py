@@ -30,6 +30,7 @@ def serve(
     dtype: str | None = None,
     device: str | None = None,
     log_level: str = "info",
+    tensor_parallel_size: int = 1,
     **engine_kwargs,
 ) -> None:
     """Serve a local model (None: the embedded SmolLM2-135M-Instruct) with the OpenAI API until interrupted.
@@ -42,6 +43,9 @@ def serve(
         max_queue: generation requests in flight at most; more are answered 429.
         dtype, device: passed to `hf_paged.models.load_model`.
         log_level: uvicorn's log level.
+        tensor_parallel_size: > 1 shards the model with transformers' tensor parallelism over that many processes,
+            which must be started by torchrun (`torchrun --nproc_per_node N $(which hf-paged) serve ...`); rank 0
+            serves HTTP, the other ranks follow its steps.
         **engine_kwargs: `hf_paged.LLM`'s engine options (block_size, kv_cache_memory, num_blocks, max_num_seqs,
             max_num_batched_tokens, max_model_len, enable_prefix_caching).
     """
@@ -51,11 +55,27 @@ def serve(
     from hf_paged.models import DEFAULT_ALIASES, DEFAULT_MODEL, load_model
     from hf_paged.server.app import build_app
 
-    loaded, tokenizer = load_model(model, dtype=dtype, device=device)
-    llm = LLM(loaded, tokenizer, **engine_kwargs)
+    sync = None
+    if tensor_parallel_size > 1:
+        from hf_paged.engine.tp import StepSync, init_tensor_parallel
+
+        init_tensor_parallel(tensor_parallel_size)
+        loaded, tokenizer = load_model(model, dtype=dtype, tp_plan="auto")
+        llm = LLM(loaded, tokenizer, **engine_kwargs)
+        sync = StepSync(llm.engine)
+        if sync.rank > 0:
+            sync.follow()
+            return
+    else:
+        loaded, tokenizer = load_model(model, dtype=dtype, device=device)
+        llm = LLM(loaded, tokenizer, **engine_kwargs)
     name = served_model_name or (DEFAULT_MODEL if model is None or model in DEFAULT_ALIASES else str(model))
-    app = build_app(llm.engine, name, api_key=api_key, max_queue=max_queue)
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    app = build_app(llm.engine, name, api_key=api_key, max_queue=max_queue, step_sync=sync)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level=log_level)
+    finally:
+        if sync is not None:
+            sync.shutdown()
 
 
 def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -86,6 +106,9 @@ def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     engine.add_argument("--dtype", default=None, choices=["auto", "float32", "float16", "bfloat16"],
                         help="model dtype (default: the checkpoint's; GGUF loads as float32)")
     engine.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: where the model loads)")
+    engine.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                        help="shard the model over N processes with transformers' tensor parallelism; start them "
+                             "with torchrun --nproc_per_node N (default: %(default)s)")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                         help="uvicorn's log level (default: %(default)s)")
     return parser
@@ -99,4 +122,5 @@ def run_serve(args: argparse.Namespace) -> None:
         block_size=args.block_size, kv_cache_memory=args.kv_cache_memory, num_blocks=args.num_blocks,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len, enable_prefix_caching=args.enable_prefix_caching,
+        tensor_parallel_size=args.tensor_parallel_size,
     )
