@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from hf_paged.engine.engine import EngineStats, LLMEngine, StepError
 from hf_paged.engine.params import BeamSearchParams, SamplingParams
 from hf_paged.engine.request import RequestOutput
+from hf_paged.patches.generate import paged_attention
 
 
 class AsyncLLMEngine:
@@ -76,6 +77,11 @@ class AsyncLLMEngine:
         self._wake.set()
 
     async def _loop(self) -> None:
+        # The engine owns the model while it serves: switch its attention once, not at every step.
+        with paged_attention(self.engine.model):
+            await self._serve()
+
+    async def _serve(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             pending, self._pending = self._pending, []

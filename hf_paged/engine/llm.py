@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 from hf_paged.engine.engine import EngineConfig, EngineStats, LLMEngine, RequestError
 from hf_paged.engine.params import BeamSearchParams, SamplingParams
 from hf_paged.engine.request import RequestOutput
+from hf_paged.patches.generate import paged_attention
 
 DEFAULT_CPU_KV_MEMORY = 256 * 2**20
 GPU_MEMORY_UTILIZATION = 0.9
@@ -106,7 +107,9 @@ class LLM:
                 self.engine.abort(request_id)
             raise
         finished: dict[str, RequestOutput] = {}
-        with tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm, unit="req") as bar:
+        # One attention switch for the whole batch (switching walks every module: too slow to do per step).
+        bar = tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm, unit="req")
+        with bar, paged_attention(self.engine.model):
             while self.engine.has_unfinished_requests():
                 for output in self.engine.step():
                     if output.finished:

@@ -78,7 +78,7 @@ class ModelRunner:
         extra = {"adapter_names": [adapter]} if adapter is not None else {}
         self.cache.set_step(plan)
         try:
-            with paged_attention(self.model):
+            with paged_attention(self.model):  # a no-op when LLM / AsyncLLMEngine switched it already
                 logits = self.model(
                     input_ids=ids, position_ids=pos, cache=self.cache, use_cache=True, logits_to_keep=keep, **extra
                 ).logits

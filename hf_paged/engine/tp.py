@@ -63,6 +63,12 @@ class StepSync:
     def follow(self) -> None:
         """Ranks > 0: mirror rank 0's engine until it shuts down."""
         assert self.rank > 0, "rank 0 leads"
+        from hf_paged.patches.generate import paged_attention
+
+        with paged_attention(self.engine.model):
+            self._follow()
+
+    def _follow(self) -> None:
         while True:
             for op in self._broadcast(None):
                 if op[0] == "shutdown":
