@@ -372,6 +372,16 @@ class PagedCache(Cache):
             self.manager.free(table)
         self.tables, self.pad_counts, self.logical_len, self.group_size = [], [], 0, 1
 
+    def apply_copies(self, copies: list[tuple[int, int]]) -> None:
+        """Copy-on-write copies for every layer now (the CUDA-graph path, whose captured plan has none)."""
+        if not copies:
+            return
+        for layer in self.layers:
+            if layer.is_initialized:
+                src = torch.tensor([s for s, _ in copies], dtype=torch.long, device=layer.device)
+                dst = torch.tensor([d for _, d in copies], dtype=torch.long, device=layer.device)
+                ops.copy_blocks(layer.keys, layer.values, src, dst)
+
     # ------------------------------------------------------------------------------------------- swap
     @torch.inference_mode()
     def swap(self, swap_out: list[tuple[int, int]], swap_in: list[tuple[int, int]], num_cpu_blocks: int) -> None:

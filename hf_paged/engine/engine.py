@@ -42,6 +42,7 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     preemption_mode: str = "recompute"  # "swap": preempted KV goes to a CPU pool of `swap_space` bytes
     swap_space: int = 0
+    enable_cuda_graphs: bool = True  # decode steps replay captured CUDA graphs (CUDA models only)
 
     def __post_init__(self):
         if self.preemption_mode == "swap" and self.swap_space <= 0:
@@ -107,7 +108,9 @@ class LLMEngine:
             cpu_manager,
         )
         self.num_swapped_out = 0
-        self.runner = ModelRunner(model, self.cache)
+        self.runner = ModelRunner(model, self.cache, cuda_graphs=config.enable_cuda_graphs,
+                                  max_batch=config.max_num_seqs,
+                                  max_blocks_per_seq=-(-self.max_model_len // config.block_size))
         self.requests: dict[str, Request] = {}
         self.eos_token_ids = _eos_ids(model, tokenizer)
         self._seq_ids = itertools.count()

@@ -51,6 +51,7 @@ class LLM:
         enable_prefix_caching: share full KV blocks of identical prefixes across requests.
         preemption_mode: "recompute" (default) drops a preempted sequence's KV and recomputes it; "swap" copies it
             to a CPU pool of `swap_space` bytes and back (falling back to recompute when that pool is full).
+        enable_cuda_graphs: on CUDA, decode steps replay CUDA graphs captured per batch-size bucket.
 
     Example:
         >>> llm = hf_paged.LLM(model, tokenizer)
@@ -72,12 +73,14 @@ class LLM:
         max_model_len: int | None = None,
         preemption_mode: str = "recompute",
         swap_space: int = 0,
+        enable_cuda_graphs: bool = True,
     ):
         model, tokenizer = _load(model, tokenizer)
         if num_blocks is None and kv_cache_memory is None:
             kv_cache_memory = default_kv_cache_memory(model)
         config = EngineConfig(block_size, num_blocks, kv_cache_memory, max_num_seqs, max_num_batched_tokens,
-                              max_model_len, enable_prefix_caching, enable_chunked_prefill, preemption_mode, swap_space)
+                              max_model_len, enable_prefix_caching, enable_chunked_prefill, preemption_mode, swap_space,
+                              enable_cuda_graphs)
         self.engine = LLMEngine(model.eval(), tokenizer, config)
         self.tokenizer = tokenizer
         self._ids = itertools.count()

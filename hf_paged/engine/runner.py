@@ -6,6 +6,7 @@ import torch
 
 from hf_paged.attention import PagedAttentionMetadata
 from hf_paged.cache import PagedCache, StepPlan
+from hf_paged.engine.cuda_graphs import DecodeGraphs
 from hf_paged.engine.scheduler import SchedulerOutput
 from hf_paged.patches.generate import paged_attention
 
@@ -13,10 +14,14 @@ from hf_paged.patches.generate import paged_attention
 class ModelRunner:
     """Packs all scheduled tokens of all sequences into one forward (varlen packing with per-token positions)."""
 
-    def __init__(self, model: torch.nn.Module, cache: PagedCache):
+    def __init__(self, model: torch.nn.Module, cache: PagedCache, cuda_graphs: bool = False, max_batch: int = 64,
+                 max_blocks_per_seq: int = 256):
         self.model = model
         self.cache = cache
         self.device = model.get_input_embeddings().weight.device
+        self.graphs = None
+        if cuda_graphs and self.device.type == "cuda":
+            self.graphs = DecodeGraphs(model, cache, max_batch, max_blocks_per_seq, self._model_forward)
 
     def _plan(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, StepPlan, list[int]]:
         input_ids, positions, slots, cu, sample_index = [], [], [], [0], []
@@ -58,6 +63,16 @@ class ModelRunner:
         groups: dict[str | None, list] = {}
         for item in out.scheduled:
             groups.setdefault(item.seq.adapter, []).append(item)
+        if self._graph_ready(out, groups):
+            self.cache.apply_copies(out.copies)
+            items = out.scheduled
+            return self.graphs.run(
+                [i.seq.token_ids[i.seq.num_computed_tokens] for i in items],
+                [i.seq.num_computed_tokens for i in items],
+                [i.slots[0] for i in items],
+                [i.seq.table.block_ids for i in items],
+                [i.seq.num_computed_tokens + 1 for i in items],
+            )
         if len(groups) == 1:
             return self._forward(out, next(iter(groups)))
         parts, order = [], []
@@ -72,18 +87,34 @@ class ModelRunner:
         wanted = [position[item.seq.seq_id] for item in out.scheduled if item.sample]
         return logits[torch.tensor(wanted, dtype=torch.long, device=logits.device)]
 
+    def _graph_ready(self, out: SchedulerOutput, groups: dict) -> bool:
+        """Pure decode, one adapter, a bucket big enough, and pools allocated (never inside a capture)."""
+        return (
+            self.graphs is not None
+            and list(groups) == [None]
+            and all(item.num_tokens == 1 and item.sample for item in out.scheduled)
+            and self.graphs.bucket(len(out.scheduled)) is not None
+            and all(layer.is_initialized for layer in self.cache.layers)
+        )
+
     def _forward(self, out: SchedulerOutput, adapter: str | None) -> torch.Tensor:
         ids, pos, plan, sample_index = self._plan(out)
         keep = torch.tensor(sample_index or [0], dtype=torch.long, device=self.device)
         extra = {"adapter_names": [adapter]} if adapter is not None else {}
+        logits = self._model_forward(ids, pos, plan, keep, extra)
+        if not sample_index:
+            return logits.new_empty((0, logits.shape[-1]), dtype=torch.float32)
+        return logits.float()  # (num_sampling_seqs, V)
+
+    def _model_forward(self, ids, pos, plan: StepPlan, keep: torch.Tensor, extra: dict | None = None) -> torch.Tensor:
+        """The HF model on a packed [1, T] batch with `plan`; returns logits [len(keep), V] (model dtype)."""
         self.cache.set_step(plan)
         try:
             with paged_attention(self.model):  # a no-op when LLM / AsyncLLMEngine switched it already
                 logits = self.model(
-                    input_ids=ids, position_ids=pos, cache=self.cache, use_cache=True, logits_to_keep=keep, **extra
+                    input_ids=ids, position_ids=pos, cache=self.cache, use_cache=True, logits_to_keep=keep,
+                    **(extra or {}),
                 ).logits
         finally:
             self.cache.set_step(None)
-        if not sample_index:
-            return logits.new_empty((0, logits.shape[-1]), dtype=torch.float32)
-        return logits[0].float()  # (num_sampling_seqs, V)
+        return logits[0]

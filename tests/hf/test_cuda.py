@@ -59,3 +59,24 @@ def test_engine_on_cuda_matches_generate():
                              pad_token_id=0, eos_token_id=None)
         assert output.outputs[0].token_ids == ref[0, len(prompt):].tolist()
     assert llm.get_stats().blocks_in_use == 0
+
+
+def test_engine_cuda_graphs_match_eager_and_generate():
+    model = _model(LlamaConfig, torch.float32)
+    prompts = [ragged_batch([n], seed=n)[0][0].tolist() for n in (5, 17, 33, 64, 100, 3, 9, 41, 2, 77, 12)]
+    greedy = hf_paged.SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    sampled = hf_paged.SamplingParams(n=2, temperature=1.0, max_tokens=20, ignore_eos=True, seed=3)
+    outs = {}
+    for graphs in (True, False):
+        llm = hf_paged.LLM(model, num_blocks=512, block_size=16, max_num_seqs=16, enable_cuda_graphs=graphs)
+        outs[graphs] = [[c.token_ids for c in o.outputs]
+                        for o in llm.generate(prompts, greedy, use_tqdm=False) + llm.generate(prompts[:4], sampled,
+                                                                                            use_tqdm=False)]
+        assert llm.get_stats().blocks_in_use == 0
+        if graphs:
+            assert llm.engine.runner.graphs.graphs  # decode steps really replayed graphs
+    assert outs[True] == outs[False]
+    for prompt, tokens in zip(prompts, outs[True]):
+        ref = model.generate(torch.tensor([prompt], device="cuda"), max_new_tokens=20, do_sample=False,
+                             pad_token_id=0, eos_token_id=None)
+        assert tokens[0] == ref[0, len(prompt):].tolist()

@@ -1,0 +1,89 @@
+"""CUDA graphs for decode steps: the whole HF forward of a decode batch replayed as one graph.
+
+An eager decode step is host-bound (the unmodified HF model's Python launches ~30 kernels per layer, about two
+thirds of a step; docs/benchmarks.md). Decode steps have one token per sequence, so their shapes depend only on
+the batch size: each batch size bucket (1, 2, 4, 8, 16, 24, 32, ... up to max_num_seqs) gets one graph, captured
+on first use, reading its inputs from preallocated buffers. A batch is padded to its bucket; padding rows store
+nothing (slot -1) and attend to one slot of block 0, and their logits are dropped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from hf_paged.attention import PagedAttentionMetadata
+from hf_paged.cache import PagedCache, StepPlan
+
+
+def batch_buckets(max_batch: int) -> list[int]:
+    small = [b for b in (1, 2, 4, 8) if b < max_batch]
+    return small + list(range(16, max_batch, 8 if max_batch <= 64 else 16)) + [max_batch]
+
+
+@dataclass(slots=True)
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    logits: torch.Tensor  # (B, V) output of the captured forward
+
+
+class DecodeGraphs:
+    """Captured decode forwards per batch bucket, over one set of static input buffers."""
+
+    def __init__(self, model, cache: PagedCache, max_batch: int, max_blocks_per_seq: int, forward):
+        self.model, self.cache, self.forward = model, cache, forward
+        self.buckets = batch_buckets(max_batch)
+        device = model.get_input_embeddings().weight.device
+        n = self.buckets[-1]
+        self.input_ids = torch.zeros((1, n), dtype=torch.long, device=device)
+        self.positions = torch.zeros((1, n), dtype=torch.long, device=device)
+        self.slot_mapping = torch.full((n,), -1, dtype=torch.long, device=device)
+        self.block_tables = torch.zeros((n, max_blocks_per_seq), dtype=torch.int32, device=device)
+        self.seq_lens = torch.ones((n,), dtype=torch.int32, device=device)
+        self.cu_seqlens = torch.arange(n + 1, dtype=torch.int32, device=device)
+        self.keep = torch.arange(n, dtype=torch.long, device=device)
+        self.graphs: dict[int, _Graph] = {}
+        self.pool = None
+
+    def bucket(self, batch: int) -> int | None:
+        return next((b for b in self.buckets if b >= batch), None)
+
+    def _plan(self, b: int) -> tuple[torch.Tensor, torch.Tensor, StepPlan, torch.Tensor]:
+        metadata = PagedAttentionMetadata(self.block_tables[:b], self.seq_lens[:b], self.cu_seqlens[: b + 1], None, 1)
+        plan = StepPlan(self.slot_mapping[:b], [], metadata)
+        return self.input_ids[:, :b], self.positions[:, :b], plan, self.keep[:b]
+
+    def _capture(self, b: int) -> _Graph:
+        ids, pos, plan, keep = self._plan(b)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm up (Triton compiles, allocator settles) outside the graph
+                self.forward(ids, pos, plan, keep)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = self.forward(ids, pos, plan, keep)
+        self.pool = graph.pool()
+        return _Graph(graph, logits)
+
+    def run(self, input_ids: list[int], positions: list[int], slots: list[int], tables: list[list[int]],
+            seq_lens: list[int]) -> torch.Tensor:
+        """Replay the bucket's graph for this decode batch; returns float32 logits [batch, V]."""
+        batch = len(input_ids)
+        b = self.bucket(batch)
+        pad = b - batch
+        self.input_ids[0, :b].copy_(torch.tensor(input_ids + [0] * pad), non_blocking=True)
+        self.positions[0, :b].copy_(torch.tensor(positions + [0] * pad), non_blocking=True)
+        self.slot_mapping[:b].copy_(torch.tensor(slots + [-1] * pad), non_blocking=True)
+        width = self.block_tables.shape[1]
+        rows = torch.zeros((b, width), dtype=torch.int32)
+        for row, ids in enumerate(tables):
+            rows[row, : len(ids)] = torch.tensor(ids, dtype=torch.int32)
+        self.block_tables[:b].copy_(rows, non_blocking=True)
+        self.seq_lens[:b].copy_(torch.tensor(seq_lens + [1] * pad, dtype=torch.int32), non_blocking=True)
+        if b not in self.graphs:
+            self.graphs[b] = self._capture(b)
+        self.graphs[b].graph.replay()
+        return self.graphs[b].logits[:batch].float()
