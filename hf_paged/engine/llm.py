@@ -111,7 +111,7 @@ class LLM:
             raise
         finished: dict[str, RequestOutput] = {}
         # One attention switch for the whole batch (switching walks every module: too slow to do per step).
-        bar = tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm, unit="req")
+        bar = tqdm(total=len(ids), desc="Processed prompts", disable=None if use_tqdm else True, unit="req")
         with bar, paged_attention(self.engine.model):
             while self.engine.has_unfinished_requests():
                 for output in self.engine.step():
@@ -128,6 +128,8 @@ class LLM:
         adapter: str | list[str | None] | None = None,
     ) -> list[RequestOutput]:
         """Generate for every prompt (strings, token-id lists or chat message lists); outputs in input order.
+
+        `use_tqdm`: a progress bar on a terminal (it stays silent when stderr is not a TTY).
 
         `adapter`: for a PeftModel with several LoRA adapters loaded, the adapter name for all prompts or one per
         prompt (None: the model's active adapter). Requests with different adapters share the batch.
