@@ -262,10 +262,7 @@ class PagedCache(Cache):
             layer.lazy_initialization(key_states, value_states)
         plan = self._plan
         slot_mapping = plan.slot_mapping.to(layer.device)
-        if plan.copies:
-            src = torch.tensor([s for s, _ in plan.copies], dtype=torch.long, device=layer.device)
-            dst = torch.tensor([d for _, d in plan.copies], dtype=torch.long, device=layer.device)
-            ops.copy_blocks(layer.keys, layer.values, src, dst)
+        _copy_blocks(layer, plan.copies)
         flat_k = key_states.transpose(1, 2).reshape(batch * q_len, *key_states.shape[1:2], key_states.shape[-1])
         flat_v = value_states.transpose(1, 2).reshape(batch * q_len, value_states.shape[1], value_states.shape[-1])
         ops.write_kv(flat_k.contiguous(), flat_v.contiguous(), layer.keys, layer.values, slot_mapping)
@@ -374,13 +371,9 @@ class PagedCache(Cache):
 
     def apply_copies(self, copies: list[tuple[int, int]]) -> None:
         """Copy-on-write copies for every layer now (the CUDA-graph path, whose captured plan has none)."""
-        if not copies:
-            return
         for layer in self.layers:
             if layer.is_initialized:
-                src = torch.tensor([s for s, _ in copies], dtype=torch.long, device=layer.device)
-                dst = torch.tensor([d for _, d in copies], dtype=torch.long, device=layer.device)
-                ops.copy_blocks(layer.keys, layer.values, src, dst)
+                _copy_blocks(layer, copies)
 
     # ------------------------------------------------------------------------------------------- swap
     @torch.inference_mode()
@@ -443,6 +436,14 @@ class PagedCache(Cache):
             (layer.keys[0].numel() * layer.keys.element_size() + layer.values[0].numel() * layer.values.element_size())
             for layer in layers
         )
+
+
+def _copy_blocks(layer: PagedLayer, copies: list[tuple[int, int]]) -> None:
+    """Copy-on-write: (src, dst) blocks of one layer's K and V pools."""
+    if copies:
+        src = torch.tensor([s for s, _ in copies], dtype=torch.long, device=layer.device)
+        dst = torch.tensor([d for _, d in copies], dtype=torch.long, device=layer.device)
+        ops.copy_blocks(layer.keys, layer.values, src, dst)
 
 
 def _to_device(meta: PagedAttentionMetadata, device: torch.device) -> PagedAttentionMetadata:
