@@ -221,8 +221,12 @@ class LLMEngine:
         return bool(self.requests)
 
     # ------------------------------------------------------------------------------------------ the step
-    def step(self) -> list[RequestOutput]:
-        """Run one iteration; returns an output for every request that advanced (finished ones last time)."""
+    def step(self, only_finished: bool = False) -> list[RequestOutput]:
+        """Run one iteration; returns an output for every request that advanced (its final one when it finished).
+
+        `only_finished`: return the finished requests' outputs only (batch use: building and detokenizing every
+        running request's output at every step is wasted work there).
+        """
         out = self.scheduler.schedule()
         self.num_preemptions += len(out.preempted)
         if out.swap_out or out.swap_in:
@@ -243,7 +247,7 @@ class LLMEngine:
             raise StepError(failed, exc) from exc
         self.computed_tokens += out.num_tokens
         touched = self._process(out, logits)
-        return [self._output(r) for r in touched]
+        return [self._output(r) for r in touched if r.finished or not only_finished]
 
     def _process(self, out: SchedulerOutput, logits: torch.Tensor) -> list[Request]:
         rows: dict[int, int] = {}

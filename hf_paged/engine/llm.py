@@ -114,7 +114,7 @@ class LLM:
         bar = tqdm(total=len(ids), desc="Processed prompts", disable=None if use_tqdm else True, unit="req")
         with bar, paged_attention(self.engine.model):
             while self.engine.has_unfinished_requests():
-                for output in self.engine.step():
+                for output in self.engine.step(only_finished=True):
                     if output.finished:
                         finished[output.request_id] = output
                         bar.update(1)

@@ -227,3 +227,14 @@ def test_preemption_by_swap_keeps_the_kv_and_the_outputs(make_llm):
     assert swap.engine.scheduler.cpu_manager.pool.num_free_blocks == swap.engine.scheduler.cpu_manager.pool.num_blocks
     with pytest.raises(ValueError, match="swap_space"):
         make_llm(preemption_mode="swap")
+
+
+def test_step_only_finished_returns_final_outputs_only(make_llm):
+    llm = make_llm()
+    engine = llm.engine
+    engine.add_request("short", [5, 6, 7], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
+    engine.add_request("long", [8, 9, 10], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))
+    seen = []
+    while engine.has_unfinished_requests():
+        seen.append([(o.request_id, o.finished) for o in engine.step(only_finished=True)])
+    assert seen == [[], [("short", True)], [], [], [("long", True)]]
