@@ -196,7 +196,7 @@ def drive_engine(llm, prompts: list[list[int]], params: list, desc: str = "") ->
     for i, (prompt, p) in enumerate(zip(prompts, params)):
         engine.add_request(f"bench-{i}", prompt, p)
     while engine.has_unfinished_requests():
-        for out in engine.step():
+        for out in engine.step(only_finished=True):
             if out.finished:
                 i = int(out.request_id.removeprefix("bench-"))
                 run.finish[i], run.produced[i] = time.perf_counter() - start, len(out.outputs[0].token_ids)
