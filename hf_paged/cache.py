@@ -19,6 +19,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and
 from hf_paged.attention import KV_POOL_KEY, METADATA_KEY, LayerKV, PagedAttentionMetadata
 from hf_paged.blocks import BlockManager, BlockPool, BlockPoolExhausted, BlockTable
 from hf_paged.kernels import ops
+from hf_paged.transfer import to_device
 
 SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
 
@@ -441,8 +442,8 @@ class PagedCache(Cache):
 def _copy_blocks(layer: PagedLayer, copies: list[tuple[int, int]]) -> None:
     """Copy-on-write: (src, dst) blocks of one layer's K and V pools."""
     if copies:
-        src = torch.tensor([s for s, _ in copies], dtype=torch.long, device=layer.device)
-        dst = torch.tensor([d for _, d in copies], dtype=torch.long, device=layer.device)
+        src = to_device([s for s, _ in copies], torch.long, layer.device)
+        dst = to_device([d for _, d in copies], torch.long, layer.device)
         ops.copy_blocks(layer.keys, layer.values, src, dst)
 
 

@@ -215,7 +215,8 @@ def run_engine(model, requests: list[Request], args, result: SystemResult, kv_bu
 
     setup = time.perf_counter()
     llm = LLM(model, block_size=args.block_size, kv_cache_memory=kv_budget, max_num_seqs=args.max_num_seqs,
-              max_num_batched_tokens=args.max_num_batched_tokens)
+              max_num_batched_tokens=args.max_num_batched_tokens, async_scheduling=args.async_scheduling,
+              enable_cuda_graphs=args.cuda_graphs)
     warm = make_requests([(64, 4), (16, 4)], model.config.vocab_size, seed=1)
     llm.generate([p for p, _ in warm], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
     result.warmup_s = time.perf_counter() - setup
@@ -227,7 +228,8 @@ def run_engine(model, requests: list[Request], args, result: SystemResult, kv_bu
     result.kv_waste = result.cache_waste = 1 - run.held_at_peak / (run.peak_blocks * args.block_size)
     result.extra.update(num_blocks=stats.num_blocks, peak_blocks_in_use=run.peak_blocks,
                         num_preemptions=stats.num_preemptions, max_num_seqs=args.max_num_seqs,
-                        max_num_batched_tokens=args.max_num_batched_tokens)
+                        max_num_batched_tokens=args.max_num_batched_tokens,
+                        async_scheduling=args.async_scheduling, cuda_graphs=args.cuda_graphs)
     return run.finish
 
 
@@ -351,6 +353,10 @@ def parse_args(argv):
     parser.add_argument("--block-size", type=int, default=16, help="hf_paged's tokens per KV block")
     parser.add_argument("--max-num-seqs", type=int, default=256, help="engine (d): sequences running at once")
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048, help="engine (d): tokens per step")
+    parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
+                        help="engine (d): prepare step N+1 while the device runs step N")
+    parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
+                        help="engine (d): replay CUDA graphs for decode steps")
     parser.add_argument("--kv-cache-memory", type=_size, help="KV pool of (b) and (d), e.g. 40GiB (GPU default: "
                         "their own, ~90%% of memory; CPU default: enough for every request at once)")
     parser.add_argument("--time-budget", type=float, help="(a), (c): start no new static batch after this many "

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from hf_paged.attention import PagedAttentionMetadata
 from hf_paged.cache import PagedCache, StepPlan
+from hf_paged.transfer import block_table_rows as _block_table_rows, to_device
 
 
 def batch_buckets(max_batch: int) -> list[int]:
@@ -69,20 +71,30 @@ class DecodeGraphs:
         return _Graph(graph, logits)
 
     def run(self, input_ids: list[int], positions: list[int], slots: list[int], tables: list[list[int]],
-            seq_lens: list[int]) -> torch.Tensor:
-        """Replay the bucket's graph for this decode batch; returns float32 logits [batch, V]."""
+            fill=None) -> torch.Tensor:
+        """Replay the bucket's graph for this decode batch; returns float32 logits [batch, V].
+
+        `fill(ids)` may overwrite entries of the batch's device input ids (tokens still on the device).
+        NOTE: only the batch's own block-table columns are refreshed; the kernels never read past a row's length.
+        """
         batch = len(input_ids)
         b = self.bucket(batch)
         pad = b - batch
-        self.input_ids[0, :b].copy_(torch.tensor(input_ids + [0] * pad), non_blocking=True)
-        self.positions[0, :b].copy_(torch.tensor(positions + [0] * pad), non_blocking=True)
-        self.slot_mapping[:b].copy_(torch.tensor(slots + [-1] * pad), non_blocking=True)
-        width = self.block_tables.shape[1]
-        rows = torch.zeros((b, width), dtype=torch.int32)
-        for row, ids in enumerate(tables):
-            rows[row, : len(ids)] = torch.tensor(ids, dtype=torch.int32)
-        self.block_tables[:b].copy_(rows, non_blocking=True)
-        self.seq_lens[:b].copy_(torch.tensor(seq_lens + [1] * pad, dtype=torch.int32), non_blocking=True)
+        step = np.empty((4, b), dtype=np.int64)  # ids, positions, slots, seq_lens: one host-to-device copy
+        step[0] = input_ids + [0] * pad
+        step[1] = positions + [0] * pad
+        step[2] = slots + [-1] * pad
+        step[3, :batch] = step[1, :batch] + 1
+        step[3, batch:] = 1
+        step = to_device(step, torch.long, self.input_ids.device)
+        self.input_ids[0, :b].copy_(step[0])
+        self.positions[0, :b].copy_(step[1])
+        self.slot_mapping[:b].copy_(step[2])
+        self.seq_lens[:b].copy_(step[3])
+        rows = to_device(_block_table_rows(tables), torch.int32, self.block_tables.device)  # (batch, width)
+        self.block_tables[:batch, : rows.shape[1]].copy_(rows)
+        if fill is not None:
+            fill(self.input_ids[0, :batch])
         if b not in self.graphs:
             self.graphs[b] = self._capture(b)
         self.graphs[b].graph.replay()

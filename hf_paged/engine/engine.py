@@ -13,7 +13,8 @@ from hf_paged.engine.beam import BeamState
 from hf_paged.engine.params import BeamSearchParams, SamplingParams
 from hf_paged.engine.request import CompletionOutput, Request, RequestOutput, Sequence, SequenceStatus
 from hf_paged.engine.runner import ModelRunner
-from hf_paged.engine.sampler import SamplingState, sample
+from hf_paged.engine.sampler import SampledBatch, SamplingState
+from hf_paged.engine.sampler import launch as launch_sampling
 from hf_paged.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from hf_paged.patches.generate import reject_prompt_learning
 
@@ -43,6 +44,7 @@ class EngineConfig:
     preemption_mode: str = "recompute"  # "swap": preempted KV goes to a CPU pool of `swap_space` bytes
     swap_space: int = 0
     enable_cuda_graphs: bool = True  # decode steps replay captured CUDA graphs (CUDA models only)
+    async_scheduling: bool = True  # schedule step N+1 while the GPU runs step N (outputs come one step later)
 
     def __post_init__(self):
         if self.preemption_mode == "swap" and self.swap_space <= 0:
@@ -53,6 +55,21 @@ class EngineConfig:
             raise ValueError("give num_blocks or kv_cache_memory")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+
+
+@dataclass(slots=True)
+class _InFlight:
+    """A launched step whose sampled tokens the host has not read yet."""
+
+    out: SchedulerOutput
+    seqs: list[Sequence]  # the sampling sequences, in logits-row order
+    logits: torch.Tensor | None  # kept for the synchronous path (beams, forks)
+    sampled: SampledBatch | None  # the tokens chosen on the device (overlapped path)
+    overlappable: bool  # NOTE: only an overlappable step stays in flight across step() calls
+
+    @property
+    def tokens(self) -> torch.Tensor | None:
+        return self.sampled.tokens if self.sampled is not None else None
 
 
 @dataclass(slots=True)
@@ -114,6 +131,7 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self.eos_token_ids = _eos_ids(model, tokenizer)
         self._seq_ids = itertools.count()
+        self._inflight: _InFlight | None = None
         self.num_preemptions = self.prompt_tokens = self.generation_tokens = self.computed_tokens = 0
 
     # ------------------------------------------------------------------------------------------ requests
@@ -199,6 +217,7 @@ class LLMEngine:
     def _new_sequence(self, request: Request, index: int, params: SamplingParams | None) -> Sequence:
         seq = Sequence(next(self._seq_ids), request.request_id, index, request.prompt_ids,
                        params or SamplingParams(max_tokens=request.params.max_tokens), arrival=request.arrival,
+                       max_len=self.max_model_len,
                        extra_keys=request.extra_keys, adapter=request.adapter)
         if params is not None and params.seed is not None:
             seq.generator = torch.Generator(device=self.runner.device).manual_seed(params.seed + index)
@@ -218,15 +237,19 @@ class LLMEngine:
         return True
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.requests)
+        return bool(self.requests)  # NOTE: a request leaves only once its last token is read back
 
     # ------------------------------------------------------------------------------------------ the step
     def step(self, only_finished: bool = False) -> list[RequestOutput]:
         """Run one iteration; returns an output for every request that advanced (its final one when it finished).
 
+        With `async_scheduling` (the default) the step is launched before the previous one's tokens are read back,
+        so the host schedules and prepares step N+1 while the GPU runs step N; the outputs returned are then those
+        of the previous step, and a finished request's last step may compute one token that is thrown away.
         `only_finished`: return the finished requests' outputs only (batch use: building and detokenizing every
         running request's output at every step is wasted work there).
         """
+        touched: dict[str, Request] = {}
         out = self.scheduler.schedule()
         self.num_preemptions += len(out.preempted)
         if out.swap_out or out.swap_in:
@@ -234,34 +257,91 @@ class LLMEngine:
             self.cache.swap(out.swap_out, out.swap_in, cpu.pool.num_blocks)
             self.num_swapped_out += len(out.swap_out)
         if not out.scheduled:
-            if self.scheduler.has_unfinished():
+            touched.update(self._resolve())
+            if not touched and self.scheduler.has_unfinished():
                 raise RuntimeError("the scheduler could not schedule anything: the KV pool is too small")
-            return []
-        try:
-            logits = self.runner.execute(out)
-        except Exception as exc:
-            # The step's blocks hold no valid KV: drop its requests, keep the others running.
-            failed = list(dict.fromkeys(item.seq.request_id for item in out.scheduled))
-            for request_id in failed:
-                self.abort(request_id)
-            raise StepError(failed, exc) from exc
-        self.computed_tokens += out.num_tokens
-        touched = self._process(out, logits)
-        return [self._output(r) for r in touched if r.finished or not only_finished]
+        else:
+            try:
+                logits = self.runner.execute(out, self._inflight.tokens if self._inflight is not None else None)
+            except Exception as exc:
+                # The step's blocks hold no valid KV: drop its requests, keep the others running.
+                touched.update(self._resolve())
+                failed = list(dict.fromkeys(item.seq.request_id for item in out.scheduled))
+                for request_id in failed:
+                    self.abort(request_id)
+                raise StepError(failed, exc) from exc
+            launched = self._launch(out, logits)
+            touched.update(self._resolve())
+            self._inflight = launched
+            if not (self.config.async_scheduling and launched.overlappable):
+                touched.update(self._resolve())  # its tokens decide what the next step does (beams, forks, ...)
+        return [self._output(r) for r in touched.values() if r.finished or not only_finished]
 
-    def _process(self, out: SchedulerOutput, logits: torch.Tensor) -> list[Request]:
-        rows: dict[int, int] = {}
+    def _launch(self, out: SchedulerOutput, logits: torch.Tensor) -> _InFlight:
+        """Account for a forward just launched and start sampling it on the device (nothing waits here)."""
+        self.computed_tokens += out.num_tokens
+        sampled = []
         for item in out.scheduled:
             seq = item.seq
             seq.num_computed_tokens += item.num_tokens
-            if self.config.enable_prefix_caching:
-                self.cache.manager.cache_full_blocks(seq.table, seq.token_ids, seq.extra_keys)
-            if item.sample:
-                rows[seq.seq_id] = len(rows)
             if seq.num_computed_tokens <= len(seq.prompt_ids):
                 self.prompt_tokens += item.num_tokens
+            if item.sample:
+                sampled.append(seq)
+        if not sampled or not all(self._overlappable(seq) for seq in sampled):
+            return _InFlight(out, sampled, logits, None, overlappable=False)
+        states = [SamplingState(s.params, s.prompt_ids, s.output_ids, s.generator, self.eos_token_ids)
+                  for s in sampled]
+        batch = launch_sampling(logits, states, agree=_agree_across_ranks)
+        for row, seq in enumerate(sampled):
+            seq.num_pending, seq.pending_row = seq.num_pending + 1, row  # the step in flight resolves next
+        return _InFlight(out, sampled, None, batch, overlappable=True)
+
+    def _overlappable(self, seq: Sequence) -> bool:
+        """Whether the next step may be scheduled before this sequence's new token is known on the host."""
+        request = self.requests.get(seq.request_id)
+        params = seq.params
+        return (
+            request is not None
+            and request.beam is None
+            and not (params.n > 1 and not seq.output_ids and len(request.sequences) == 1)  # forks at its 1st token
+            and params.repetition_penalty == 1.0
+            and params.presence_penalty == 0.0
+            and params.frequency_penalty == 0.0
+            and len(seq.output_ids) + 1 >= params.min_tokens
+        )
+
+    def _resolve(self) -> dict[str, Request]:
+        """Read back the step in flight (the step's one wait for the GPU): new tokens, stop checks, outputs."""
+        inflight, self._inflight = self._inflight, None
+        if inflight is None:
+            return {}
         touched: dict[str, Request] = {}
-        sampled = [item.seq for item in out.scheduled if item.sample]
+        if inflight.sampled is not None:
+            for seq, result in zip(inflight.seqs, inflight.sampled.results()):
+                seq.num_pending -= 1
+                request = self.requests.get(seq.request_id)
+                if request is None or seq.status.finished:
+                    continue  # aborted, or stopped while this step ran: its token is thrown away
+                self._append(seq, result)
+                touched[seq.request_id] = request
+        else:
+            touched = self._process(inflight.seqs, inflight.logits)
+        if self.config.enable_prefix_caching:
+            for item in inflight.out.scheduled:
+                seq = item.seq
+                if seq.table is not None and not seq.status.finished:
+                    self.cache.manager.cache_full_blocks(seq.table, seq.token_ids, seq.extra_keys)
+        for request in touched.values():
+            if request.finished:
+                self.requests.pop(request.request_id, None)
+        return touched
+
+    def _process(self, sampled: list[Sequence], logits: torch.Tensor) -> dict[str, Request]:
+        """The synchronous path: beam search steps and first samples that fork a request into n sequences."""
+        rows = {seq.seq_id: row for row, seq in enumerate(sampled)}  # logits rows, stopped sequences included
+        sampled = [s for s in sampled if s.request_id in self.requests and not s.status.finished]
+        touched: dict[str, Request] = {}
         beams = [s for s in sampled if self.requests[s.request_id].beam is not None]
         plain = [s for s in sampled if self.requests[s.request_id].beam is None]
         if plain:
@@ -272,10 +352,7 @@ class LLMEngine:
             group = [s for s in beams if s.request_id == request_id]
             self._beam_step(request, group, logits[[rows[s.seq_id] for s in group]])
             touched[request_id] = request
-        for request in touched.values():
-            if request.finished:
-                self.requests.pop(request.request_id, None)
-        return list(touched.values())
+        return touched
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         # Parallel sampling: a request's first sample forks its prefilled sequence into n (prompt blocks shared).
@@ -296,15 +373,17 @@ class LLMEngine:
             rows += [row] * len(family)
         states = [SamplingState(s.params, s.prompt_ids, s.output_ids, s.generator, self.eos_token_ids)
                   for s in expanded]
-        results = sample(logits[rows], states)
-        _agree_across_ranks(results, logits.device)
+        results = launch_sampling(logits[rows], states, agree=_agree_across_ranks).results()
         for seq, result in zip(expanded, results):
-            seq.output_ids.append(result.token)
-            seq.cumulative_logprob += result.logprob
-            if seq.logprobs is not None:
-                seq.logprobs.append(result.top_logprobs)
-            self.generation_tokens += 1
-            self._check_stop(seq, result.token)
+            self._append(seq, result)
+
+    def _append(self, seq: Sequence, result) -> None:
+        seq.output_ids.append(result.token)
+        seq.cumulative_logprob += result.logprob
+        if seq.logprobs is not None:
+            seq.logprobs.append(result.top_logprobs)
+        self.generation_tokens += 1
+        self._check_stop(seq, result.token)
 
     def _check_stop(self, seq: Sequence, token: int) -> None:
         params = seq.params
@@ -322,7 +401,7 @@ class LLMEngine:
                         seq.text = text[: at + (len(stop) if params.include_stop_str_in_output else 0)]
                         break
         if not seq.status.finished and (
-            len(seq.output_ids) >= params.max_tokens or seq.num_tokens >= self.max_model_len
+            len(seq.output_ids) >= params.max_tokens or len(seq.token_ids) >= self.max_model_len
         ):
             seq.status = SequenceStatus.FINISHED_LENGTH
         if seq.status.finished:
@@ -397,16 +476,13 @@ class LLMEngine:
         )
 
 
-def _agree_across_ranks(results, device) -> None:
-    """Tensor parallelism: every rank runs the same scheduler, so every rank must see rank 0's sampled tokens."""
+def _agree_across_ranks(tokens: torch.Tensor) -> None:
+    """Tensor parallelism: every rank runs the same scheduler, so every rank must take rank 0's sampled tokens."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return
     if torch.distributed.get_world_size() == 1:
         return
-    tokens = torch.tensor([r.token for r in results], dtype=torch.long, device=device)
     torch.distributed.broadcast(tokens, src=0)
-    for result, token in zip(results, tokens.tolist()):
-        result.token = token
 
 
 def _eos_ids(model, tokenizer) -> tuple[int, ...]:

@@ -52,6 +52,8 @@ class LLM:
         preemption_mode: "recompute" (default) drops a preempted sequence's KV and recomputes it; "swap" copies it
             to a CPU pool of `swap_space` bytes and back (falling back to recompute when that pool is full).
         enable_cuda_graphs: on CUDA, decode steps replay CUDA graphs captured per batch-size bucket.
+        async_scheduling: prepare step N+1 on the host while the device runs step N (same outputs; off: every
+            step waits for its tokens before the next is scheduled).
 
     Example:
         >>> llm = hf_paged.LLM(model, tokenizer)
@@ -74,13 +76,14 @@ class LLM:
         preemption_mode: str = "recompute",
         swap_space: int = 0,
         enable_cuda_graphs: bool = True,
+        async_scheduling: bool = True,
     ):
         model, tokenizer = _load(model, tokenizer)
         if num_blocks is None and kv_cache_memory is None:
             kv_cache_memory = default_kv_cache_memory(model)
         config = EngineConfig(block_size, num_blocks, kv_cache_memory, max_num_seqs, max_num_batched_tokens,
                               max_model_len, enable_prefix_caching, enable_chunked_prefill, preemption_mode, swap_space,
-                              enable_cuda_graphs)
+                              enable_cuda_graphs, async_scheduling)
         self.engine = LLMEngine(model.eval(), tokenizer, config)
         self.tokenizer = tokenizer
         self._ids = itertools.count()

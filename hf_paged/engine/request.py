@@ -50,14 +50,28 @@ class Sequence:
     extra_keys: tuple = ()  # prefix-cache key parts beyond the tokens (e.g. a LoRA adapter)
     adapter: str | None = None  # the PEFT adapter this sequence runs with (None: the model's active one)
     swapped: BlockTable | None = None  # its KV while preempted by swapping: a table in the CPU pool
+    max_len: int = 1 << 62  # the model's max_model_len: the sequence stops there
+    # Overlapped scheduling: a token sampled by the step in flight, not read back yet. It counts in num_tokens (so
+    # the scheduler can plan its decode) but not in token_ids; the runner takes it from row `pending_row` of that
+    # step's device tokens.
+    num_pending: int = 0
+    pending_row: int = 0
 
     @property
     def token_ids(self) -> list[int]:
+        """The tokens known on the host (a pending token is not among them)."""
         return self.prompt_ids + self.output_ids
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
+        return len(self.prompt_ids) + len(self.output_ids) + self.num_pending
+
+    @property
+    def stops_at_pending(self) -> bool:
+        """Its pending token is its last (max_tokens or max_len reached): nothing more to schedule."""
+        return self.num_pending > 0 and (
+            len(self.output_ids) + self.num_pending >= self.params.max_tokens or self.num_tokens >= self.max_len
+        )
 
     @property
     def num_uncomputed(self) -> int:

@@ -9,6 +9,7 @@ from hf_paged.cache import PagedCache, StepPlan
 from hf_paged.engine.cuda_graphs import DecodeGraphs
 from hf_paged.engine.scheduler import SchedulerOutput
 from hf_paged.patches.generate import paged_attention
+from hf_paged.transfer import block_table_rows as _block_table_rows, to_device
 
 
 class ModelRunner:
@@ -20,46 +21,52 @@ class ModelRunner:
         self.cache = cache
         self.device = model.get_input_embeddings().weight.device
         self.graphs = None
+        self.pending_tokens: torch.Tensor | None = None
         if cuda_graphs and self.device.type == "cuda":
             self.graphs = DecodeGraphs(model, cache, max_batch, max_blocks_per_seq, self._model_forward)
 
     def _plan(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, StepPlan, list[int]]:
         input_ids, positions, slots, cu, sample_index = [], [], [], [0], []
         for item in out.scheduled:
-            seq, start = item.seq, item.seq.num_computed_tokens
-            input_ids += seq.token_ids[start : start + item.num_tokens]
+            start = item.seq.num_computed_tokens
+            input_ids += _step_tokens(item)
             positions += range(start, start + item.num_tokens)
             slots += item.slots
             cu.append(cu[-1] + item.num_tokens)
             if item.sample:
                 sample_index.append(cu[-1] - 1)
-        max_blocks = max(len(item.seq.table.block_ids) for item in out.scheduled)
-        block_tables = torch.zeros((len(out.scheduled), max_blocks), dtype=torch.int32)
-        for row, item in enumerate(out.scheduled):
-            ids = item.seq.table.block_ids
-            block_tables[row, : len(ids)] = torch.tensor(ids, dtype=torch.int32)
         dev = self.device
         metadata = PagedAttentionMetadata(
-            block_tables=block_tables.to(dev),
-            seq_lens=torch.tensor(
-                [i.seq.num_computed_tokens + i.num_tokens for i in out.scheduled], dtype=torch.int32, device=dev
-            ),
-            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
+            block_tables=to_device(_block_table_rows([i.seq.table.block_ids for i in out.scheduled]), torch.int32, dev),
+            seq_lens=to_device([i.seq.num_computed_tokens + i.num_tokens for i in out.scheduled], torch.int32, dev),
+            cu_seqlens_q=to_device(cu, torch.int32, dev),
             query_index=None,
             max_seqlen_q=max(i.num_tokens for i in out.scheduled),
         )
-        plan = StepPlan(torch.tensor(slots, dtype=torch.long, device=dev), out.copies, metadata)
-        ids = torch.tensor([input_ids], dtype=torch.long, device=dev)  # (1, T)
-        pos = torch.tensor([positions], dtype=torch.long, device=dev)  # (1, T)
+        plan = StepPlan(to_device(slots, torch.long, dev), out.copies, metadata)
+        ids = self._fill_pending(to_device(input_ids, torch.long, dev), out.scheduled, cu)[None]  # (1, T)
+        pos = to_device(positions, torch.long, dev)[None]  # (1, T)
         return ids, pos, plan, sample_index
 
+    def _fill_pending(self, ids: torch.Tensor, items: list, starts: list[int]) -> torch.Tensor:
+        """Put the tokens still on the device (sampled by the step in flight) at their places in `ids` (T,)."""
+        at = [start for item, start in zip(items, starts) if item.seq.num_pending]
+        if at:
+            assert self.pending_tokens is not None, "a pending token but no step in flight"
+            rows = [item.seq.pending_row for item in items if item.seq.num_pending]
+            src = self.pending_tokens.index_select(0, to_device(rows, torch.long, self.device))
+            ids.index_copy_(0, to_device(at, torch.long, self.device), src)
+        return ids
+
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> torch.Tensor:
+    def execute(self, out: SchedulerOutput, pending_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Forward the step; returns float32 logits [num_sampling_seqs, vocab] in scheduling order.
 
+        `pending_tokens`: the device tokens of the step in flight, for sequences whose last token is still there.
         Sequences under different LoRA adapters run as separate packed forwards of the same step (one adapter per
         forward, through PEFT's `adapter_names`); the copy-on-write copies go with the first.
         """
+        self.pending_tokens = pending_tokens
         groups: dict[str | None, list] = {}
         for item in out.scheduled:
             groups.setdefault(item.seq.adapter, []).append(item)
@@ -67,11 +74,11 @@ class ModelRunner:
             self.cache.apply_copies(out.copies)
             items = out.scheduled
             return self.graphs.run(
-                [i.seq.token_ids[i.seq.num_computed_tokens] for i in items],
+                [_step_tokens(i)[0] for i in items],
                 [i.seq.num_computed_tokens for i in items],
                 [i.slots[0] for i in items],
                 [i.seq.table.block_ids for i in items],
-                [i.seq.num_computed_tokens + 1 for i in items],
+                fill=lambda ids: self._fill_pending(ids, items, range(len(items))),
             )
         if len(groups) == 1:
             return self._forward(out, next(iter(groups)))
@@ -85,7 +92,7 @@ class ModelRunner:
         logits = torch.cat(parts)
         position = {seq_id: row for row, seq_id in enumerate(order)}
         wanted = [position[item.seq.seq_id] for item in out.scheduled if item.sample]
-        return logits[torch.tensor(wanted, dtype=torch.long, device=logits.device)]
+        return logits[to_device(wanted, torch.long, logits.device)]
 
     def _graph_ready(self, out: SchedulerOutput, groups: dict) -> bool:
         """Pure decode, one adapter, a bucket big enough, and pools allocated (never inside a capture)."""
@@ -99,7 +106,7 @@ class ModelRunner:
 
     def _forward(self, out: SchedulerOutput, adapter: str | None) -> torch.Tensor:
         ids, pos, plan, sample_index = self._plan(out)
-        keep = torch.tensor(sample_index or [0], dtype=torch.long, device=self.device)
+        keep = to_device(sample_index or [0], torch.long, self.device)
         extra = {"adapter_names": [adapter]} if adapter is not None else {}
         logits = self._model_forward(ids, pos, plan, keep, extra)
         if not sample_index:
@@ -118,3 +125,18 @@ class ModelRunner:
         finally:
             self.cache.set_step(None)
         return logits[0]
+
+
+def _step_tokens(item) -> list[int]:
+    """The input ids of a scheduled chunk; 0 stands for a pending token (filled on the device)."""
+    seq, start = item.seq, item.seq.num_computed_tokens
+    if seq.num_pending:
+        assert item.num_tokens == 1 and start == len(seq.prompt_ids) + len(seq.output_ids), "decoded alone"
+        return [0]
+    end, prompt = start + item.num_tokens, seq.prompt_ids
+    if end <= len(prompt):
+        return prompt[start:end]
+    if start >= len(prompt):  # decode: no need to build prompt + output
+        return seq.output_ids[start - len(prompt) : end - len(prompt)]
+    return seq.token_ids[start:end]
+

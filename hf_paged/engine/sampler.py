@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from hf_paged.engine.params import SamplingParams
+from hf_paged.transfer import to_device, to_host
 
 NEG_INF = float("-inf")
 
@@ -49,18 +50,18 @@ def _token_counts(id_lists: list[list[int]], vocab: int, device: torch.device) -
     lengths = torch.tensor([len(ids) for ids in id_lists])
     if int(lengths.sum()) == 0:
         return counts
-    rows = torch.arange(len(id_lists)).repeat_interleave(lengths).to(device)  # (N,)
-    ids = torch.tensor(list(itertools.chain.from_iterable(id_lists)), dtype=torch.long).to(device)  # (N,)
+    rows = to_device(torch.arange(len(id_lists)).repeat_interleave(lengths).numpy(), torch.long, device)  # (N,)
+    ids = to_device(list(itertools.chain.from_iterable(id_lists)), torch.long, device)  # (N,)
     return counts.index_put_((rows, ids), torch.ones(len(ids), device=device), accumulate=True)
 
 
 def _column(values: list[float], device: torch.device) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.float32, device=device)[:, None]  # (R, 1)
+    return to_device(values, torch.float32, device)[:, None]  # (R, 1)
 
 
 def _index(logits: torch.Tensor, rows: list[int]) -> slice | torch.Tensor:
     """Index of `rows`: a slice when they are all the rows (so `logits[index]` is a view, edited in place)."""
-    return slice(None) if len(rows) == logits.shape[0] else torch.tensor(rows, device=logits.device)
+    return slice(None) if len(rows) == logits.shape[0] else to_device(rows, torch.long, logits.device)
 
 
 def _is_copy(index: slice | torch.Tensor) -> bool:
@@ -102,7 +103,7 @@ def apply_min_tokens(logits: torch.Tensor, states: list[SamplingState]) -> torch
             rows += [i] * len(stops)
             cols += stops
     if rows:
-        logits[torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)] = NEG_INF
+        logits[to_device(rows, torch.long, logits.device), to_device(cols, torch.long, logits.device)] = NEG_INF
     return logits
 
 
@@ -120,8 +121,8 @@ def apply_top_k(logits: torch.Tensor, top_k: list[int]) -> torch.Tensor:
     if not any(k):
         return logits
     largest = logits.topk(max(k), dim=-1).values  # (S, max_k)
-    kth = largest.gather(1, torch.tensor([max(kk - 1, 0) for kk in k], device=logits.device)[:, None])  # (S, 1)
-    kth.masked_fill_(torch.tensor(k, device=logits.device)[:, None] == 0, NEG_INF)
+    kth = largest.gather(1, to_device([max(kk - 1, 0) for kk in k], torch.long, logits.device)[:, None])  # (S, 1)
+    kth.masked_fill_(to_device(k, torch.long, logits.device)[:, None] == 0, NEG_INF)
     return logits.masked_fill_(logits < kth, NEG_INF)
 
 
@@ -175,7 +176,7 @@ def _draw(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torc
     if len(unseeded) == len(generators):
         noise.exponential_()
     elif unseeded:
-        noise[torch.tensor(unseeded, device=probs.device)] = torch.empty(
+        noise[to_device(unseeded, torch.long, probs.device)] = torch.empty(
             len(unseeded), vocab, device=probs.device).exponential_()
     for i, g in enumerate(generators):
         if g is not None:
@@ -184,14 +185,40 @@ def _draw(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torc
     return (probs / noise).argmax(dim=-1)
 
 
-def sample(logits: torch.Tensor, states: list[SamplingState]) -> list[SampleResult]:
-    """Choose the next token of every row.
+@dataclass(slots=True)
+class SampledBatch:
+    """A step's chosen tokens, still on their way to the host; `results()` waits for them.
+
+    `tokens` stays on the device: the next step reads its input ids from it without a host round trip.
+    """
+
+    tokens: torch.Tensor  # (S,) int64 on the logits' device
+    _host: tuple[torch.Tensor, ...]  # (tokens, chosen logprobs[, top values, top ids]), copies in flight
+    _event: torch.cuda.Event | None
+    _wanted: list[int | None]  # per row, how many top logprobs it asked for
+
+    def results(self) -> list[SampleResult]:
+        if self._event is not None:
+            self._event.synchronize()
+        tokens, chosen = self._host[0].tolist(), self._host[1].tolist()
+        if len(self._host) == 2:
+            tops = [None if w is None else {} for w in self._wanted]
+        else:
+            values, index = self._host[2].tolist(), self._host[3].tolist()
+            tops = [None if w is None else dict(zip(ids[:w], vals[:w]))
+                    for w, ids, vals in zip(self._wanted, index, values)]
+        return [SampleResult(t, lp, None if top is None else {t: lp, **top})
+                for t, lp, top in zip(tokens, chosen, tops)]
+
+
+def launch(logits: torch.Tensor, states: list[SamplingState], agree=None) -> SampledBatch:
+    """Choose the next token of every row on the logits' device, without waiting for the result.
 
     Args:
         logits: (S, V) next-token logits, any float dtype, any device.
         states: one SamplingState per row.
-    Returns:
-        One SampleResult per row, in order.
+        agree: optional in-place hook on the (S,) device tokens before they are read back (tensor parallelism:
+            every rank takes rank 0's tokens).
     """
     processed = process_logits(logits, states)  # (S, V) float32
     raw_logprobs = torch.log_softmax(logits.float(), dim=-1)  # (S, V)
@@ -205,23 +232,27 @@ def sample(logits: torch.Tensor, states: list[SamplingState]) -> list[SampleResu
         index = _index(processed, rows)
         probs = processed[index].softmax(dim=-1)  # (R, V)
         tokens[index] = _draw(probs, [states[i].generator for i in rows])
-    chosen = raw_logprobs.gather(1, tokens[:, None])[:, 0].tolist()  # (S,)
-    token_list = tokens.tolist()
-    tops = _top_logprobs(raw_logprobs, states)
-    return [SampleResult(t, lp, None if top is None else {t: lp, **top})
-            for t, lp, top in zip(token_list, chosen, tops)]
-
-
-def _top_logprobs(raw_logprobs: torch.Tensor, states: list[SamplingState]) -> list[dict[int, float] | None]:
-    """Each row's top `params.logprobs` raw log-probabilities (None where the row asked for none)."""
+    if agree is not None:
+        agree(tokens)
+    chosen = raw_logprobs.gather(1, tokens[:, None])[:, 0]  # (S,)
     wanted = [min(s.params.logprobs, raw_logprobs.shape[-1]) if s.params.logprobs is not None else None
               for s in states]
     k = max((w for w in wanted if w is not None), default=0)
-    if k == 0:
-        return [None if w is None else {} for w in wanted]
-    values, index = raw_logprobs.topk(k, dim=-1)  # (S, k)
-    return [None if w is None else dict(zip(ids[:w], vals[:w]))
-            for w, ids, vals in zip(wanted, index.tolist(), values.tolist())]
+    device_parts = [tokens, chosen]
+    if k:
+        values, index = raw_logprobs.topk(k, dim=-1)  # (S, k)
+        device_parts += [values, index]
+    host = tuple(to_host(t) for t in device_parts)
+    event = None
+    if logits.is_cuda:
+        event = torch.cuda.Event()
+        event.record()
+    return SampledBatch(tokens, host, event, wanted)
+
+
+def sample(logits: torch.Tensor, states: list[SamplingState]) -> list[SampleResult]:
+    """Choose the next token of every row and wait for it (see `launch`). Returns one SampleResult per row."""
+    return launch(logits, states).results()
 
 
 def beam_candidates(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -137,7 +137,7 @@ class Scheduler:
         per_seq = budget // len(group)
         if per_seq < 1:
             return None
-        wants = [seq.num_uncomputed for seq in group]
+        wants = [0 if seq.stops_at_pending else seq.num_uncomputed for seq in group]
         if not self.config.enable_chunked_prefill and any(w > per_seq for w in wants):
             return None
         chunks = [min(w, per_seq) for w in wants]

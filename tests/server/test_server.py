@@ -277,9 +277,9 @@ def _slow_down(live, monkeypatch, seconds=0.005):
     runner = live.server.engine.runner
     execute = runner.execute
 
-    def slow(out):
+    def slow(out, *args):
         time.sleep(seconds)
-        return execute(out)
+        return execute(out, *args)
 
     monkeypatch.setattr(runner, "execute", slow)
 
@@ -373,14 +373,14 @@ def test_failing_step_fails_its_request_and_the_loop_survives(live, reference, m
     execute = runner.execute
     calls = {"n": 0}
 
-    def flaky(out, fail_at):
+    def flaky(out, *args, fail_at):
         calls["n"] += 1
         if calls["n"] == fail_at:
             raise RuntimeError("injected step failure")
-        return execute(out)
+        return execute(out, *args)
 
     http = _http(live)
-    monkeypatch.setattr(runner, "execute", lambda out: flaky(out, fail_at=1))
+    monkeypatch.setattr(runner, "execute", lambda out, *args: flaky(out, *args, fail_at=1))
     failed = http.post(COMP, json={"prompt": PROMPT, "max_tokens": 6})
     assert failed.status_code == 500
     error = failed.json()["error"]
@@ -388,7 +388,7 @@ def test_failing_step_fails_its_request_and_the_loop_survives(live, reference, m
     live.wait_idle()
 
     calls["n"] = 0
-    monkeypatch.setattr(runner, "execute", lambda out: flaky(out, fail_at=3))  # fails mid-stream
+    monkeypatch.setattr(runner, "execute", lambda out, *args: flaky(out, *args, fail_at=3))  # fails mid-stream
     events = _sse(http.post(COMP, json={"prompt": PROMPT, "max_tokens": 6, "temperature": 0, "stream": True}))
     assert "injected step failure" in events[-1]["error"]["message"]
     assert len(events) >= 2 and all("choices" in e for e in events[:-1])
