@@ -270,6 +270,10 @@ class BlockManager:
         if num_tokens % self.block_size and self.pool.ref_cnt(table.block_ids[-1]) == 1:
             self.pool.uncache_block(table.block_ids[-1])
 
+    def has_uncached_full_blocks(self, table: BlockTable, num_known_tokens: int) -> bool:
+        """Whether `cache_full_blocks` would register anything (a cheap test before building the token list)."""
+        return min(table.num_tokens, num_known_tokens) // self.block_size > len(table.block_hashes)
+
     def cache_full_blocks(self, table: BlockTable, token_ids: Sequence[int], extra_keys: tuple = ()) -> None:
         """Hash and register the table's full blocks not yet registered (`token_ids`: the sequence's tokens)."""
         bs = self.block_size

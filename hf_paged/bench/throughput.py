@@ -185,6 +185,8 @@ class EngineRun:
     produced: list[int]  # tokens of each request's first output
     peak_blocks: int  # most KV blocks in use after any step
     held_at_peak: int  # tokens in the KV of the running sequences at that step
+    decode_steps: list[float] = field(default_factory=list)  # wall seconds of each step that only decoded
+    other_steps: list[float] = field(default_factory=list)  # steps with prefill chunks
 
 
 def drive_engine(llm, prompts: list[list[int]], params: list, desc: str = "") -> EngineRun:
@@ -196,7 +198,12 @@ def drive_engine(llm, prompts: list[list[int]], params: list, desc: str = "") ->
     for i, (prompt, p) in enumerate(zip(prompts, params)):
         engine.add_request(f"bench-{i}", prompt, p)
     while engine.has_unfinished_requests():
-        for out in engine.step(only_finished=True):
+        computed, running, began = engine.computed_tokens, engine.scheduler.num_running_seqs(), time.perf_counter()
+        outputs = engine.step(only_finished=True)
+        # A decode-only step computes at most one token per sequence that was running.
+        kind = run.decode_steps if engine.computed_tokens - computed <= running else run.other_steps
+        kind.append(time.perf_counter() - began)
+        for out in outputs:
             if out.finished:
                 i = int(out.request_id.removeprefix("bench-"))
                 run.finish[i], run.produced[i] = time.perf_counter() - start, len(out.outputs[0].token_ids)
@@ -229,7 +236,10 @@ def run_engine(model, requests: list[Request], args, result: SystemResult, kv_bu
     result.extra.update(num_blocks=stats.num_blocks, peak_blocks_in_use=run.peak_blocks,
                         num_preemptions=stats.num_preemptions, max_num_seqs=args.max_num_seqs,
                         max_num_batched_tokens=args.max_num_batched_tokens,
-                        async_scheduling=args.async_scheduling, cuda_graphs=args.cuda_graphs)
+                        async_scheduling=args.async_scheduling, cuda_graphs=args.cuda_graphs,
+                        decode_steps=len(run.decode_steps), other_steps=len(run.other_steps),
+                        decode_step_ms_mean=1e3 * sum(run.decode_steps) / max(1, len(run.decode_steps)),
+                        other_steps_s=sum(run.other_steps))
     return run.finish
 
 

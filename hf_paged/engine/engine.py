@@ -328,10 +328,12 @@ class LLMEngine:
         else:
             touched = self._process(inflight.seqs, inflight.logits)
         if self.config.enable_prefix_caching:
+            manager = self.cache.manager
             for item in inflight.out.scheduled:
                 seq = item.seq
-                if seq.table is not None and not seq.status.finished:
-                    self.cache.manager.cache_full_blocks(seq.table, seq.token_ids, seq.extra_keys)
+                if (seq.table is not None and not seq.status.finished
+                        and manager.has_uncached_full_blocks(seq.table, len(seq.prompt_ids) + len(seq.output_ids))):
+                    manager.cache_full_blocks(seq.table, seq.token_ids, seq.extra_keys)
         for request in touched.values():
             if request.finished:
                 self.requests.pop(request.request_id, None)

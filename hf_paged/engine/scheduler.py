@@ -171,9 +171,10 @@ class Scheduler:
             chunks = self._chunks(group, budget)
             if chunks is None:
                 break
-            while self._blocks_needed(group, chunks) > pool.num_free_blocks and self.running[-1] is not group:
+            needed = self._blocks_needed(group, chunks)  # preempting other groups does not change it
+            while needed > pool.num_free_blocks and self.running[-1] is not group:
                 self._preempt(self.running[-1], out)
-            if self._blocks_needed(group, chunks) > pool.num_free_blocks:
+            if needed > pool.num_free_blocks:
                 self._preempt(group, out)
                 break
             self._commit(group, chunks, out)
