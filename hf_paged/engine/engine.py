@@ -11,16 +11,13 @@ from hf_paged.blocks import BlockManager, BlockPool
 from hf_paged.cache import PagedCache
 from hf_paged.engine.beam import BeamState
 from hf_paged.engine.params import BeamSearchParams, SamplingParams
-from hf_paged.engine.request import CompletionOutput, Request, RequestOutput, Sequence, SequenceStatus
+from hf_paged.engine.intake import RequestError, check_adapter, check_fits, encode_prompt
+from hf_paged.engine.request import Request, RequestOutput, Sequence, SequenceStatus, request_output
 from hf_paged.engine.runner import ModelRunner
 from hf_paged.engine.sampler import SampledBatch, SamplingState
 from hf_paged.engine.sampler import launch as launch_sampling
 from hf_paged.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from hf_paged.patches.generate import reject_prompt_learning
-
-
-class RequestError(ValueError):
-    """A request the engine cannot take (empty or too-long prompt, unknown token ids, duplicate id, ...)."""
 
 
 class StepError(RuntimeError):
@@ -156,10 +153,11 @@ class LLMEngine:
             raise RequestError(f"request id {request_id!r} is already in use")
         if not isinstance(params, (SamplingParams, BeamSearchParams)):
             raise TypeError(f"params must be SamplingParams or BeamSearchParams, got {type(params).__name__}")
-        text, prompt_ids = self._encode(prompt)
+        text, prompt_ids = encode_prompt(prompt, self.tokenizer, self.vocab_size)
         width = params.beam_width if isinstance(params, BeamSearchParams) else params.n
-        self._check_fits(prompt_ids, params.max_tokens, width)
-        self._check_adapter(adapter)
+        check_fits(len(prompt_ids), params.max_tokens, width, self.max_model_len, self.config.block_size,
+                   self.cache.pool.num_blocks)
+        check_adapter(self.model, adapter)
         # The adapter is part of the prefix-cache key: the same tokens under another adapter have other KV.
         extra_keys = (("adapter", adapter),) if adapter is not None else ()
         request = Request(request_id, text, prompt_ids, params, extra_keys=extra_keys, adapter=adapter)
@@ -174,45 +172,6 @@ class LLMEngine:
             raise RequestError(f"request id {request.request_id!r} is already in use")
         self.requests[request.request_id] = request
         self.scheduler.add(list(request.sequences))
-
-    def _encode(self, prompt) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise RequestError("string prompts need a tokenizer; pass token ids or give the engine a tokenizer")
-            if not prompt:
-                raise RequestError("the prompt is empty")
-            return prompt, self.tokenizer.encode(prompt)
-        if not isinstance(prompt, (list, tuple)) or not all(isinstance(t, int) for t in prompt):
-            raise RequestError(f"a prompt is a string or a list of token ids, got {type(prompt).__name__}")
-        if not prompt:
-            raise RequestError("the prompt is empty")
-        bad = [t for t in prompt if not 0 <= t < self.vocab_size]
-        if bad:
-            raise RequestError(f"token ids {bad[:5]} are outside the vocabulary (size {self.vocab_size})")
-        return None, list(prompt)
-
-    def _check_adapter(self, adapter: str | None) -> None:
-        if adapter is None:
-            return
-        loaded = sorted(getattr(self.model, "peft_config", None) or {})
-        if not loaded:
-            raise RequestError(f"adapter {adapter!r} requested but the model is not a PEFT model with adapters")
-        if adapter not in loaded:
-            raise RequestError(f"unknown adapter {adapter!r}; the model has {loaded}")
-
-    def _check_fits(self, prompt_ids: list[int], max_tokens: int, width: int) -> None:
-        if len(prompt_ids) >= self.max_model_len:
-            raise RequestError(
-                f"the prompt has {len(prompt_ids)} tokens; the model takes at most {self.max_model_len - 1} "
-                f"(max_model_len={self.max_model_len}) to leave room for one new token"
-            )
-        length = min(len(prompt_ids) + max_tokens, self.max_model_len)
-        blocks = width * -(-length // self.config.block_size)
-        if blocks > self.cache.pool.num_blocks:
-            raise RequestError(
-                f"the request needs up to {blocks} KV blocks ({width} x {length} tokens) but the pool has "
-                f"{self.cache.pool.num_blocks}; lower max_tokens / n or give the engine more KV memory"
-            )
 
     def _new_sequence(self, request: Request, index: int, params: SamplingParams | None) -> Sequence:
         seq = Sequence(next(self._seq_ids), request.request_id, index, request.prompt_ids,
@@ -275,7 +234,7 @@ class LLMEngine:
             self._inflight = launched
             if not (self.config.async_scheduling and launched.overlappable):
                 touched.update(self._resolve())  # its tokens decide what the next step does (beams, forks, ...)
-        return [self._output(r) for r in touched.values() if r.finished or not only_finished]
+        return [request_output(r, self.tokenizer) for r in touched.values() if r.finished or not only_finished]
 
     def _launch(self, out: SchedulerOutput, logits: torch.Tensor) -> _InFlight:
         """Account for a forward just launched and start sampling it on the device (nothing waits here)."""
@@ -395,7 +354,7 @@ class LLMEngine:
             elif token in params.stop_token_ids:
                 seq.status, seq.stop_reason = SequenceStatus.FINISHED_STOPPED, token
             elif params.stop and self.tokenizer is not None:
-                text = self._decode(seq)
+                text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=seq.params.skip_special_tokens)
                 for stop in params.stop:
                     at = text.find(stop)
                     if at >= 0:
@@ -437,30 +396,6 @@ class LLMEngine:
             running_group.append(seq)
         request.sequences = list(running_group)
         self.generation_tokens += len(new_seqs)
-
-    # ------------------------------------------------------------------------------------------ outputs
-    def _decode(self, seq: Sequence) -> str:
-        if self.tokenizer is None:
-            return ""
-        return self.tokenizer.decode(seq.output_ids, skip_special_tokens=seq.params.skip_special_tokens)
-
-    def _output(self, request: Request) -> RequestOutput:
-        if request.beam is not None and request.finished:
-            outputs = [
-                CompletionOutput(i, self._decode_ids(h.token_ids), h.token_ids, h.score, None, "length")
-                for i, h in enumerate(request.beam.results())
-            ]
-        else:
-            outputs = []
-            for seq in sorted(request.sequences, key=lambda s: s.index):
-                text = seq.text if seq.stop_reason is not None and isinstance(seq.stop_reason, str) else self._decode(seq)
-                outputs.append(CompletionOutput(seq.index, text, list(seq.output_ids), seq.cumulative_logprob,
-                                                seq.logprobs, seq.finish_reason, seq.stop_reason))
-        cached = max((s.num_cached_tokens for s in request.sequences), default=0)
-        return RequestOutput(request.request_id, request.prompt, request.prompt_ids, outputs, request.finished, cached)
-
-    def _decode_ids(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer is not None else ""
 
     def stats(self) -> EngineStats:
         pool = self.cache.pool

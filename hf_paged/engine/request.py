@@ -121,3 +121,23 @@ class Request:
     @property
     def finished(self) -> bool:
         return bool(self.sequences) and all(s.status.finished for s in self.sequences)
+
+
+def request_output(request: Request, tokenizer=None) -> RequestOutput:
+    """The request's outputs so far (its beams, best first, once a beam search is done), detokenized."""
+
+    def decode(ids: list[int], skip_special_tokens: bool = True) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=skip_special_tokens) if tokenizer is not None else ""
+
+    if request.beam is not None and request.finished:
+        outputs = [CompletionOutput(i, decode(h.token_ids), h.token_ids, h.score, None, "length")
+                   for i, h in enumerate(request.beam.results())]
+    else:
+        outputs = []
+        for seq in sorted(request.sequences, key=lambda s: s.index):
+            stopped_on_text = isinstance(seq.stop_reason, str)
+            text = seq.text if stopped_on_text else decode(seq.output_ids, seq.params.skip_special_tokens)
+            outputs.append(CompletionOutput(seq.index, text, list(seq.output_ids), seq.cumulative_logprob,
+                                            seq.logprobs, seq.finish_reason, seq.stop_reason))
+    cached = max((s.num_cached_tokens for s in request.sequences), default=0)
+    return RequestOutput(request.request_id, request.prompt, request.prompt_ids, outputs, request.finished, cached)
