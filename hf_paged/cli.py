@@ -134,6 +134,7 @@ def _add_bench_parser(subparsers) -> None:
         "kernels": "time the paged kernels against sdpa (run with --help for options)",
         "throughput": "HF generate vs HF continuous batching vs hf_paged, one workload (--help for options)",
         "memory": "KV bytes of beam search and parallel sampling vs DynamicCache (--help for options)",
+        "steps": "where an engine decode step's time goes: wall, kernels, host (--help for options)",
     }
     for name, text in helps.items():
         bench = benches.add_parser(name, add_help=False, help=text)

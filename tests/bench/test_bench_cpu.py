@@ -143,3 +143,21 @@ def _tiny():
     from hf_paged.bench.workloads import build_model
 
     return build_model("tiny", torch.float32, "cpu")
+
+
+def test_steps_bench_accounts_for_every_step(tmp_path):
+    from hf_paged.bench import steps
+
+    out = tmp_path / "steps.json"
+    assert steps.main(["--model", "tiny", "--device", "cpu", "--batch", "4", "--context", "20", "--steps", "4",
+                       "--compare", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert [r["setting"] for r in report["results"]] == ["eager + async scheduling", "eager"]
+    for r in report["results"]:
+        assert r["step_ms"] > 0 and r["kernels_per_step"] > 0
+        assert r["kernel_ms"] == pytest.approx(sum(r["by_kind_ms"].values()), rel=1e-3, abs=1e-3)
+        assert r["by_kind_ms"]["matmul"] > 0  # the projections show up as matmuls
+        assert 0 < r["busy"]
+    assert steps._kind("void cutlass::Kernel2<cutlass_80_wmma_tensorop_bf16_s161616gemm>") == "matmul"
+    assert steps._kind("_decode_kernel") == "paged attention"
+    assert steps._kind("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add>") == "other"

@@ -1,0 +1,166 @@
+"""`hf-paged bench steps`: where one engine decode step's time goes.
+
+A steady decode batch (`--batch` sequences, each `--context` tokens long) is stepped `--steps` times, first
+timed, then under torch.profiler. It reports the wall time of a step, the device time its kernels add up to (the
+rest is the device waiting for the host), the number of kernels per step, and the kernel time by kind: matmuls,
+hf_paged's paged-attention kernels, and everything else (norms, rotary, activations, copies). Side by side with
+`--compare`: the same batch with CUDA graphs and async scheduling off.
+
+    python -m hf_paged.bench.steps --model llama2-7b --batch 128 --context 512 --compare --out steps.json
+    python -m hf_paged.bench.steps --model tiny --device cpu --batch 8 --context 32   # CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from hf_paged.bench.workloads import MODEL_SHAPES, build_model
+from hf_paged.patches.generate import paged_attention
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+MATMUL = ("gemm", "cutlass", "nvjet", "xmma", "cublas", "aten::mm", "aten::addmm", "aten::bmm", "aten::matmul")
+PAGED = ("_decode_kernel", "_reduce_kernel", "_prefill_kernel", "_write_kv", "kv_write", "_copy_blocks", "paged")
+
+
+@dataclass(slots=True)
+class StepProfile:
+    setting: str  # e.g. "cuda graphs + async scheduling"
+    step_ms: float  # wall time per decode step (timed run, no profiler)
+    kernel_ms: float  # device (CPU: operator) time per step, summed over kernels
+    kernels_per_step: float
+    by_kind_ms: dict[str, float] = field(default_factory=dict)  # matmul / paged attention / other
+    top: list[tuple[str, float]] = field(default_factory=list)  # the costliest kernels, ms per step
+
+    @property
+    def busy(self) -> float:
+        return self.kernel_ms / self.step_ms if self.step_ms else 0.0
+
+
+def _kind(name: str) -> str:
+    lowered = name.lower()
+    if any(k.lower() in lowered for k in PAGED):
+        return "paged attention"
+    if any(k.lower() in lowered for k in MATMUL):
+        return "matmul"
+    return "other"
+
+
+def _kernel_rows(prof, on_gpu: bool) -> list[tuple[str, float, int]]:
+    """(name, self time in ms, calls) of every kernel (GPU) or leaf operator (CPU) the profiler saw."""
+    rows = []
+    for row in prof.key_averages():
+        if on_gpu:
+            device = getattr(row, "self_device_time_total", None)
+            if device is None:
+                device = row.self_cuda_time_total
+            if device > 0 and row.self_cpu_time_total == 0:  # a kernel, not the operator that launched it
+                rows.append((row.key, device / 1e3, row.count))
+        elif row.key.startswith("aten::") and row.self_cpu_time_total > 0:
+            rows.append((row.key, row.self_cpu_time_total / 1e3, row.count))
+    return rows
+
+
+def _steady_batch(model, args, graphs: bool, async_scheduling: bool):
+    from hf_paged import LLM, SamplingParams
+
+    blocks = args.batch * (-(-(args.context + args.steps * 3 + 16) // 16) + 1)
+    llm = LLM(model, block_size=16, num_blocks=blocks, max_num_seqs=max(args.batch, 1),
+              max_num_batched_tokens=max(2048, args.context), enable_cuda_graphs=graphs,
+              async_scheduling=async_scheduling)
+    vocab = model.config.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    params = SamplingParams(temperature=0, max_tokens=args.steps * 3 + 8, ignore_eos=True)
+    for i in range(args.batch):
+        prompt = torch.randint(3, vocab, (args.context,), generator=gen).tolist()
+        llm.engine.add_request(f"steps-{i}", prompt, params)
+    return llm
+
+
+def profile_setting(model, args, graphs: bool, async_scheduling: bool) -> StepProfile:
+    """Bring `args.batch` sequences to steady decode, time `args.steps` steps, then profile as many."""
+    from torch.profiler import ProfilerActivity, profile
+
+    llm = _steady_batch(model, args, graphs, async_scheduling)
+    engine = llm.engine
+    on_gpu = model.device.type == "cuda"
+    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
+    with paged_attention(model):  # once for the run, as LLM.generate does
+        while engine.stats().prompt_tokens < args.batch * args.context:  # prefill everything
+            engine.step()
+        for _ in range(3):  # warm up: graph capture for this batch size
+            engine.step()
+        sync()
+        began = time.perf_counter()
+        for _ in range(args.steps):
+            engine.step()
+        sync()
+        step_ms = 1e3 * (time.perf_counter() - began) / args.steps
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+        with profile(activities=activities) as prof:
+            for _ in range(args.steps):
+                engine.step()
+            sync()
+        for request_id in list(engine.requests):
+            engine.abort(request_id)
+    rows = _kernel_rows(prof, on_gpu)
+    by_kind: dict[str, float] = {}
+    for name, ms, _ in rows:
+        by_kind[_kind(name)] = by_kind.get(_kind(name), 0.0) + ms / args.steps
+    top = sorted(((name[:90], ms / args.steps) for name, ms, _ in rows), key=lambda r: -r[1])[:12]
+    setting = ("cuda graphs" if graphs and on_gpu else "eager") + (" + async scheduling" if async_scheduling else "")
+    return StepProfile(setting, step_ms, sum(by_kind.values()), sum(c for *_, c in rows) / args.steps,
+                       {k: round(v, 4) for k, v in sorted(by_kind.items())}, [(n, round(m, 4)) for n, m in top])
+
+
+def format_report(results: list[StepProfile], args) -> str:
+    lines = [f"decode steps of {args.model}: batch {args.batch}, context {args.context}, {args.steps} steps each",
+             f"{'setting':<34} {'step ms':>8} {'kernel ms':>9} {'busy':>6} {'kernels':>8}  by kind (ms per step)"]
+    for r in results:
+        kinds = ", ".join(f"{k} {v:.3f}" for k, v in r.by_kind_ms.items())
+        lines.append(f"{r.setting:<34} {r.step_ms:>8.3f} {r.kernel_ms:>9.3f} {r.busy:>6.1%} "
+                     f"{r.kernels_per_step:>8.0f}  {kinds}")
+    return "\n".join(lines)
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="hf-paged bench steps", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=sorted(MODEL_SHAPES), default="llama2-7b")
+    parser.add_argument("--batch", type=int, default=128, help="sequences decoding at once")
+    parser.add_argument("--context", type=int, default=512, help="prompt tokens of each sequence")
+    parser.add_argument("--steps", type=int, default=20, help="decode steps timed, then as many profiled")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument("--device", help="default: cuda when available, else cpu")
+    parser.add_argument("--compare", action="store_true", help="also run eager steps without async scheduling")
+    parser.add_argument("--out", type=Path, help="write the JSON report here")
+    args = parser.parse_args(argv)
+    for name in ("batch", "context", "steps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
+    model = build_model(args.model, dtype, device)
+    settings = [(True, True)] + ([(False, False)] if args.compare else [])
+    results = [profile_setting(model, args, graphs, overlap) for graphs, overlap in settings]
+    print(format_report(results, args))
+    if args.out:
+        report = {"model": args.model, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
+                  "cpu", "dtype": str(dtype), "batch": args.batch, "context": args.context, "steps": args.steps,
+                  "results": [dict(asdict(r), busy=r.busy) for r in results]}
+        args.out.write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
