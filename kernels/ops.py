@@ -1,8 +1,10 @@
-"""The kernels `hf_paged.attention` calls: Triton on CUDA tensors when triton imports, the torch reference otherwise.
+"""The kernels `hf_paged.attention` calls: Triton on CUDA tensors when triton imports, torch otherwise.
 
-HF_PAGED_KERNELS overrides the choice: "reference" always uses kernels/reference.py, "triton" always uses Triton
-(on CPU tensors that needs TRITON_INTERPRET=1, set before triton is first imported), "auto" (default) decides per
-call from the tensors' device. `import triton` stays lazy, so hf_paged imports without it.
+Without Triton the attention runs kernels/batched.py (the whole batch in one padded gather) and the KV write and
+block copy run kernels/reference.py. HF_PAGED_KERNELS overrides the choice: "reference" always uses
+kernels/reference.py, "triton" always uses Triton (on CPU tensors that needs TRITON_INTERPRET=1, set before triton
+is first imported), "auto" (default) decides per call from the tensors' device. `import triton` stays lazy, so
+hf_paged imports without it.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import os
 
 import torch
 
-from hf_paged.kernels import reference
+from hf_paged.kernels import batched, reference
 
 _MODES = ("auto", "reference", "triton")
 
@@ -23,10 +25,15 @@ def _triton_importable() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def _use_triton(tensor: torch.Tensor) -> bool:
+def _mode() -> str:
     mode = os.environ.get("HF_PAGED_KERNELS", "auto").strip().lower() or "auto"
     if mode not in _MODES:
         raise ValueError(f"HF_PAGED_KERNELS={mode!r}: expected one of {_MODES}")
+    return mode
+
+
+def _use_triton(tensor: torch.Tensor) -> bool:
+    mode = _mode()
     if mode == "reference":
         return False
     if mode == "triton":
@@ -59,8 +66,11 @@ def paged_attention(
 
         return triton_paged_attention(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale,
                                       sliding_window, softcap, max_seqlen_q)
-    return reference.paged_attention(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale,
-                                     sliding_window, softcap)
+    if _mode() == "reference":
+        return reference.paged_attention(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale,
+                                         sliding_window, softcap)
+    return batched.paged_attention(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale,
+                                   sliding_window, softcap)
 
 
 def write_kv(

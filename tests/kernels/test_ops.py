@@ -33,10 +33,13 @@ def run_all_ops():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback")
-def test_cpu_tensors_use_the_reference(calls, monkeypatch):
+def test_cpu_tensors_use_torch(calls, monkeypatch):
     monkeypatch.delenv("HF_PAGED_KERNELS", raising=False)
-    run_all_ops()
-    assert calls == ["paged_attention", "write_kv", "copy_blocks"]
+    out, inputs = run_all_ops()
+    assert calls == ["write_kv", "copy_blocks"]  # the attention took kernels/batched.py
+    monkeypatch.setenv("HF_PAGED_KERNELS", "reference")
+    assert ops.paged_attention(**inputs, scale=0.125).shape == out.shape
+    assert calls[-1] == "paged_attention"
 
 
 def test_forced_reference(calls, monkeypatch):
