@@ -60,7 +60,22 @@ def paged_attention(
     """Varlen causal attention over paged K/V; see `reference.paged_attention` for the layouts.
 
     max_seqlen_q (the longest q_len; 1 = pure decode) lets the Triton path choose its kernel without a host sync.
+    Under torch.compile it is the opaque custom op `hf_paged::paged_attention`, so the graph does not break here.
     """
+    if torch.compiler.is_compiling():
+        return torch.ops.hf_paged.paged_attention(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q,
+                                                  scale, sliding_window, softcap, max_seqlen_q)
+    return _paged_attention(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale, sliding_window,
+                            softcap, max_seqlen_q)
+
+
+@torch.library.custom_op(
+    "hf_paged::paged_attention", mutates_args=(),
+    schema="(Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, Tensor seq_lens, "
+           "Tensor cu_seqlens_q, float scale, SymInt? sliding_window, float? softcap, SymInt? max_seqlen_q) -> Tensor",
+)
+def _paged_attention(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale, sliding_window,
+                     softcap, max_seqlen_q):
     if _use_triton(query):
         from hf_paged.kernels.paged_attention import paged_attention as triton_paged_attention
 
@@ -73,6 +88,12 @@ def paged_attention(
                                    sliding_window, softcap)
 
 
+@_paged_attention.register_fake
+def _(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale, sliding_window, softcap,
+      max_seqlen_q):
+    return torch.empty_like(query, memory_format=torch.contiguous_format)  # (T, Hq, D)
+
+
 def write_kv(
     key: torch.Tensor,
     value: torch.Tensor,
@@ -80,12 +101,29 @@ def write_kv(
     value_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
 ) -> None:
-    """Store key/value [num_tokens, num_kv_heads, head_dim] into the cache slots of `slot_mapping` (-1: skip)."""
+    """Store key/value [num_tokens, num_kv_heads, head_dim] into the cache slots of `slot_mapping` (-1: skip).
+
+    Under torch.compile it is the custom op `hf_paged::write_kv`, which mutates the two caches.
+    """
+    if torch.compiler.is_compiling():
+        return torch.ops.hf_paged.write_kv(key, value, key_cache, value_cache, slot_mapping)
+    return _write_kv(key, value, key_cache, value_cache, slot_mapping)
+
+
+@torch.library.custom_op("hf_paged::write_kv", mutates_args=("key_cache", "value_cache"),
+                         schema="(Tensor key, Tensor value, Tensor(a!) key_cache, Tensor(b!) value_cache, "
+                                "Tensor slot_mapping) -> ()")
+def _write_kv(key, value, key_cache, value_cache, slot_mapping) -> None:
     if _use_triton(key_cache):
         from hf_paged.kernels.kv_write import write_kv as triton_write_kv
 
         return triton_write_kv(key, value, key_cache, value_cache, slot_mapping)
     return reference.write_kv(key, value, key_cache, value_cache, slot_mapping)
+
+
+@_write_kv.register_fake
+def _(key, value, key_cache, value_cache, slot_mapping) -> None:
+    return None
 
 
 def copy_blocks(key_cache: torch.Tensor, value_cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:

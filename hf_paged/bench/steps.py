@@ -4,7 +4,8 @@ A steady decode batch (`--batch` sequences, each `--context` tokens long) is ste
 timed, then under torch.profiler. It reports the wall time of a step, the device time its kernels add up to (the
 rest is the device waiting for the host), the number of kernels per step, and the kernel time by kind: matmuls,
 hf_paged's paged-attention kernels, and everything else (norms, rotary, activations, copies). Side by side with
-`--compare`: the same batch with CUDA graphs and async scheduling off.
+`--compare`: the same batch with CUDA graphs and async scheduling off; `--compile`: with the decode forward
+torch.compile'd (CUDA only: it is the forward the graphs capture).
 
     python -m hf_paged.bench.steps --model llama2-7b --batch 128 --context 512 --compare --out steps.json
     python -m hf_paged.bench.steps --model tiny --device cpu --batch 8 --context 32   # CPU smoke run
@@ -67,13 +68,13 @@ def _kernel_rows(prof, on_gpu: bool) -> list[tuple[str, float, int]]:
     return rows
 
 
-def _steady_batch(model, args, graphs: bool, async_scheduling: bool):
+def _steady_batch(model, args, graphs: bool, async_scheduling: bool, compile_model: bool):
     from hf_paged import LLM, SamplingParams
 
     blocks = args.batch * (-(-(args.context + args.steps * 3 + 16) // 16) + 1)
     llm = LLM(model, block_size=16, num_blocks=blocks, max_num_seqs=max(args.batch, 1),
               max_num_batched_tokens=max(2048, args.context), enable_cuda_graphs=graphs,
-              async_scheduling=async_scheduling)
+              async_scheduling=async_scheduling, compile_model=compile_model)
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(0)
     params = SamplingParams(temperature=0, max_tokens=args.steps * 3 + 8, ignore_eos=True)
@@ -83,11 +84,11 @@ def _steady_batch(model, args, graphs: bool, async_scheduling: bool):
     return llm
 
 
-def profile_setting(model, args, graphs: bool, async_scheduling: bool) -> StepProfile:
+def profile_setting(model, args, graphs: bool, async_scheduling: bool, compile_model: bool = False) -> StepProfile:
     """Bring `args.batch` sequences to steady decode, time `args.steps` steps, then profile as many."""
     from torch.profiler import ProfilerActivity, profile
 
-    llm = _steady_batch(model, args, graphs, async_scheduling)
+    llm = _steady_batch(model, args, graphs, async_scheduling, compile_model)
     engine = llm.engine
     on_gpu = model.device.type == "cuda"
     sync = torch.cuda.synchronize if on_gpu else (lambda: None)
@@ -115,6 +116,7 @@ def profile_setting(model, args, graphs: bool, async_scheduling: bool) -> StepPr
         by_kind[_kind(name)] = by_kind.get(_kind(name), 0.0) + ms / args.steps
     top = sorted(((name[:90], ms / args.steps) for name, ms, _ in rows), key=lambda r: -r[1])[:12]
     setting = ("cuda graphs" if graphs and on_gpu else "eager") + (" + async scheduling" if async_scheduling else "")
+    setting += " + compile" if compile_model and graphs and on_gpu else ""
     return StepProfile(setting, step_ms, sum(by_kind.values()), sum(c for *_, c in rows) / args.steps,
                        {k: round(v, 4) for k, v in sorted(by_kind.items())}, [(n, round(m, 4)) for n, m in top])
 
@@ -138,6 +140,7 @@ def parse_args(argv):
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--device", help="default: cuda when available, else cpu")
     parser.add_argument("--compare", action="store_true", help="also run eager steps without async scheduling")
+    parser.add_argument("--compile", action="store_true", help="also run with the decode forward torch.compile'd")
     parser.add_argument("--out", type=Path, help="write the JSON report here")
     args = parser.parse_args(argv)
     for name in ("batch", "context", "steps"):
@@ -151,8 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
     model = build_model(args.model, dtype, device)
-    settings = [(True, True)] + ([(False, False)] if args.compare else [])
-    results = [profile_setting(model, args, graphs, overlap) for graphs, overlap in settings]
+    settings = [(True, True, False)] + ([(True, True, True)] if args.compile else [])
+    settings += [(False, False, False)] if args.compare else []
+    results = [profile_setting(model, args, *setting) for setting in settings]
     print(format_report(results, args))
     if args.out:
         report = {"model": args.model, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else

@@ -223,7 +223,7 @@ def run_engine(model, requests: list[Request], args, result: SystemResult, kv_bu
     setup = time.perf_counter()
     llm = LLM(model, block_size=args.block_size, kv_cache_memory=kv_budget, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, async_scheduling=args.async_scheduling,
-              enable_cuda_graphs=args.cuda_graphs)
+              enable_cuda_graphs=args.cuda_graphs, compile_model=args.compile)
     warm = make_requests([(64, 4), (16, 4)], model.config.vocab_size, seed=1)
     llm.generate([p for p, _ in warm], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
     result.warmup_s = time.perf_counter() - setup
@@ -237,6 +237,7 @@ def run_engine(model, requests: list[Request], args, result: SystemResult, kv_bu
                         num_preemptions=stats.num_preemptions, max_num_seqs=args.max_num_seqs,
                         max_num_batched_tokens=args.max_num_batched_tokens,
                         async_scheduling=args.async_scheduling, cuda_graphs=args.cuda_graphs,
+                        compile_model=args.compile,
                         decode_steps=len(run.decode_steps), other_steps=len(run.other_steps),
                         decode_step_ms_mean=1e3 * sum(run.decode_steps) / max(1, len(run.decode_steps)),
                         other_steps_s=sum(run.other_steps))
@@ -367,6 +368,8 @@ def parse_args(argv):
                         help="engine (d): prepare step N+1 while the device runs step N")
     parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
                         help="engine (d): replay CUDA graphs for decode steps")
+    parser.add_argument("--compile", action="store_true",
+                        help="engine (d): torch.compile the decode forward the CUDA graphs capture")
     parser.add_argument("--kv-cache-memory", type=_size, help="KV pool of (b) and (d), e.g. 40GiB (GPU default: "
                         "their own, ~90%% of memory; CPU default: enough for every request at once)")
     parser.add_argument("--time-budget", type=float, help="(a), (c): start no new static batch after this many "

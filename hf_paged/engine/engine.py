@@ -42,6 +42,7 @@ class EngineConfig:
     swap_space: int = 0
     enable_cuda_graphs: bool = True  # decode steps replay captured CUDA graphs (CUDA models only)
     async_scheduling: bool = True  # schedule step N+1 while the GPU runs step N (outputs come one step later)
+    compile_model: bool = False  # torch.compile the decode forward that the CUDA graphs capture (experimental)
 
     def __post_init__(self):
         if self.preemption_mode == "swap" and self.swap_space <= 0:
@@ -123,6 +124,7 @@ class LLMEngine:
         )
         self.num_swapped_out = 0
         self.runner = ModelRunner(model, self.cache, cuda_graphs=config.enable_cuda_graphs,
+                                  compile_model=config.compile_model,
                                   max_batch=config.max_num_seqs,
                                   max_blocks_per_seq=-(-self.max_model_len // config.block_size))
         self.requests: dict[str, Request] = {}

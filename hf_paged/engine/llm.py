@@ -54,6 +54,8 @@ class LLM:
         enable_cuda_graphs: on CUDA, decode steps replay CUDA graphs captured per batch-size bucket.
         async_scheduling: prepare step N+1 on the host while the device runs step N (same outputs; off: every
             step waits for its tokens before the next is scheduled).
+        compile_model: torch.compile (inductor) the decode forward that the CUDA graphs capture, fusing the
+            model's elementwise work around the paged ops (experimental; compiling takes a while at start-up).
 
     Example:
         >>> llm = hf_paged.LLM(model, tokenizer)
@@ -77,13 +79,14 @@ class LLM:
         swap_space: int = 0,
         enable_cuda_graphs: bool = True,
         async_scheduling: bool = True,
+        compile_model: bool = False,
     ):
         model, tokenizer = _load(model, tokenizer)
         if num_blocks is None and kv_cache_memory is None:
             kv_cache_memory = default_kv_cache_memory(model)
         config = EngineConfig(block_size, num_blocks, kv_cache_memory, max_num_seqs, max_num_batched_tokens,
                               max_model_len, enable_prefix_caching, enable_chunked_prefill, preemption_mode, swap_space,
-                              enable_cuda_graphs, async_scheduling)
+                              enable_cuda_graphs, async_scheduling, compile_model)
         self.engine = LLMEngine(model.eval(), tokenizer, config)
         self.tokenizer = tokenizer
         self._ids = itertools.count()

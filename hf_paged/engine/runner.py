@@ -16,14 +16,17 @@ class ModelRunner:
     """Packs all scheduled tokens of all sequences into one forward (varlen packing with per-token positions)."""
 
     def __init__(self, model: torch.nn.Module, cache: PagedCache, cuda_graphs: bool = False, max_batch: int = 64,
-                 max_blocks_per_seq: int = 256):
+                 max_blocks_per_seq: int = 256, compile_model: bool = False):
         self.model = model
         self.cache = cache
         self.device = model.get_input_embeddings().weight.device
         self.graphs = None
         self.pending_tokens: torch.Tensor | None = None
+        # torch.compile (inductor) fuses the model's elementwise work (norms, rotary, activations, residual adds)
+        # between the paged ops; it is used for the decode forwards that the CUDA graphs capture.
+        self.compiled_call = torch.compile(self._call_model, dynamic=True) if compile_model else None
         if cuda_graphs and self.device.type == "cuda":
-            self.graphs = DecodeGraphs(model, cache, max_batch, max_blocks_per_seq, self._model_forward)
+            self.graphs = DecodeGraphs(model, cache, max_batch, max_blocks_per_seq, self.decode_forward)
 
     def _plan(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, StepPlan, list[int]]:
         input_ids, positions, slots, cu, sample_index = [], [], [], [0], []
@@ -113,18 +116,24 @@ class ModelRunner:
             return logits.new_empty((0, logits.shape[-1]), dtype=torch.float32)
         return logits.float()  # (num_sampling_seqs, V)
 
-    def _model_forward(self, ids, pos, plan: StepPlan, keep: torch.Tensor, extra: dict | None = None) -> torch.Tensor:
+    def decode_forward(self, ids, pos, plan: StepPlan, keep: torch.Tensor) -> torch.Tensor:
+        """The forward the decode CUDA graphs capture: compiled when the runner compiles the model."""
+        return self._model_forward(ids, pos, plan, keep, call=self.compiled_call or self._call_model)
+
+    def _model_forward(self, ids, pos, plan: StepPlan, keep: torch.Tensor, extra: dict | None = None,
+                       call=None) -> torch.Tensor:
         """The HF model on a packed [1, T] batch with `plan`; returns logits [len(keep), V] (model dtype)."""
         self.cache.set_step(plan)
         try:
             with paged_attention(self.model):  # a no-op when LLM / AsyncLLMEngine switched it already
-                logits = self.model(
-                    input_ids=ids, position_ids=pos, cache=self.cache, use_cache=True, logits_to_keep=keep,
-                    **(extra or {}),
-                ).logits
+                logits = (call or self._call_model)(ids, pos, keep, extra or {})
         finally:
             self.cache.set_step(None)
         return logits[0]
+
+    def _call_model(self, ids, pos, keep, extra: dict) -> torch.Tensor:
+        return self.model(input_ids=ids, position_ids=pos, cache=self.cache, use_cache=True, logits_to_keep=keep,
+                          **extra).logits
 
 
 def _step_tokens(item) -> list[int]:

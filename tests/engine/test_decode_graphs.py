@@ -8,6 +8,7 @@ the real code; tests/hf/test_cuda.py runs the real capture on the device.
 import random
 
 import pytest
+import torch
 
 from hf_paged import SamplingParams
 from hf_paged.engine import cuda_graphs
@@ -26,6 +27,12 @@ def _eager_capture(self, b):
     return _Graph(_EagerGraph(lambda: logits.copy_(self.forward(ids, pos, plan, keep))), logits)
 
 
+def _graph_runner(llm):
+    runner = llm.engine.runner
+    runner.graphs = DecodeGraphs(runner.model, runner.cache, 16, 64, runner.decode_forward)
+    return runner
+
+
 @pytest.mark.parametrize("async_scheduling", [False, True])
 def test_graph_path_matches_the_packed_forward(make_llm, monkeypatch, async_scheduling):
     monkeypatch.setattr(DecodeGraphs, "_capture", _eager_capture)
@@ -36,8 +43,7 @@ def test_graph_path_matches_the_packed_forward(make_llm, monkeypatch, async_sche
     params[5] = SamplingParams(temperature=1.0, n=2, max_tokens=15, seed=8, ignore_eos=True)  # copy-on-write
     ref = make_llm(max_num_seqs=16).generate(prompts, params, use_tqdm=False)
     llm = make_llm(max_num_seqs=16, async_scheduling=async_scheduling)
-    runner = llm.engine.runner
-    runner.graphs = DecodeGraphs(runner.model, runner.cache, 16, 64, runner._model_forward)
+    runner = _graph_runner(llm)
     replays = []
     run = runner.graphs.run
     monkeypatch.setattr(runner.graphs, "run", lambda *a, **k: replays.append(len(a[0])) or run(*a, **k))
@@ -45,3 +51,24 @@ def test_graph_path_matches_the_packed_forward(make_llm, monkeypatch, async_sche
     assert [[c.token_ids for c in o.outputs] for o in out] == [[c.token_ids for c in o.outputs] for o in ref]
     assert len(replays) > 10 and len(set(replays)) > 3  # many decode steps, several bucket sizes
     assert set(runner.graphs.graphs) <= set(cuda_graphs.batch_buckets(16))
+
+
+def test_compiled_decode_forward_matches_eager(make_llm, monkeypatch):
+    """compile_model: the captured decode forward is torch.compile'd; the paged ops stay opaque custom ops."""
+    import torch._dynamo
+
+    monkeypatch.setattr(DecodeGraphs, "_capture", _eager_capture)
+    torch._dynamo.reset()
+    rng = random.Random(1)
+    prompts = [[rng.randrange(3, VOCAB) for _ in range(rng.randint(2, 30))] for _ in range(9)]
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    ref = make_llm(max_num_seqs=16).generate(prompts, params, use_tqdm=False)
+    llm = make_llm(max_num_seqs=16, compile_model=True)
+    runner = _graph_runner(llm)
+    counts = torch._dynamo.utils.counters
+    counts.clear()
+    out = llm.generate(prompts, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in out] == [o.outputs[0].token_ids for o in ref]
+    assert counts["stats"]["unique_graphs"] >= 1  # the decode forward really went through dynamo
+    assert not counts["graph_break"], dict(counts["graph_break"])  # one graph: the paged ops did not break it
+    assert runner.graphs.graphs
