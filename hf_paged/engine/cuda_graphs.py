@@ -38,15 +38,21 @@ class DecodeGraphs:
         self.buckets = batch_buckets(max_batch)
         device = model.get_input_embeddings().weight.device
         n = self.buckets[-1]
-        self.input_ids = torch.zeros((1, n), dtype=torch.long, device=device)
-        self.positions = torch.zeros((1, n), dtype=torch.long, device=device)
+        # NOTE: inference tensors, 1-d, as the eager steps' inputs are: a compiled forward then sees the same
+        # dispatch keys and strides on both paths and compiles once.
+        with torch.inference_mode():
+            self._allocate(n, max_blocks_per_seq, device)
+        self.graphs: dict[int, _Graph] = {}
+        self.pool = None
+
+    def _allocate(self, n: int, max_blocks_per_seq: int, device: torch.device) -> None:
+        self.input_ids = torch.zeros((n,), dtype=torch.long, device=device)
+        self.positions = torch.zeros((n,), dtype=torch.long, device=device)
         self.slot_mapping = torch.full((n,), -1, dtype=torch.long, device=device)
         self.block_tables = torch.zeros((n, max_blocks_per_seq), dtype=torch.int32, device=device)
         self.seq_lens = torch.ones((n,), dtype=torch.int32, device=device)
         self.cu_seqlens = torch.arange(n + 1, dtype=torch.int32, device=device)
         self.keep = torch.arange(n, dtype=torch.long, device=device)
-        self.graphs: dict[int, _Graph] = {}
-        self.pool = None
 
     def bucket(self, batch: int) -> int | None:
         return next((b for b in self.buckets if b >= batch), None)
@@ -54,7 +60,7 @@ class DecodeGraphs:
     def _plan(self, b: int) -> tuple[torch.Tensor, torch.Tensor, StepPlan, torch.Tensor]:
         metadata = PagedAttentionMetadata(self.block_tables[:b], self.seq_lens[:b], self.cu_seqlens[: b + 1], None, 1)
         plan = StepPlan(self.slot_mapping[:b], [], metadata)
-        return self.input_ids[:, :b], self.positions[:, :b], plan, self.keep[:b]
+        return self.input_ids[:b][None], self.positions[:b][None], plan, self.keep[:b]  # (1, b) inputs
 
     def _capture(self, b: int) -> _Graph:
         ids, pos, plan, keep = self._plan(b)
@@ -87,14 +93,14 @@ class DecodeGraphs:
         step[3, :batch] = step[1, :batch] + 1
         step[3, batch:] = 1
         step = to_device(step, torch.long, self.input_ids.device)
-        self.input_ids[0, :b].copy_(step[0])
-        self.positions[0, :b].copy_(step[1])
+        self.input_ids[:b].copy_(step[0])
+        self.positions[:b].copy_(step[1])
         self.slot_mapping[:b].copy_(step[2])
         self.seq_lens[:b].copy_(step[3])
         rows = to_device(_block_table_rows(tables), torch.int32, self.block_tables.device)  # (batch, width)
         self.block_tables[:batch, : rows.shape[1]].copy_(rows)
         if fill is not None:
-            fill(self.input_ids[0, :batch])
+            fill(self.input_ids[:batch])
         if b not in self.graphs:
             self.graphs[b] = self._capture(b)
         self.graphs[b].graph.replay()

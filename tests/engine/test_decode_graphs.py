@@ -54,21 +54,24 @@ def test_graph_path_matches_the_packed_forward(make_llm, monkeypatch, async_sche
 
 
 def test_compiled_decode_forward_matches_eager(make_llm, monkeypatch):
-    """compile_model: the captured decode forward is torch.compile'd; the paged ops stay opaque custom ops."""
+    """compile_model: the forwards (the captured decode one included) are torch.compile'd; the paged ops stay
+    opaque custom ops, and copy-on-write copies run outside the graph."""
     import torch._dynamo
 
     monkeypatch.setattr(DecodeGraphs, "_capture", _eager_capture)
     torch._dynamo.reset()
     rng = random.Random(1)
     prompts = [[rng.randrange(3, VOCAB) for _ in range(rng.randint(2, 30))] for _ in range(9)]
-    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    params = [SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)] * 8
+    params.append(SamplingParams(temperature=1.0, n=3, max_tokens=6, seed=2, ignore_eos=True))  # copy-on-write
     ref = make_llm(max_num_seqs=16).generate(prompts, params, use_tqdm=False)
     llm = make_llm(max_num_seqs=16, compile_model=True)
     runner = _graph_runner(llm)
     counts = torch._dynamo.utils.counters
     counts.clear()
     out = llm.generate(prompts, params, use_tqdm=False)
-    assert [o.outputs[0].token_ids for o in out] == [o.outputs[0].token_ids for o in ref]
-    assert counts["stats"]["unique_graphs"] >= 1  # the decode forward really went through dynamo
+    assert [[c.token_ids for c in o.outputs] for o in out] == [[c.token_ids for c in o.outputs] for o in ref]
+    assert counts["stats"]["unique_graphs"] >= 1  # the forwards really went through dynamo
+    assert counts["stats"]["unique_graphs"] <= 2, dict(counts["stats"])  # not one compilation per shape
     assert not counts["graph_break"], dict(counts["graph_break"])  # one graph: the paged ops did not break it
     assert runner.graphs.graphs
