@@ -139,6 +139,17 @@ def test_memory_bench_paged_below_dynamic(tmp_path):
             assert 0 < by["PagedCache"]["kv_bytes"] < dynamic and 0 < by["engine"]["kv_bytes"] < dynamic
 
 
+def test_beam_width_4_holds_60_percent_fewer_kv_bytes(tmp_path):
+    """Issue 9's memory target: beam search width 4 keeps >= 60% fewer KV bytes than DynamicCache, same beams."""
+    out = tmp_path / "memory.json"
+    assert memory.main(["--model", "tiny", "--prompt-lens", "256", "--max-new-tokens", "32", "--width", "4",
+                        "--modes", "beam", "--out", str(out)]) == 0
+    by = {r["system"]: r for r in json.loads(out.read_text())["rows"] if r["mode"] == "beam"}
+    for system in ("PagedCache", "engine"):
+        saving = 1 - by[system]["kv_bytes"] / by["DynamicCache"]["kv_bytes"]
+        assert saving >= 0.60, (system, saving)
+
+
 def _tiny():
     from hf_paged.bench.workloads import build_model
 
