@@ -42,7 +42,7 @@ class EngineConfig:
     swap_space: int = 0
     enable_cuda_graphs: bool = True  # decode steps replay captured CUDA graphs (CUDA models only)
     async_scheduling: bool = True  # schedule step N+1 while the GPU runs step N (outputs come one step later)
-    compile_model: bool = False  # torch.compile the engine's forwards, graph-captured ones included (experimental)
+    compile_model: bool = False  # torch.compile the decode forward the CUDA graphs capture (experimental)
 
     def __post_init__(self):
         if self.preemption_mode == "swap" and self.swap_space <= 0:

@@ -54,9 +54,8 @@ class LLM:
         enable_cuda_graphs: on CUDA, decode steps replay CUDA graphs captured per batch-size bucket.
         async_scheduling: prepare step N+1 on the host while the device runs step N (same outputs; off: every
             step waits for its tokens before the next is scheduled).
-        compile_model: torch.compile (inductor) the engine's forwards, the ones the CUDA graphs capture included,
-            fusing the model's elementwise work around the paged ops (experimental; compiling takes a while at
-            start-up).
+        compile_model: torch.compile (inductor) the decode forward that the CUDA graphs capture, fusing the
+            model's elementwise work around the paged ops (experimental, CUDA; the first decode steps compile).
 
     Example:
         >>> llm = hf_paged.LLM(model, tokenizer)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
 from hf_paged.attention import PagedAttentionMetadata
@@ -25,8 +23,10 @@ class ModelRunner:
         self.graphs = None
         self.pending_tokens: torch.Tensor | None = None
         # torch.compile (inductor) fuses the model's elementwise work (norms, rotary, activations, residual adds)
-        # between the paged ops: for every forward of one adapter, the decode forwards the CUDA graphs capture
-        # included. dynamic=True: one compilation serves every batch size and token count.
+        # between the paged ops of the decode forwards the CUDA graphs capture. Their inputs differ only in the
+        # batch bucket, so with dynamic=True one compilation serves every bucket but 1 (sizes 1 specialise).
+        # NOTE: eager (prefill, mixed) forwards are not compiled: their many shapes (token counts, sequences,
+        # sampled rows, block-table widths, 0/1 sizes) would each cost a compilation.
         self.compiled_call = torch.compile(self._call_model, dynamic=True) if compile_model else None
         if cuda_graphs and self.device.type == "cuda":
             self.graphs = DecodeGraphs(model, cache, max_batch, max_blocks_per_seq, self.decode_forward)
@@ -114,12 +114,7 @@ class ModelRunner:
         ids, pos, plan, sample_index = self._plan(out)
         keep = to_device(sample_index or [0], torch.long, self.device)
         extra = {"adapter_names": [adapter]} if adapter is not None else {}
-        call = self.compiled_call if adapter is None else None  # PEFT's per-adapter forwards stay eager
-        if call is not None and plan.copies:
-            # Copy-on-write before the forward, outside the compiled graph (it would specialise on the block ids).
-            self.cache.apply_copies(plan.copies)
-            plan = dataclasses.replace(plan, copies=[])
-        logits = self._model_forward(ids, pos, plan, keep, extra, call=call)
+        logits = self._model_forward(ids, pos, plan, keep, extra)
         if not sample_index:
             return logits.new_empty((0, logits.shape[-1]), dtype=torch.float32)
         return logits.float()  # (num_sampling_seqs, V)

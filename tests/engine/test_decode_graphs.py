@@ -54,8 +54,7 @@ def test_graph_path_matches_the_packed_forward(make_llm, monkeypatch, async_sche
 
 
 def test_compiled_decode_forward_matches_eager(make_llm, monkeypatch):
-    """compile_model: the forwards (the captured decode one included) are torch.compile'd; the paged ops stay
-    opaque custom ops, and copy-on-write copies run outside the graph."""
+    """compile_model: the captured decode forward is torch.compile'd; the paged ops stay opaque custom ops."""
     import torch._dynamo
 
     monkeypatch.setattr(DecodeGraphs, "_capture", _eager_capture)
@@ -71,7 +70,7 @@ def test_compiled_decode_forward_matches_eager(make_llm, monkeypatch):
     counts.clear()
     out = llm.generate(prompts, params, use_tqdm=False)
     assert [[c.token_ids for c in o.outputs] for o in out] == [[c.token_ids for c in o.outputs] for o in ref]
-    assert counts["stats"]["unique_graphs"] >= 1  # the forwards really went through dynamo
-    assert counts["stats"]["unique_graphs"] <= 2, dict(counts["stats"])  # not one compilation per shape
+    assert counts["stats"]["unique_graphs"] >= 1  # the decode forwards really went through dynamo
+    assert counts["stats"]["unique_graphs"] <= 2, dict(counts["stats"])  # bucket 1, then every other bucket
     assert not counts["graph_break"], dict(counts["graph_break"])  # one graph: the paged ops did not break it
     assert runner.graphs.graphs
