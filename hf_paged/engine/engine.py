@@ -269,7 +269,8 @@ class LLMEngine:
             and params.repetition_penalty == 1.0
             and params.presence_penalty == 0.0
             and params.frequency_penalty == 0.0
-            and len(seq.output_ids) + 1 >= params.min_tokens
+            # The next step's sampler counts the outputs without this step's token: min_tokens must be met already.
+            and len(seq.output_ids) + seq.num_pending >= params.min_tokens
         )
 
     def _resolve(self) -> dict[str, Request]:

@@ -50,6 +50,19 @@ def test_mixed_sampling_parameters_give_the_same_tokens(make_llm):
     assert any(c.finish_reason == "stop" for o in sync for c in o.outputs)  # the early-stop path is exercised
 
 
+def test_min_tokens_boundary(make_llm):
+    # Almost every token stops the request, so each output ends at the first step min_tokens stops masking them:
+    # a step scheduled before the previous token is known must not mask one step too long.
+    prompts = _prompts(6, seed=5)
+    params = [SamplingParams(temperature=0, max_tokens=12, min_tokens=m, stop_token_ids=list(range(3, VOCAB)))
+              for m in (1, 2, 3, 4, 5, 7)]
+    sync, overlapped = _both(make_llm, prompts, params)
+    assert _tokens(overlapped) == _tokens(sync)
+    lengths = [len(o.outputs[0].token_ids) for o in sync]
+    assert all(n > m for n, m in zip(lengths, (1, 2, 3, 4, 5, 7)))
+    assert sum(n == m + 1 for n, m in zip(lengths, (1, 2, 3, 4, 5, 7))) >= 4  # mostly the first unmasked token
+
+
 def test_max_model_len_and_preemption(make_llm):
     prompts = _prompts(8, seed=2, low=10, high=20)
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
