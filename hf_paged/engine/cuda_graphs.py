@@ -16,7 +16,7 @@ import torch
 
 from hf_paged.attention import PagedAttentionMetadata
 from hf_paged.cache import PagedCache, StepPlan
-from hf_paged.transfer import block_table_rows as _block_table_rows, to_device
+from hf_paged.transfer import block_table_rows, to_device
 
 
 def batch_buckets(max_batch: int) -> list[int]:
@@ -97,7 +97,7 @@ class DecodeGraphs:
         self.positions[:b].copy_(step[1])
         self.slot_mapping[:b].copy_(step[2])
         self.seq_lens[:b].copy_(step[3])
-        rows = to_device(_block_table_rows(tables), torch.int32, self.block_tables.device)  # (batch, width)
+        rows = to_device(block_table_rows(tables), torch.int32, self.block_tables.device)  # (batch, width)
         self.block_tables[:batch, : rows.shape[1]].copy_(rows)
         if fill is not None:
             fill(self.input_ids[:batch])

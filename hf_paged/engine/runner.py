@@ -9,7 +9,7 @@ from hf_paged.cache import PagedCache, StepPlan
 from hf_paged.engine.cuda_graphs import DecodeGraphs
 from hf_paged.engine.scheduler import SchedulerOutput
 from hf_paged.patches.generate import paged_attention
-from hf_paged.transfer import block_table_rows as _block_table_rows, to_device
+from hf_paged.transfer import block_table_rows, to_device
 
 
 class ModelRunner:
@@ -43,7 +43,7 @@ class ModelRunner:
                 sample_index.append(cu[-1] - 1)
         dev = self.device
         metadata = PagedAttentionMetadata(
-            block_tables=to_device(_block_table_rows([i.seq.table.block_ids for i in out.scheduled]), torch.int32, dev),
+            block_tables=to_device(block_table_rows([i.seq.table.block_ids for i in out.scheduled]), torch.int32, dev),
             seq_lens=to_device([i.seq.num_computed_tokens + i.num_tokens for i in out.scheduled], torch.int32, dev),
             cu_seqlens_q=to_device(cu, torch.int32, dev),
             query_index=None,
@@ -151,4 +151,3 @@ def _step_tokens(item) -> list[int]:
     if start >= len(prompt):  # decode: no need to build prompt + output
         return seq.output_ids[start - len(prompt) : end - len(prompt)]
     return seq.token_ids[start:end]
-
