@@ -46,8 +46,9 @@ class LLM:
         block_size: tokens per KV block.
         kv_cache_memory: bytes for the KV pool (default: 90% of free GPU memory; 256 MiB on CPU).
         num_blocks: the pool size in blocks (overrides kv_cache_memory).
-        max_num_seqs: sequences running at once.
-        max_num_batched_tokens: the token budget of one step (chunked prefill splits longer prompts).
+        max_num_seqs: sequences running at once (256, vLLM's default).
+        max_num_batched_tokens: the token budget of one step (chunked prefill splits longer prompts; 8192, the
+            default of vLLM's server).
         enable_prefix_caching: share full KV blocks of identical prefixes across requests.
         preemption_mode: "recompute" (default) drops a preempted sequence's KV and recomputes it; "swap" copies it
             to a CPU pool of `swap_space` bytes and back (falling back to recompute when that pool is full).
@@ -70,8 +71,8 @@ class LLM:
         block_size: int = 16,
         kv_cache_memory: int | None = None,
         num_blocks: int | None = None,
-        max_num_seqs: int = 64,
-        max_num_batched_tokens: int = 2048,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int = 8192,
         enable_prefix_caching: bool = True,
         enable_chunked_prefill: bool = True,
         max_model_len: int | None = None,

@@ -17,8 +17,8 @@ from hf_paged.engine.request import Sequence, SequenceStatus
 
 @dataclass(slots=True)
 class SchedulerConfig:
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
     enable_chunked_prefill: bool = True
     enable_prefix_caching: bool = True
     preemption_mode: str = "recompute"  # or "swap": preempted KV moves to the CPU pool and comes back

@@ -96,8 +96,8 @@ def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     engine.add_argument("--kv-cache-memory", type=parse_bytes, default=None,
                         help="bytes for the KV pool, e.g. 2GiB (default: 90%% of free GPU memory; 256MiB on CPU)")
     engine.add_argument("--num-blocks", type=int, default=None, help="KV pool size in blocks (overrides the above)")
-    engine.add_argument("--max-num-seqs", type=int, default=64, help="sequences running at once (default: %(default)s)")
-    engine.add_argument("--max-num-batched-tokens", type=int, default=2048,
+    engine.add_argument("--max-num-seqs", type=int, default=256, help="sequences running at once (default: %(default)s)")
+    engine.add_argument("--max-num-batched-tokens", type=int, default=8192,
                         help="tokens per engine step; longer prompts are prefilled in chunks (default: %(default)s)")
     engine.add_argument("--max-model-len", type=int, default=None,
                         help="longest prompt + output (default: the model's max_position_embeddings)")
