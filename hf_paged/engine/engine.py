@@ -365,7 +365,7 @@ class LLMEngine:
                         seq.text = text[: at + (len(stop) if params.include_stop_str_in_output else 0)]
                         break
         if not seq.status.finished and (
-            len(seq.output_ids) >= params.max_tokens or len(seq.token_ids) >= self.max_model_len
+            len(seq.output_ids) >= params.max_tokens or len(seq.prompt_ids) + len(seq.output_ids) >= self.max_model_len
         ):
             seq.status = SequenceStatus.FINISHED_LENGTH
         if seq.status.finished:
