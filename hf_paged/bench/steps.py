@@ -2,7 +2,8 @@
 
 A steady decode batch (`--batch` sequences, each `--context` tokens long) is stepped `--steps` times, first
 timed, then under torch.profiler. It reports the wall time of a step, the device time its kernels add up to (the
-rest is the device waiting for the host), the number of kernels per step, and the kernel time by kind: matmuls,
+rest is the device waiting for the host), the host's own time per step (the wall time less its wait for the
+sampled tokens), the number of kernels per step, and the kernel time by kind: matmuls,
 hf_paged's paged-attention kernels, and everything else (norms, rotary, activations, copies). Side by side with
 `--compare`: the same batch with CUDA graphs and async scheduling off; `--compile`: with the captured decode
 forward torch.compile'd (`LLM(compile_model=True)`, CUDA only).
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 
 from hf_paged.bench.workloads import MODEL_SHAPES, build_model
+from hf_paged.engine.sampler import SampledBatch
 from hf_paged.patches.generate import paged_attention
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -34,10 +36,15 @@ PAGED = ("_decode_kernel", "_reduce_kernel", "_prefill_kernel", "_write_kv", "kv
 class StepProfile:
     setting: str  # e.g. "cuda graphs + async scheduling"
     step_ms: float  # wall time per decode step (timed run, no profiler)
+    wait_ms: float  # of which the host waited for sampled tokens (the rest is host work: scheduling, packing, ...)
     kernel_ms: float  # device (CPU: operator) time per step, summed over kernels
     kernels_per_step: float
     by_kind_ms: dict[str, float] = field(default_factory=dict)  # matmul / paged attention / other
     top: list[tuple[str, float]] = field(default_factory=list)  # the costliest kernels, ms per step
+
+    @property
+    def host_ms(self) -> float:
+        return self.step_ms - self.wait_ms
 
     @property
     def busy(self) -> float:
@@ -98,11 +105,26 @@ def profile_setting(model, args, graphs: bool, async_scheduling: bool, compile_m
         for _ in range(3):  # warm up: graph capture for this batch size
             engine.step()
         sync()
-        began = time.perf_counter()
-        for _ in range(args.steps):
-            engine.step()
-        sync()
-        step_ms = 1e3 * (time.perf_counter() - began) / args.steps
+        waited = [0.0]
+        read_back = SampledBatch.results
+
+        def timed_results(batch):
+            start = time.perf_counter()
+            try:
+                return read_back(batch)
+            finally:
+                waited[0] += time.perf_counter() - start
+
+        SampledBatch.results = timed_results
+        try:
+            began = time.perf_counter()
+            for _ in range(args.steps):
+                engine.step()
+            sync()
+            step_ms = 1e3 * (time.perf_counter() - began) / args.steps
+        finally:
+            SampledBatch.results = read_back
+        wait_ms = 1e3 * waited[0] / args.steps
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
         with profile(activities=activities) as prof:
             for _ in range(args.steps):
@@ -117,16 +139,17 @@ def profile_setting(model, args, graphs: bool, async_scheduling: bool, compile_m
     top = sorted(((name[:90], ms / args.steps) for name, ms, _ in rows), key=lambda r: -r[1])[:12]
     setting = ("cuda graphs" if graphs and on_gpu else "eager") + (" + async scheduling" if async_scheduling else "")
     setting += " + compile" if compile_model and graphs and on_gpu else ""
-    return StepProfile(setting, step_ms, sum(by_kind.values()), sum(c for *_, c in rows) / args.steps,
+    return StepProfile(setting, step_ms, wait_ms, sum(by_kind.values()), sum(c for *_, c in rows) / args.steps,
                        {k: round(v, 4) for k, v in sorted(by_kind.items())}, [(n, round(m, 4)) for n, m in top])
 
 
 def format_report(results: list[StepProfile], args) -> str:
     lines = [f"decode steps of {args.model}: batch {args.batch}, context {args.context}, {args.steps} steps each",
-             f"{'setting':<34} {'step ms':>8} {'kernel ms':>9} {'busy':>6} {'kernels':>8}  by kind (ms per step)"]
+             f"{'setting':<34} {'step ms':>8} {'host ms':>8} {'kernel ms':>9} {'busy':>6} {'kernels':>8}  "
+             "by kind (ms per step)"]
     for r in results:
         kinds = ", ".join(f"{k} {v:.3f}" for k, v in r.by_kind_ms.items())
-        lines.append(f"{r.setting:<34} {r.step_ms:>8.3f} {r.kernel_ms:>9.3f} {r.busy:>6.1%} "
+        lines.append(f"{r.setting:<34} {r.step_ms:>8.3f} {r.host_ms:>8.3f} {r.kernel_ms:>9.3f} {r.busy:>6.1%} "
                      f"{r.kernels_per_step:>8.0f}  {kinds}")
     return "\n".join(lines)
 
@@ -161,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         report = {"model": args.model, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
                   "cpu", "dtype": str(dtype), "batch": args.batch, "context": args.context, "steps": args.steps,
-                  "results": [dict(asdict(r), busy=r.busy) for r in results]}
+                  "results": [dict(asdict(r), busy=r.busy, host_ms=r.host_ms) for r in results]}
         args.out.write_text(json.dumps(report, indent=2))
     return 0
 

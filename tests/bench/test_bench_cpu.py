@@ -166,6 +166,7 @@ def test_steps_bench_accounts_for_every_step(tmp_path):
     assert [r["setting"] for r in report["results"]] == ["eager + async scheduling", "eager"]
     for r in report["results"]:
         assert r["step_ms"] > 0 and r["kernels_per_step"] > 0
+        assert 0 <= r["wait_ms"] <= r["step_ms"] and r["host_ms"] == pytest.approx(r["step_ms"] - r["wait_ms"])
         assert r["kernel_ms"] == pytest.approx(sum(r["by_kind_ms"].values()), rel=1e-3, abs=1e-3)
         assert r["by_kind_ms"]["matmul"] > 0  # the projections show up as matmuls
         assert 0 < r["busy"]
