@@ -68,9 +68,25 @@ def test_compiled_decode_forward_matches_eager(make_llm, monkeypatch):
     runner = _graph_runner(llm)
     counts = torch._dynamo.utils.counters
     counts.clear()
+    codes, compiled = [], runner.compiled_call
+    runner.compiled_call = lambda *a: _keep_code(codes, compiled, *a)
     out = llm.generate(prompts, params, use_tqdm=False)
     assert [[c.token_ids for c in o.outputs] for o in out] == [[c.token_ids for c in o.outputs] for o in ref]
     assert counts["stats"]["unique_graphs"] >= 1  # the decode forwards really went through dynamo
     assert counts["stats"]["unique_graphs"] <= 2, dict(counts["stats"])  # bucket 1, then every other bucket
     assert not counts["graph_break"], dict(counts["graph_break"])  # one graph: the paged ops did not break it
     assert runner.graphs.graphs
+    # The KV write mutates the pools in place: no clone of a pool, no copy back into it (a 7B pool is GBs).
+    code = "\n".join(codes)
+    assert "torch.ops.hf_paged.write_kv.default(" in code and "torch.ops.hf_paged.paged_attention.default(" in code
+    assert "clone" not in code and "auto_functionalized" not in code and ".copy_(" not in code
+
+
+def _keep_code(codes, compiled, *args):
+    from torch._inductor.utils import run_and_get_code
+
+    if codes:
+        return compiled(*args)
+    out, code = run_and_get_code(compiled, *args)
+    codes.extend(code)
+    return out
