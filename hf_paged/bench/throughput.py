@@ -363,7 +363,8 @@ def parse_args(argv):
     parser.add_argument("--batch-size", type=int, default=32, help="static batch size of (a) and (c)")
     parser.add_argument("--block-size", type=int, default=16, help="hf_paged's tokens per KV block")
     parser.add_argument("--max-num-seqs", type=int, default=256, help="engine (d): sequences running at once")
-    parser.add_argument("--max-num-batched-tokens", type=int, default=8192, help="engine (d): tokens per step (the LLM default)")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=8192,
+                        help="engine (d): tokens per step (the LLM default)")
     parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
                         help="engine (d): prepare step N+1 while the device runs step N")
     parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
