@@ -53,7 +53,8 @@ def test_graph_path_matches_the_packed_forward(make_llm, monkeypatch, async_sche
     assert set(runner.graphs.graphs) <= set(cuda_graphs.batch_buckets(16))
 
 
-def test_compiled_decode_forward_matches_eager(make_llm, monkeypatch):
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])  # gemma2: soft-capping, alternating sliding layers
+def test_compiled_decode_forward_matches_eager(make_llm, monkeypatch, arch):
     """compile_model: the captured decode forward is torch.compile'd; the paged ops stay opaque custom ops."""
     import torch._dynamo
 
@@ -63,8 +64,8 @@ def test_compiled_decode_forward_matches_eager(make_llm, monkeypatch):
     prompts = [[rng.randrange(3, VOCAB) for _ in range(rng.randint(2, 30))] for _ in range(9)]
     params = [SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)] * 8
     params.append(SamplingParams(temperature=1.0, n=3, max_tokens=6, seed=2, ignore_eos=True))  # copy-on-write
-    ref = make_llm(max_num_seqs=16).generate(prompts, params, use_tqdm=False)
-    llm = make_llm(max_num_seqs=16, compile_model=True)
+    ref = make_llm(arch, max_num_seqs=16).generate(prompts, params, use_tqdm=False)
+    llm = make_llm(arch, max_num_seqs=16, compile_model=True)
     runner = _graph_runner(llm)
     counts = torch._dynamo.utils.counters
     counts.clear()
