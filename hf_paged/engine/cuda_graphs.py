@@ -2,9 +2,10 @@
 
 An eager decode step is host-bound (the unmodified HF model's Python launches ~30 kernels per layer, about two
 thirds of a step; docs/benchmarks.md). Decode steps have one token per sequence, so their shapes depend only on
-the batch size: each batch size bucket (1, 2, 4, 8, 16, 24, 32, ... up to max_num_seqs) gets one graph, captured
-on first use, reading its inputs from preallocated buffers. A batch is padded to its bucket; padding rows store
-nothing (slot -1) and attend to one slot of block 0, and their logits are dropped.
+the batch size: each batch size bucket (1, 2, 4, 8, 16, 24, 32, ... up to max_num_seqs) gets one graph, reading
+its inputs from preallocated buffers. All buckets are captured at the first decode step (largest first, sharing
+one memory pool), as vLLM does at start-up, so no capture stalls a running batch. A batch is padded to its bucket;
+padding rows store nothing (slot -1) and attend to one slot of block 0, and their logits are dropped.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from hf_paged.cache import PagedCache, StepPlan
 from hf_paged.transfer import block_table_rows, to_device
 
 
-def batch_buckets(max_batch: int) -> list[int]:
-    small = [b for b in (1, 2, 4, 8) if b < max_batch]
+def batch_buckets(max_batch: int, smallest: int = 1) -> list[int]:
+    small = [b for b in (1, 2, 4, 8) if smallest <= b < max_batch]
     return small + list(range(16, max_batch, 8 if max_batch <= 64 else 16)) + [max_batch]
 
 
@@ -33,9 +34,10 @@ class _Graph:
 class DecodeGraphs:
     """Captured decode forwards per batch bucket, over one set of static input buffers."""
 
-    def __init__(self, model, cache: PagedCache, max_batch: int, max_blocks_per_seq: int, forward):
+    def __init__(self, model, cache: PagedCache, max_batch: int, max_blocks_per_seq: int, forward,
+                 smallest_bucket: int = 1):
         self.model, self.cache, self.forward = model, cache, forward
-        self.buckets = batch_buckets(max_batch)
+        self.buckets = batch_buckets(max_batch, smallest_bucket)
         device = model.get_input_embeddings().weight.device
         n = self.buckets[-1]
         # NOTE: inference tensors, 1-d, as the eager steps' inputs are: a compiled forward then sees the same
@@ -61,6 +63,21 @@ class DecodeGraphs:
         metadata = PagedAttentionMetadata(self.block_tables[:b], self.seq_lens[:b], self.cu_seqlens[: b + 1], None, 1)
         plan = StepPlan(self.slot_mapping[:b], [], metadata)
         return self.input_ids[:b][None], self.positions[:b][None], plan, self.keep[:b]  # (1, b) inputs
+
+    def capture_all(self) -> None:
+        """Capture every bucket now, largest first (they share one memory pool), so no capture happens mid-run.
+
+        NOTE: the buffers are reset to padding first: the warm-up forwards of a capture really run, and a stale
+        slot in a row past the batch would write K/V into another sequence's block.
+        """
+        self.input_ids.zero_()
+        self.positions.zero_()
+        self.slot_mapping.fill_(-1)
+        self.seq_lens.fill_(1)
+        self.block_tables.zero_()
+        for b in sorted(self.buckets, reverse=True):
+            if b not in self.graphs:
+                self.graphs[b] = self._capture(b)
 
     def _capture(self, b: int) -> _Graph:
         ids, pos, plan, keep = self._plan(b)

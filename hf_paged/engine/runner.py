@@ -24,12 +24,15 @@ class ModelRunner:
         self.pending_tokens: torch.Tensor | None = None
         # torch.compile (inductor) fuses the model's elementwise work (norms, rotary, activations, residual adds)
         # between the paged ops of the decode forwards the CUDA graphs capture. Their inputs differ only in the
-        # batch bucket, so with dynamic=True one compilation serves every bucket but 1 (sizes 1 specialise).
+        # batch bucket: that one dimension is marked dynamic (decode_forward), so one compilation serves every
+        # bucket (the smallest bucket is 2: a size of 1 would specialise).
         # NOTE: eager (prefill, mixed) forwards are not compiled: their many shapes (token counts, sequences,
         # sampled rows, block-table widths, 0/1 sizes) would each cost a compilation.
-        self.compiled_call = torch.compile(self._call_model, dynamic=True) if compile_model else None
+        self.compiled_call = torch.compile(self._call_model) if compile_model else None
         if cuda_graphs and self.device.type == "cuda":
-            self.graphs = DecodeGraphs(model, cache, max_batch, max_blocks_per_seq, self.decode_forward)
+            # A compiled forward specialises size 1: pad single-sequence decodes to 2 rows instead of compiling twice.
+            self.graphs = DecodeGraphs(model, cache, max_batch, max_blocks_per_seq, self.decode_forward,
+                                       smallest_bucket=2 if compile_model else 1)
 
     def _plan(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, StepPlan, list[int]]:
         input_ids, positions, slots, cu, sample_index = [], [], [], [0], []
@@ -77,6 +80,8 @@ class ModelRunner:
         for item in out.scheduled:
             groups.setdefault(item.seq.adapter, []).append(item)
         if self._graph_ready(out, groups):
+            if not self.graphs.graphs:
+                self.graphs.capture_all()  # at the first decode step, while nothing is timed yet
             self.cache.apply_copies(out.copies)
             items = out.scheduled
             return self.graphs.run(
@@ -121,7 +126,13 @@ class ModelRunner:
 
     def decode_forward(self, ids, pos, plan: StepPlan, keep: torch.Tensor) -> torch.Tensor:
         """The forward the decode CUDA graphs capture: compiled when the runner compiles the model."""
-        return self._model_forward(ids, pos, plan, keep, call=self.compiled_call or self._call_model)
+        if self.compiled_call is None:
+            return self._model_forward(ids, pos, plan, keep)
+        meta = plan.metadata
+        for tensor, dim in ((ids, 1), (pos, 1), (keep, 0), (plan.slot_mapping, 0), (meta.block_tables, 0),
+                            (meta.seq_lens, 0), (meta.cu_seqlens_q, 0)):
+            torch._dynamo.mark_dynamic(tensor, dim)  # the batch bucket; every other size stays static
+        return self._model_forward(ids, pos, plan, keep, call=self.compiled_call)
 
     def _model_forward(self, ids, pos, plan: StepPlan, keep: torch.Tensor, extra: dict | None = None,
                        call=None) -> torch.Tensor:

@@ -29,7 +29,8 @@ def _eager_capture(self, b):
 
 def _graph_runner(llm):
     runner = llm.engine.runner
-    runner.graphs = DecodeGraphs(runner.model, runner.cache, 16, 64, runner.decode_forward)
+    runner.graphs = DecodeGraphs(runner.model, runner.cache, 16, 64, runner.decode_forward,
+                                 smallest_bucket=2 if runner.compiled_call is not None else 1)  # as ModelRunner
     return runner
 
 
@@ -74,7 +75,9 @@ def test_compiled_decode_forward_matches_eager(make_llm, monkeypatch, arch):
     out = llm.generate(prompts, params, use_tqdm=False)
     assert [[c.token_ids for c in o.outputs] for o in out] == [[c.token_ids for c in o.outputs] for o in ref]
     assert counts["stats"]["unique_graphs"] >= 1  # the decode forwards really went through dynamo
-    assert counts["stats"]["unique_graphs"] <= 2, dict(counts["stats"])  # bucket 1, then every other bucket
+    # One compilation for every bucket. Gemma2's tiny sliding window (6 tokens) splits them once more: HF's mask
+    # code compares the query length (here the bucket) with the window.
+    assert counts["stats"]["unique_graphs"] == (1 if arch == "llama" else 2), dict(counts["stats"])
     assert not counts["graph_break"], dict(counts["graph_break"])  # one graph: the paged ops did not break it
     assert runner.graphs.graphs
     # The KV write mutates the pools in place: no clone of a pool, no copy back into it (a 7B pool is GBs).
