@@ -69,11 +69,6 @@ def paged_attention(
                             softcap, max_seqlen_q)
 
 
-@torch.library.custom_op(
-    "hf_paged::paged_attention", mutates_args=(),
-    schema="(Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, Tensor seq_lens, "
-           "Tensor cu_seqlens_q, float scale, SymInt? sliding_window, float? softcap, SymInt? max_seqlen_q) -> Tensor",
-)
 def _paged_attention(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale, sliding_window,
                      softcap, max_seqlen_q):
     if _use_triton(query):
@@ -88,7 +83,16 @@ def _paged_attention(query, key_cache, value_cache, block_tables, seq_lens, cu_s
                                    sliding_window, softcap)
 
 
-@_paged_attention.register_fake
+# NOTE: eager calls take the plain functions above; only compiled graphs go through the dispatcher (a custom op
+# call costs tens of microseconds of host time).
+_paged_attention_op = torch.library.custom_op(
+    "hf_paged::paged_attention", _paged_attention, mutates_args=(),
+    schema="(Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, Tensor seq_lens, "
+           "Tensor cu_seqlens_q, float scale, SymInt? sliding_window, float? softcap, SymInt? max_seqlen_q) -> Tensor",
+)
+
+
+@_paged_attention_op.register_fake
 def _(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale, sliding_window, softcap,
       max_seqlen_q):
     return torch.empty_like(query, memory_format=torch.contiguous_format)  # (T, Hq, D)
@@ -110,9 +114,6 @@ def write_kv(
     return _write_kv(key, value, key_cache, value_cache, slot_mapping)
 
 
-@torch.library.custom_op("hf_paged::write_kv", mutates_args=("key_cache", "value_cache"),
-                         schema="(Tensor key, Tensor value, Tensor(a!) key_cache, Tensor(b!) value_cache, "
-                                "Tensor slot_mapping) -> ()")
 def _write_kv(key, value, key_cache, value_cache, slot_mapping) -> None:
     if _use_triton(key_cache):
         from hf_paged.kernels.kv_write import write_kv as triton_write_kv
@@ -121,7 +122,13 @@ def _write_kv(key, value, key_cache, value_cache, slot_mapping) -> None:
     return reference.write_kv(key, value, key_cache, value_cache, slot_mapping)
 
 
-@_write_kv.register_fake
+_write_kv_op = torch.library.custom_op(
+    "hf_paged::write_kv", _write_kv, mutates_args=("key_cache", "value_cache"),
+    schema="(Tensor key, Tensor value, Tensor(a!) key_cache, Tensor(b!) value_cache, Tensor slot_mapping) -> ()",
+)
+
+
+@_write_kv_op.register_fake
 def _(key, value, key_cache, value_cache, slot_mapping) -> None:
     return None
 
