@@ -31,9 +31,9 @@ def to_host(tensor: torch.Tensor) -> torch.Tensor:
     return host.copy_(tensor, non_blocking=True)
 
 
-def block_table_rows(tables: list[list[int]]) -> np.ndarray:
-    """Block tables as one zero-padded (rows, longest) int32 array."""
-    rows = np.zeros((len(tables), max(len(ids) for ids in tables)), dtype=np.int32)
+def block_table_rows(tables: list[list[int]], min_width: int = 1) -> np.ndarray:
+    """Block tables as one zero-padded (rows, longest or min_width) int32 array."""
+    rows = np.zeros((len(tables), max([min_width] + [len(ids) for ids in tables])), dtype=np.int32)
     for row, ids in enumerate(tables):
         rows[row, : len(ids)] = ids
     return rows

@@ -5,8 +5,8 @@ timed, then under torch.profiler. It reports the wall time of a step, the device
 rest is the device waiting for the host), the host's own time per step (the wall time less its wait for the
 sampled tokens), the number of kernels per step, and the kernel time by kind: matmuls,
 hf_paged's paged-attention kernels, and everything else (norms, rotary, activations, copies). Side by side with
-`--compare`: the same batch with CUDA graphs and async scheduling off; `--compile`: with the captured decode
-forward torch.compile'd (`LLM(compile_model=True)`, CUDA only).
+`--compare`: the same batch with CUDA graphs and async scheduling off; `--compile`: with the engine's forwards
+torch.compile'd (`LLM(compile_model=True)`).
 
     python -m hf_paged.bench.steps --model llama2-7b --batch 128 --context 512 --compare --out steps.json
     python -m hf_paged.bench.steps --model tiny --device cpu --batch 8 --context 32   # CPU smoke run
@@ -138,7 +138,7 @@ def profile_setting(model, args, graphs: bool, async_scheduling: bool, compile_m
         by_kind[_kind(name)] = by_kind.get(_kind(name), 0.0) + ms / args.steps
     top = sorted(((name[:90], ms / args.steps) for name, ms, _ in rows), key=lambda r: -r[1])[:12]
     setting = ("cuda graphs" if graphs and on_gpu else "eager") + (" + async scheduling" if async_scheduling else "")
-    setting += " + compile" if compile_model and graphs and on_gpu else ""
+    setting += " + compile" if compile_model else ""
     return StepProfile(setting, step_ms, wait_ms, sum(by_kind.values()), sum(c for *_, c in rows) / args.steps,
                        {k: round(v, 4) for k, v in sorted(by_kind.items())}, [(n, round(m, 4)) for n, m in top])
 
@@ -163,7 +163,7 @@ def parse_args(argv):
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--device", help="default: cuda when available, else cpu")
     parser.add_argument("--compare", action="store_true", help="also run eager steps without async scheduling")
-    parser.add_argument("--compile", action="store_true", help="also run with the decode forward torch.compile'd")
+    parser.add_argument("--compile", action="store_true", help="also run with the engine's forwards torch.compile'd")
     parser.add_argument("--out", type=Path, help="write the JSON report here")
     args = parser.parse_args(argv)
     for name in ("batch", "context", "steps"):

@@ -370,7 +370,7 @@ def parse_args(argv):
     parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
                         help="engine (d): replay CUDA graphs for decode steps")
     parser.add_argument("--compile", action="store_true",
-                        help="engine (d): torch.compile the captured decode forward (LLM(compile_model=True))")
+                        help="engine (d): torch.compile the engine's forwards (LLM(compile_model=True))")
     parser.add_argument("--kv-cache-memory", type=_size, help="KV pool of (b) and (d), e.g. 40GiB (GPU default: "
                         "their own, ~90%% of memory; CPU default: enough for every request at once)")
     parser.add_argument("--time-budget", type=float, help="(a), (c): start no new static batch after this many "

@@ -42,7 +42,7 @@ class EngineConfig:
     swap_space: int = 0
     enable_cuda_graphs: bool = True  # decode steps replay captured CUDA graphs (CUDA models only)
     async_scheduling: bool = True  # schedule step N+1 while the GPU runs step N (outputs come one step later)
-    compile_model: bool = False  # torch.compile the decode forward the CUDA graphs capture (experimental)
+    compile_model: bool = False  # torch.compile every forward, the CUDA-graph ones included (experimental)
 
     def __post_init__(self):
         if self.preemption_mode == "swap" and self.swap_space <= 0:
@@ -196,6 +196,28 @@ class LLMEngine:
                 seq.status, seq.finish_reason = SequenceStatus.FINISHED_ABORTED, "abort"
             self.scheduler.remove(seq)
         return True
+
+    def warm_up(self) -> None:
+        """Run two rounds of dummy requests through a prefill, a mixed and a decode step, so that compilation
+        (`compile_model`) and CUDA-graph capture happen now instead of inside the first real batch.
+
+        The first round allocates the pools (that forward runs eagerly); the second runs every path as a real batch
+        would. Prefix caching is off meanwhile and the counters are reset after: nothing of it stays behind.
+        """
+        assert not self.requests, "warm up an idle engine"
+        params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+        caching = self.config.enable_prefix_caching
+        self.config.enable_prefix_caching = self.scheduler.config.enable_prefix_caching = False
+        try:
+            for round_ in range(2):
+                self.add_request(f"warm-up-{round_}-a", [1] * 24, params)
+                self.step()  # a prefill
+                self.add_request(f"warm-up-{round_}-b", [2] * 8, params)  # then a mixed step, then decodes
+                while self.has_unfinished_requests():
+                    self.step()
+        finally:
+            self.config.enable_prefix_caching = self.scheduler.config.enable_prefix_caching = caching
+        self.num_preemptions = self.prompt_tokens = self.generation_tokens = self.computed_tokens = 0
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)  # NOTE: a request leaves only once its last token is read back

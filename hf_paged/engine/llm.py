@@ -55,8 +55,8 @@ class LLM:
         enable_cuda_graphs: on CUDA, decode steps replay CUDA graphs captured per batch-size bucket.
         async_scheduling: prepare step N+1 on the host while the device runs step N (same outputs; off: every
             step waits for its tokens before the next is scheduled).
-        compile_model: torch.compile (inductor) the decode forward that the CUDA graphs capture, fusing the
-            model's elementwise work around the paged ops (experimental, CUDA; the first decode steps compile).
+        compile_model: torch.compile (inductor) every forward, the ones the CUDA graphs capture included, fusing
+            the model's elementwise work around the paged ops (experimental; compiles at construction).
 
     Example:
         >>> llm = hf_paged.LLM(model, tokenizer)
@@ -89,6 +89,9 @@ class LLM:
                               max_model_len, enable_prefix_caching, enable_chunked_prefill, preemption_mode, swap_space,
                               enable_cuda_graphs, async_scheduling, compile_model)
         self.engine = LLMEngine(model.eval(), tokenizer, config)
+        if compile_model:
+            with paged_attention(model):
+                self.engine.warm_up()  # compile (and capture) now, not inside the first batch
         self.tokenizer = tokenizer
         self._ids = itertools.count()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.fx.experimental._config
 
 from hf_paged.attention import PagedAttentionMetadata
 from hf_paged.cache import PagedCache, StepPlan
@@ -23,18 +24,21 @@ class ModelRunner:
         self.graphs = None
         self.pending_tokens: torch.Tensor | None = None
         # torch.compile (inductor) fuses the model's elementwise work (norms, rotary, activations, residual adds)
-        # between the paged ops of the decode forwards the CUDA graphs capture. Their inputs differ only in the
-        # batch bucket: that one dimension is marked dynamic (decode_forward), so one compilation serves every
-        # bucket (the smallest bucket is 2: a size of 1 would specialise).
-        # NOTE: eager (prefill, mixed) forwards are not compiled: their many shapes (token counts, sequences,
-        # sampled rows, block-table widths, 0/1 sizes) would each cost a compilation.
+        # between the paged ops. Every forward of one adapter goes through it, the decode forwards the CUDA graphs
+        # capture included, with the step-dependent sizes (tokens, sequences, sampled rows, block-table width)
+        # marked dynamic and at least 2 (_plan pads them; the smallest graph bucket is 2): a size of 1 would
+        # specialise. Two compilations in all (decode-only steps pick another attention kernel), in warm_up.
         self.compiled_call = torch.compile(self._call_model) if compile_model else None
         if cuda_graphs and self.device.type == "cuda":
             # A compiled forward specialises size 1: pad single-sequence decodes to 2 rows instead of compiling twice.
             self.graphs = DecodeGraphs(model, cache, max_batch, max_blocks_per_seq, self.decode_forward,
                                        smallest_bucket=2 if compile_model else 1)
 
-    def _plan(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, StepPlan, list[int]]:
+    def _plan(self, out: SchedulerOutput, for_compile: bool = False
+              ) -> tuple[torch.Tensor, torch.Tensor, StepPlan, list[int]]:
+        """The packed inputs of a step. `for_compile`: sizes that can be 1 are padded to 2 (a dummy sequence of
+        one token that stores nothing, a second block-table column), so a compiled forward never specialises, and
+        max_seqlen_q only says 1 or more (2; the attention then bounds it by the token count)."""
         input_ids, positions, slots, cu, sample_index = [], [], [], [0], []
         for item in out.scheduled:
             start = item.seq.num_computed_tokens
@@ -44,13 +48,19 @@ class ModelRunner:
             cu.append(cu[-1] + item.num_tokens)
             if item.sample:
                 sample_index.append(cu[-1] - 1)
+        tables = [i.seq.table.block_ids for i in out.scheduled]
+        seq_lens = [i.seq.num_computed_tokens + i.num_tokens for i in out.scheduled]
+        if for_compile and len(tables) < 2:
+            tables, seq_lens, cu = tables + [[0]], seq_lens + [1], cu + [cu[-1] + 1]
+            input_ids, positions, slots = input_ids + [0], [*positions, 0], slots + [-1]
+        rows = block_table_rows(tables, min_width=2 if for_compile else 1)
         dev = self.device
         metadata = PagedAttentionMetadata(
-            block_tables=to_device(block_table_rows([i.seq.table.block_ids for i in out.scheduled]), torch.int32, dev),
-            seq_lens=to_device([i.seq.num_computed_tokens + i.num_tokens for i in out.scheduled], torch.int32, dev),
+            block_tables=to_device(rows, torch.int32, dev),
+            seq_lens=to_device(seq_lens, torch.int32, dev),
             cu_seqlens_q=to_device(cu, torch.int32, dev),
             query_index=None,
-            max_seqlen_q=max(i.num_tokens for i in out.scheduled),
+            max_seqlen_q=min(max(b - a for a, b in zip(cu, cu[1:])), 2 if for_compile else len(input_ids)),
         )
         plan = StepPlan(to_device(slots, torch.long, dev), out.copies, metadata)
         ids = self._fill_pending(to_device(input_ids, torch.long, dev), out.scheduled, cu)[None]  # (1, T)
@@ -116,23 +126,39 @@ class ModelRunner:
         )
 
     def _forward(self, out: SchedulerOutput, adapter: str | None) -> torch.Tensor:
-        ids, pos, plan, sample_index = self._plan(out)
-        keep = to_device(sample_index or [0], torch.long, self.device)
+        compiled = (self.compiled_call is not None and adapter is None  # PEFT's per-adapter forwards stay eager
+                    and all(layer.is_initialized for layer in self.cache.layers))  # the pools exist: no re-trace
+        ids, pos, plan, sample_index = self._plan(out, for_compile=compiled)
+        keep = to_device((sample_index + [0, 0])[: max(2, len(sample_index))] if compiled else sample_index or [0],
+                         torch.long, self.device)
         extra = {"adapter_names": [adapter]} if adapter is not None else {}
-        logits = self._model_forward(ids, pos, plan, keep, extra)
+        if compiled:
+            logits = self._compiled_forward(ids, pos, plan, keep)
+        else:
+            logits = self._model_forward(ids, pos, plan, keep, extra)
         if not sample_index:
             return logits.new_empty((0, logits.shape[-1]), dtype=torch.float32)
-        return logits.float()  # (num_sampling_seqs, V)
+        return logits[: len(sample_index)].float()  # (num_sampling_seqs, V)
+
+    def _compiled_forward(self, ids, pos, plan: StepPlan, keep: torch.Tensor) -> torch.Tensor:
+        """A forward through the compiled model, every step-dependent size marked dynamic (all of them >= 2)."""
+        if plan.copies:  # copy-on-write before the forward, outside the graph (it would specialise on block ids)
+            self.cache.apply_copies(plan.copies)
+            plan = StepPlan(plan.slot_mapping, [], plan.metadata)
+        meta = plan.metadata
+        for tensor, dim in ((ids, 1), (pos, 1), (keep, 0), (plan.slot_mapping, 0), (meta.block_tables, 0),
+                            (meta.block_tables, 1), (meta.seq_lens, 0), (meta.cu_seqlens_q, 0)):
+            torch._dynamo.mark_dynamic(tensor, dim)
+        # NOTE: without duck shaping, two sizes that happen to be equal in one step (tokens and sequences, say) are
+        # not assumed equal, which would cost a recompilation at the first step where they differ.
+        with torch.fx.experimental._config.patch(use_duck_shape=False):
+            return self._model_forward(ids, pos, plan, keep, call=self.compiled_call)
 
     def decode_forward(self, ids, pos, plan: StepPlan, keep: torch.Tensor) -> torch.Tensor:
         """The forward the decode CUDA graphs capture: compiled when the runner compiles the model."""
         if self.compiled_call is None:
             return self._model_forward(ids, pos, plan, keep)
-        meta = plan.metadata
-        for tensor, dim in ((ids, 1), (pos, 1), (keep, 0), (plan.slot_mapping, 0), (meta.block_tables, 0),
-                            (meta.seq_lens, 0), (meta.cu_seqlens_q, 0)):
-            torch._dynamo.mark_dynamic(tensor, dim)  # the batch bucket; every other size stays static
-        return self._model_forward(ids, pos, plan, keep, call=self.compiled_call)
+        return self._compiled_forward(ids, pos, plan, keep)
 
     def _model_forward(self, ids, pos, plan: StepPlan, keep: torch.Tensor, extra: dict | None = None,
                        call=None) -> torch.Tensor:
