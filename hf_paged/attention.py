@@ -70,11 +70,6 @@ def paged_attention_forward(
     window = sliding_window if sliding_window is not None else layer.sliding_window
     flat_q = query.transpose(1, 2).reshape(batch * q_len, num_q_heads, head_dim)  # (B*Q, Hq, D)
     packed_q = flat_q if meta.query_index is None else flat_q.index_select(0, meta.query_index)
-    max_seqlen_q = meta.max_seqlen_q
-    if max_seqlen_q is not None and max_seqlen_q > 1 and torch.compiler.is_compiling():
-        # NOTE: compiled forwards only say 1 or "more" (2), so the compiler sees two values, not one per step;
-        # the packed token count bounds the longest query (the prefill kernel's extra programs return at once).
-        max_seqlen_q = packed_q.shape[0]
     packed_out = ops.paged_attention(
         packed_q.contiguous(),
         layer.key_cache,
@@ -85,7 +80,7 @@ def paged_attention_forward(
         scale,
         sliding_window=window,
         softcap=softcap,
-        max_seqlen_q=max_seqlen_q,
+        max_seqlen_q=meta.max_seqlen_q,
     )  # (T, Hq, D)
     if meta.query_index is None:
         out = packed_out

@@ -27,7 +27,9 @@ class ModelRunner:
         # between the paged ops. Every forward of one adapter goes through it, the decode forwards the CUDA graphs
         # capture included, with the step-dependent sizes (tokens, sequences, sampled rows, block-table width)
         # marked dynamic and at least 2 (_plan pads them; the smallest graph bucket is 2): a size of 1 would
-        # specialise. Two compilations in all (decode-only steps pick another attention kernel), in warm_up.
+        # specialise. The longest query (max_seqlen_q, an int) turns dynamic once warm_up has seen two values;
+        # decode-only steps (max_seqlen_q == 1, another attention kernel) get their own: three compilations in all,
+        # all in warm_up.
         self.compiled_call = torch.compile(self._call_model) if compile_model else None
         if cuda_graphs and self.device.type == "cuda":
             # A compiled forward specialises size 1: pad single-sequence decodes to 2 rows instead of compiling twice.
@@ -37,8 +39,7 @@ class ModelRunner:
     def _plan(self, out: SchedulerOutput, for_compile: bool = False
               ) -> tuple[torch.Tensor, torch.Tensor, StepPlan, list[int]]:
         """The packed inputs of a step. `for_compile`: sizes that can be 1 are padded to 2 (a dummy sequence of
-        one token that stores nothing, a second block-table column), so a compiled forward never specialises, and
-        max_seqlen_q only says 1 or more (2; the attention then bounds it by the token count)."""
+        one token that stores nothing, a second block-table column), so a compiled forward never specialises."""
         input_ids, positions, slots, cu, sample_index = [], [], [], [0], []
         for item in out.scheduled:
             start = item.seq.num_computed_tokens
@@ -60,7 +61,7 @@ class ModelRunner:
             seq_lens=to_device(seq_lens, torch.int32, dev),
             cu_seqlens_q=to_device(cu, torch.int32, dev),
             query_index=None,
-            max_seqlen_q=min(max(b - a for a, b in zip(cu, cu[1:])), 2 if for_compile else len(input_ids)),
+            max_seqlen_q=max(b - a for a, b in zip(cu, cu[1:])),
         )
         plan = StepPlan(to_device(slots, torch.long, dev), out.copies, metadata)
         ids = self._fill_pending(to_device(input_ids, torch.long, dev), out.scheduled, cu)[None]  # (1, T)

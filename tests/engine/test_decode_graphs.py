@@ -72,9 +72,9 @@ def test_compiled_decode_forward_matches_eager(make_llm, monkeypatch, arch):
     counts.clear()
     out = llm.generate(prompts, params, use_tqdm=False)
     assert [[c.token_ids for c in o.outputs] for o in out] == [[c.token_ids for c in o.outputs] for o in ref]
-    # The graphs reuse the warm-up's decode compilation. Gemma2's tiny sliding window (6 tokens) splits the buckets
-    # once more: HF's mask code compares the query length (the bucket) with it.
-    assert counts["stats"]["unique_graphs"] == (0 if arch == "llama" else 1), dict(counts["stats"])
+    # The graphs reuse the warm-up's decode compilation. Gemma2's tiny sliding window (6 tokens) may split the
+    # buckets once more: HF's mask code compares the query length (the bucket) with it.
+    assert counts["stats"]["unique_graphs"] <= (0 if arch == "llama" else 1), dict(counts["stats"])
     assert not counts["graph_break"], dict(counts["graph_break"])  # the paged ops did not break the graph
     assert runner.graphs.graphs
 
@@ -122,6 +122,6 @@ def test_compiled_prefill_and_mixed_steps_match_eager(make_llm):
     assert alone[0].outputs[0].token_ids == ref[0].outputs[0].token_ids
     assert [[c.token_ids for c in o.outputs] for o in out] == [[c.token_ids for c in o.outputs] for o in ref]
     assert not counts["graph_break"], dict(counts["graph_break"])
-    # Two compilations, both in the warm-up: steps that are all decodes (the attention's max_seqlen_q == 1 picks
-    # the decode kernel, a constant for the compiler), and the general one.
-    assert compiled <= 2 and counts["stats"]["unique_graphs"] == compiled, dict(counts["stats"])
+    # At most three compilations, all in the warm-up: the first prefill's (its longest query a constant), the
+    # general one (that length dynamic), and decode-only steps' (max_seqlen_q == 1 picks another kernel).
+    assert compiled <= 3 and counts["stats"]["unique_graphs"] == compiled, dict(counts["stats"])
