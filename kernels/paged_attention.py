@@ -263,20 +263,38 @@ def _reduce_kernel(
 
 
 @triton.jit
+def _find_seq(cu_seqlens_q, target, num_seqs, BLOCK_Q: tl.constexpr):
+    """The sequence owning query-tile program `target`: the last s with cu_seqlens_q[s] // BLOCK_Q + s <= target."""
+    lo = num_seqs * 0
+    hi = num_seqs
+    while lo + 1 < hi:
+        mid = (lo + hi) // 2
+        right = tl.load(cu_seqlens_q + mid) // BLOCK_Q + mid <= target
+        lo = tl.where(right, mid, lo)
+        hi = tl.where(right, hi, mid)
+    return lo
+
+
+# NOTE: do_not_specialize: a num_seqs of 1 would become a constant and change _find_seq's loop-carried types.
+@triton.jit(do_not_specialize=["num_seqs"])
 def _prefill_kernel(
     out, query, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_kt, stride_kh, stride_bt,
-    qk_scale, softcap_scale, window,
+    qk_scale, softcap_scale, window, num_seqs,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, HEAD_DIM: tl.constexpr,
     HEAD_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     SLIDING: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
 ):
-    # The last query tiles of a sequence see the most keys: start them first.
-    tile = tl.num_programs(0) - 1 - tl.program_id(0)
-    seq = tl.program_id(1)
-    kv_head = tl.program_id(2)
+    # The query tiles of all sequences back to back: sequence s owns the programs from cu_seqlens_q[s] // BLOCK_Q + s
+    # to the next sequence's first (at least its ceil(q_len / BLOCK_Q) tiles; a spare one returns at once). So a
+    # mixed batch of long prefills and many decodes launches ~T / BLOCK_Q + S programs, not max_q / BLOCK_Q x S.
+    # Later programs start first: the last query tiles of a sequence see the most keys.
+    program = tl.num_programs(0) - 1 - tl.program_id(0)
+    kv_head = tl.program_id(1)
+    seq = _find_seq(cu_seqlens_q, program, num_seqs, BLOCK_Q)
     q_start = tl.load(cu_seqlens_q + seq)
     q_len = tl.load(cu_seqlens_q + seq + 1) - q_start
+    tile = program - (q_start // BLOCK_Q + seq)
     if tile * BLOCK_Q >= q_len:
         return
     seq_len = tl.load(seq_lens + seq)
@@ -444,8 +462,8 @@ def paged_attention(
             raise TypeError(f"a prefill batch (max_seqlen_q > 1) needs a PrefillConfig, got {cfg!r}")
         block_m = max(cfg.block_m, triton.next_power_of_2(group))
         block_q = block_m // group
-        grid = (triton.cdiv(max_seqlen_q, block_q), num_seqs, num_kv_heads)
-        _prefill_kernel[grid](out, *args, BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=cfg.block_n, **common,
+        grid = (query.shape[0] // block_q + num_seqs, num_kv_heads)  # see _prefill_kernel
+        _prefill_kernel[grid](out, *args, num_seqs, BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=cfg.block_n, **common,
                               num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 

@@ -1,0 +1,53 @@
+"""Compile the Triton kernels for Hopper (sm_90) and print what the compiler reports, as JSON.
+
+Run by tests/kernels/test_compile_sm90.py in a fresh interpreter: under TRITON_INTERPRET=1 (the CPU tests) the
+kernels are interpreted functions that the compiler cannot take.
+"""
+
+import json
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from hf_paged.kernels import kv_write
+from hf_paged.kernels import paged_attention as pa
+
+HOPPER = GPUTarget("cuda", 90, 32)
+POINTERS = {"out": "*bf16", "query": "*bf16", "k_cache": "*bf16", "v_cache": "*bf16", "key": "*bf16",
+            "value": "*bf16", "key_cache": "*bf16", "value_cache": "*bf16", "part_acc": "*fp32", "part_ml": "*fp32",
+            "block_tables": "*i32", "seq_lens": "*i32", "cu_seqlens_q": "*i32", "slot_mapping": "*i64",
+            "qk_scale": "fp32", "softcap_scale": "fp32"}
+COMMON = dict(HEAD_DIM=128, HEAD_PAD=128, BLOCK_SIZE=16, SLIDING=False, SOFTCAP=False, DOT_PRECISION="tf32",
+              INTERPRET=False)
+
+
+def compile_for_hopper(kernel, constants: dict, num_warps: int, num_stages: int) -> dict:
+    names = kernel.arg_names
+    signature = {n: "constexpr" if n in constants else POINTERS.get(n, "i32") for n in names}
+    source = ASTSource(fn=kernel, signature=signature, constexprs={(names.index(k),): v for k, v in constants.items()})
+    compiled = triton.compile(source, target=HOPPER, options={"num_warps": num_warps, "num_stages": num_stages})
+    return {"shared": compiled.metadata.shared, "wgmma": "wgmma" in compiled.asm["ptx"]}
+
+
+def main() -> dict:
+    report = {}
+    for group in (4, 1):  # GQA 4 (llama3-8b), MHA (llama2-7b)
+        cfg = pa.default_prefill_config(group, 128, torch.device("cuda"))  # the tuned config; no GPU is touched
+        report[f"prefill_group{group}"] = compile_for_hopper(
+            pa._prefill_kernel, dict(COMMON, GROUP=group, BLOCK_M=cfg.block_m, BLOCK_Q=cfg.block_m // group,
+                                     BLOCK_N=cfg.block_n), cfg.num_warps, cfg.num_stages)
+    for splits, special in ((1, False), (4, True)):
+        report[f"decode_splits{splits}"] = compile_for_hopper(
+            pa._decode_kernel, dict(COMMON, GROUP=4, BLOCK_H=16, BLOCK_N=64, NUM_SPLITS=splits, SLIDING=special,
+                                    SOFTCAP=special), 4, 3)
+    report["reduce"] = compile_for_hopper(pa._reduce_kernel, dict(NUM_SPLITS=4, SPLITS_PAD=4, HEAD_DIM=128,
+                                                                   HEAD_PAD=128), 4, 1)
+    report["write_kv"] = compile_for_hopper(kv_write._write_kv_kernel, dict(NUM_HEADS=8, HEAD_DIM=128, BLOCK_H=8,
+                                                                           HEAD_PAD=128, BLOCK_SIZE=16), 4, 1)
+    return report
+
+
+if __name__ == "__main__":
+    print(json.dumps(main()))
