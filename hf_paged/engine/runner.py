@@ -27,9 +27,8 @@ class ModelRunner:
         # between the paged ops. Every forward of one adapter goes through it, the decode forwards the CUDA graphs
         # capture included, with the step-dependent sizes (tokens, sequences, sampled rows, block-table width)
         # marked dynamic and at least 2 (_plan pads them; the smallest graph bucket is 2): a size of 1 would
-        # specialise. The longest query (max_seqlen_q, an int) turns dynamic once warm_up has seen two values;
-        # decode-only steps (max_seqlen_q == 1, another attention kernel) get their own: three compilations in all,
-        # all in warm_up.
+        # specialise. Decode-only steps (max_seqlen_q == 1) pick another attention kernel: two compilations in
+        # all, both in warm_up.
         self.compiled_call = torch.compile(self._call_model) if compile_model else None
         if cuda_graphs and self.device.type == "cuda":
             # A compiled forward specialises size 1: pad single-sequence decodes to 2 rows instead of compiling twice.
@@ -61,7 +60,8 @@ class ModelRunner:
             seq_lens=to_device(seq_lens, torch.int32, dev),
             cu_seqlens_q=to_device(cu, torch.int32, dev),
             query_index=None,
-            max_seqlen_q=max(b - a for a, b in zip(cu, cu[1:])),
+            # Compiled forwards see only 1 (decode kernel) or 2 (prefill kernel; its grid does not depend on it).
+            max_seqlen_q=min(max(b - a for a, b in zip(cu, cu[1:])), 2 if for_compile else len(input_ids)),
         )
         plan = StepPlan(to_device(slots, torch.long, dev), out.copies, metadata)
         ids = self._fill_pending(to_device(input_ids, torch.long, dev), out.scheduled, cu)[None]  # (1, T)
