@@ -372,9 +372,12 @@ class PagedCache(Cache):
 
     def apply_copies(self, copies: list[tuple[int, int]]) -> None:
         """Copy-on-write copies for every layer now (the CUDA-graph path, whose captured plan has none)."""
+        indices: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # one copy of the ids per device
         for layer in self.layers:
-            if layer.is_initialized:
-                _copy_blocks(layer, copies)
+            if layer.is_initialized and copies:
+                if layer.device not in indices:
+                    indices[layer.device] = _block_ids(copies, layer.device)
+                ops.copy_blocks(layer.keys, layer.values, *indices[layer.device])
 
     # ------------------------------------------------------------------------------------------- swap
     @torch.inference_mode()
@@ -442,9 +445,12 @@ class PagedCache(Cache):
 def _copy_blocks(layer: PagedLayer, copies: list[tuple[int, int]]) -> None:
     """Copy-on-write: (src, dst) blocks of one layer's K and V pools."""
     if copies:
-        src = to_device([s for s, _ in copies], torch.long, layer.device)
-        dst = to_device([d for _, d in copies], torch.long, layer.device)
-        ops.copy_blocks(layer.keys, layer.values, src, dst)
+        ops.copy_blocks(layer.keys, layer.values, *_block_ids(copies, layer.device))
+
+
+def _block_ids(copies: list[tuple[int, int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(src, dst) block ids of copy-on-write pairs as int64 tensors on `device`."""
+    return to_device([s for s, _ in copies], torch.long, device), to_device([d for _, d in copies], torch.long, device)
 
 
 def _to_device(meta: PagedAttentionMetadata, device: torch.device) -> PagedAttentionMetadata:

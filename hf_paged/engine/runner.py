@@ -54,14 +54,16 @@ class ModelRunner:
             tables, seq_lens, cu = tables + [[0]], seq_lens + [1], cu + [cu[-1] + 1]
             input_ids, positions, slots = input_ids + [0], [*positions, 0], slots + [-1]
         rows = block_table_rows(tables, min_width=2 if for_compile else 1)
+        max_seqlen_q = max(b - a for a, b in zip(cu, cu[1:]))
+        if for_compile:  # compiled forwards see 1 (decode kernel) or 2 (prefill kernel, whose grid ignores it)
+            max_seqlen_q = min(max_seqlen_q, 2)
         dev = self.device
         metadata = PagedAttentionMetadata(
             block_tables=to_device(rows, torch.int32, dev),
             seq_lens=to_device(seq_lens, torch.int32, dev),
             cu_seqlens_q=to_device(cu, torch.int32, dev),
             query_index=None,
-            # Compiled forwards see only 1 (decode kernel) or 2 (prefill kernel; its grid does not depend on it).
-            max_seqlen_q=min(max(b - a for a, b in zip(cu, cu[1:])), 2 if for_compile else len(input_ids)),
+            max_seqlen_q=max_seqlen_q,
         )
         plan = StepPlan(to_device(slots, torch.long, dev), out.copies, metadata)
         ids = self._fill_pending(to_device(input_ids, torch.long, dev), out.scheduled, cu)[None]  # (1, T)
@@ -130,8 +132,10 @@ class ModelRunner:
         compiled = (self.compiled_call is not None and adapter is None  # PEFT's per-adapter forwards stay eager
                     and all(layer.is_initialized for layer in self.cache.layers))  # the pools exist: no re-trace
         ids, pos, plan, sample_index = self._plan(out, for_compile=compiled)
-        keep = to_device((sample_index + [0, 0])[: max(2, len(sample_index))] if compiled else sample_index or [0],
-                         torch.long, self.device)
+        keep = sample_index or [0]
+        if compiled:
+            keep = (sample_index + [0, 0])[: max(2, len(sample_index))]  # >= 2 rows; the extra ones are dropped
+        keep = to_device(keep, torch.long, self.device)
         extra = {"adapter_names": [adapter]} if adapter is not None else {}
         if compiled:
             logits = self._compiled_forward(ids, pos, plan, keep)
