@@ -17,7 +17,7 @@ from transformers import PreTrainedConfig
 from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and_kwargs
 
 from hf_paged.attention import KV_POOL_KEY, METADATA_KEY, LayerKV, PagedAttentionMetadata
-from hf_paged.blocks import BlockManager, BlockPool, BlockPoolExhausted, BlockTable
+from hf_paged.blocks import DEFAULT_BLOCK_SIZE, BlockManager, BlockPool, BlockPoolExhausted, BlockTable
 from hf_paged.kernels import ops
 from hf_paged.transfer import to_device
 
@@ -103,7 +103,7 @@ class PagedCache(Cache):
         config: the model's config (its decoder config is used).
         num_blocks: blocks in the pool. Give this or `kv_cache_memory`.
         kv_cache_memory: a budget in bytes for all layers' K and V; turned into a number of blocks.
-        block_size: tokens per block (16 by default, as vLLM).
+        block_size: tokens per block (`DEFAULT_BLOCK_SIZE`, 8; vLLM's is 16).
         dtype: the KV dtype, used to turn `kv_cache_memory` into blocks (default: torch's default dtype).
         enable_prefix_caching: keep freed full blocks findable by content hash (the engine's prefix cache).
 
@@ -119,7 +119,7 @@ class PagedCache(Cache):
         config: PreTrainedConfig,
         num_blocks: int | None = None,
         kv_cache_memory: int | None = None,
-        block_size: int = 16,
+        block_size: int = DEFAULT_BLOCK_SIZE,
         dtype: torch.dtype | None = None,
         enable_prefix_caching: bool = False,
     ):

@@ -19,6 +19,7 @@ import transformers
 from transformers import BatchEncoding
 
 import hf_paged
+from hf_paged.blocks import DEFAULT_BLOCK_SIZE
 from hf_paged.models import DEFAULT_MODEL, DTYPES, load_model
 
 PROG = "hf-paged"
@@ -117,7 +118,7 @@ def _add_generate_parser(subparsers) -> None:
     prompt.add_argument("--system", default=None, metavar="TEXT", help="system prompt (chat mode only)")
 
     cache = parser.add_argument_group("paged KV cache")
-    cache.add_argument("--block-size", type=_positive_int, default=16, metavar="N",
+    cache.add_argument("--block-size", type=_positive_int, default=DEFAULT_BLOCK_SIZE, metavar="N",
                        help="tokens per KV block (default: %(default)s)")
 
     output = parser.add_argument_group("output")

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from transformers import GenerationConfig
 from transformers.generation.utils import GenerationMixin
 
+from hf_paged.blocks import DEFAULT_BLOCK_SIZE
 from hf_paged.cache import PagedCache
 
 _ORIGINAL_ATTR = "__hf_paged_original__"
@@ -107,7 +108,7 @@ def _build_cache(model, generation_config: GenerationConfig, rows: int, max_cach
     unknown = sorted(set(options) - set(CACHE_CONFIG_KEYS))
     if unknown:
         raise ValueError(f"unknown cache_config keys for cache_implementation='paged': {unknown}; use {CACHE_CONFIG_KEYS}")
-    block_size = options.get("block_size", 16)
+    block_size = options.get("block_size", DEFAULT_BLOCK_SIZE)
     budget = {k: options[k] for k in ("num_blocks", "kv_cache_memory") if k in options}
     if not budget:
         # Enough for every row to reach max_length unshared, plus one copy-on-write block per row.

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from transformers.pipelines.text_generation import TextGenerationPipeline
 
+from hf_paged.blocks import DEFAULT_BLOCK_SIZE
 from hf_paged.patches.generate import _ORIGINAL_ATTR
 
 ENGINE_KWARGS = {
@@ -45,7 +46,7 @@ def _engine_for(pipe, cache_config: dict | None):
     if llm is None:
         from hf_paged.engine.llm import LLM
 
-        llm = LLM(pipe.model, pipe.tokenizer, block_size=(cache_config or {}).get("block_size", 16),
+        llm = LLM(pipe.model, pipe.tokenizer, block_size=(cache_config or {}).get("block_size", DEFAULT_BLOCK_SIZE),
                   kv_cache_memory=(cache_config or {}).get("kv_cache_memory"),
                   num_blocks=(cache_config or {}).get("num_blocks"))
         pipe.__dict__[_LLM_ATTR] = llm

@@ -12,6 +12,7 @@ import torch
 
 import hf_paged
 from hf_paged import PagedCache
+from hf_paged.blocks import DEFAULT_BLOCK_SIZE
 from hf_paged.cli import main
 from hf_paged.models import load_model
 
@@ -94,7 +95,7 @@ def test_france_answer_is_plain_generates(capsys, france, paged_block_sizes):
     rc, out, _ = run(["generate", "--max-new-tokens", NEW, FRANCE], capsys)
     assert (rc, out) == (0, france + "\n")
     assert "Paris" in out
-    assert paged_block_sizes == [16]
+    assert paged_block_sizes == [DEFAULT_BLOCK_SIZE]
 
 
 @pytest.mark.slow
@@ -102,7 +103,7 @@ def test_several_prompts_run_as_one_batch_and_print_apart(capsys, batch, paged_b
     rc, out, _ = run(["generate", "--max-new-tokens", NEW, *PROMPTS], capsys)
     assert rc == 0
     assert out == f"=== [1/2] {PROMPTS[0]}\n{batch[0]}\n\n=== [2/2] {PROMPTS[1]}\n{batch[1]}\n"
-    assert paged_block_sizes == [16]  # one generate call for both prompts
+    assert paged_block_sizes == [DEFAULT_BLOCK_SIZE]  # one generate call for both prompts
 
 
 @pytest.mark.slow
@@ -221,7 +222,7 @@ def test_generate_help_lists_every_option(capsys):
     assert rc == 0 and out.startswith("usage: hf-paged generate")
     for option in ["--file", "--model", "--max-new-tokens", "--temperature", "--top-p", "--top-k", "--seed",
                    "--num-beams", "--chat, --no-chat", "--system", "--stream", "--block-size", "--dtype", "--device",
-                   "--json", "(default: 64)", "(default: 16)", "SmolLM2-135M-Instruct"]:
+                   "--json", "(default: 64)", f"(default: {DEFAULT_BLOCK_SIZE})", "SmolLM2-135M-Instruct"]:
         assert option in out, option
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from hf_paged.blocks import DEFAULT_BLOCK_SIZE
 from hf_paged.kernels import reference
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -289,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 2048, 4096], help="decode context lengths")
     parser.add_argument("--heads", default="32/8,32/32", help="q/kv head pairs, comma separated")
     parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    parser.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE, help="tokens per KV block")
     parser.add_argument("--prefill", default="8x1024", help="SEQSxTOKENS of the prefill rows")
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default="bfloat16")
     parser.add_argument("--sweep", action="store_true", help="also time alternative tile configs, report the best")

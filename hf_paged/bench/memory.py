@@ -24,6 +24,7 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from hf_paged.bench.roofline import ModelFacts
+from hf_paged.blocks import DEFAULT_BLOCK_SIZE
 from hf_paged.bench.throughput import DTYPES, drive_engine
 from hf_paged.bench.workloads import MODEL_SHAPES, build_model, make_requests
 
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=64, help="forced new tokens per output")
     parser.add_argument("--width", type=int, default=4, help="beam width and parallel samples n")
     parser.add_argument("--modes", default="beam,parallel", help=f"comma-separated, from {MODES}")
-    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE)
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="write the rows as JSON here")

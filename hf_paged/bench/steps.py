@@ -78,8 +78,10 @@ def _kernel_rows(prof, on_gpu: bool) -> list[tuple[str, float, int]]:
 def _steady_batch(model, args, graphs: bool, async_scheduling: bool, compile_model: bool):
     from hf_paged import LLM, SamplingParams
 
-    blocks = args.batch * (-(-(args.context + args.steps * 3 + 16) // 16) + 1)
-    llm = LLM(model, block_size=16, num_blocks=blocks, max_num_seqs=max(args.batch, 1),
+    from hf_paged.blocks import DEFAULT_BLOCK_SIZE as BS
+
+    blocks = args.batch * (-(-(args.context + args.steps * 3 + 16) // BS) + 1)
+    llm = LLM(model, block_size=BS, num_blocks=blocks, max_num_seqs=max(args.batch, 1),
               max_num_batched_tokens=max(2048, args.context), enable_cuda_graphs=graphs,
               async_scheduling=async_scheduling, compile_model=compile_model)
     vocab = model.config.vocab_size

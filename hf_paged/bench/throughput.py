@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from hf_paged.bench.roofline import ModelFacts, kv_capacity_tokens, measure_device, roofline
 from hf_paged.bench.workloads import MODEL_SHAPES, WORKLOADS, Request, build_model, make_requests, sample_workload
+from hf_paged.blocks import DEFAULT_BLOCK_SIZE
 
 SYSTEMS = {
     "a": "HF generate, static batches, DynamicCache",
@@ -237,7 +238,7 @@ def run_engine(model, requests: list[Request], args, result: SystemResult, kv_bu
                         num_preemptions=stats.num_preemptions, max_num_seqs=args.max_num_seqs,
                         max_num_batched_tokens=args.max_num_batched_tokens,
                         async_scheduling=args.async_scheduling, cuda_graphs=args.cuda_graphs,
-                        compile_model=args.compile,
+                        compile_model=llm.engine.config.compile_model,
                         decode_steps=len(run.decode_steps), other_steps=len(run.other_steps),
                         decode_step_ms_mean=1e3 * sum(run.decode_steps) / max(1, len(run.decode_steps)),
                         other_steps_s=sum(run.other_steps))
@@ -361,7 +362,7 @@ def parse_args(argv):
     parser.add_argument("--lognormal-mean-in", type=float, default=154)
     parser.add_argument("--lognormal-mean-out", type=float, default=295)
     parser.add_argument("--batch-size", type=int, default=32, help="static batch size of (a) and (c)")
-    parser.add_argument("--block-size", type=int, default=16, help="hf_paged's tokens per KV block")
+    parser.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE, help="hf_paged's tokens per KV block")
     parser.add_argument("--max-num-seqs", type=int, default=256, help="engine (d): sequences running at once")
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192,
                         help="engine (d): tokens per step (the LLM default)")
@@ -369,8 +370,9 @@ def parse_args(argv):
                         help="engine (d): prepare step N+1 while the device runs step N")
     parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
                         help="engine (d): replay CUDA graphs for decode steps")
-    parser.add_argument("--compile", action="store_true",
-                        help="engine (d): torch.compile the engine's forwards (LLM(compile_model=True))")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="engine (d): torch.compile the engine's forwards (default: the LLM's, i.e. on for a "
+                             "model on one GPU, off on CPU)")
     parser.add_argument("--kv-cache-memory", type=_size, help="KV pool of (b) and (d), e.g. 40GiB (GPU default: "
                         "their own, ~90%% of memory; CPU default: enough for every request at once)")
     parser.add_argument("--time-budget", type=float, help="(a), (c): start no new static batch after this many "

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hf_paged.blocks import BlockManager, BlockPool
+from hf_paged.blocks import DEFAULT_BLOCK_SIZE, BlockManager, BlockPool
 from hf_paged.cache import PagedCache
 from hf_paged.engine.beam import BeamState
 from hf_paged.engine.params import BeamSearchParams, SamplingParams
@@ -30,7 +30,7 @@ class StepError(RuntimeError):
 
 @dataclass(slots=True)
 class EngineConfig:
-    block_size: int = 16
+    block_size: int = DEFAULT_BLOCK_SIZE
     num_blocks: int | None = None
     kv_cache_memory: int | None = None  # bytes; used when num_blocks is None
     max_num_seqs: int = 256
@@ -215,9 +215,19 @@ class LLMEngine:
                 self.add_request(f"warm-up-{round_}-b", [2] * 8, params)  # then a mixed step, then decodes
                 while self.has_unfinished_requests():
                     self.step()
+        except BaseException:
+            self._inflight = None
+            for request_id in list(self.requests):  # a failed warm-up leaves no request or block behind
+                self.abort(request_id)
+            raise
         finally:
             self.config.enable_prefix_caching = self.scheduler.config.enable_prefix_caching = caching
         self.num_preemptions = self.prompt_tokens = self.generation_tokens = self.computed_tokens = 0
+
+    def disable_compile(self) -> None:
+        """Run the model eagerly from now on (after a failed compilation): CUDA graphs are captured again, eagerly."""
+        self.config.compile_model = False
+        self.runner.disable_compile()
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)  # NOTE: a request leaves only once its last token is read back

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import itertools
+import warnings
 from collections.abc import Sequence as Seq
 
 import torch
 from tqdm.auto import tqdm
 
+from hf_paged.blocks import DEFAULT_BLOCK_SIZE
 from hf_paged.engine.engine import EngineConfig, EngineStats, LLMEngine, RequestError
 from hf_paged.engine.params import BeamSearchParams, SamplingParams
 from hf_paged.engine.request import RequestOutput
@@ -37,6 +39,18 @@ def default_kv_cache_memory(model) -> int:
     return max(int(total * GPU_MEMORY_UTILIZATION) - used, 0)
 
 
+def compile_by_default(model) -> bool:
+    """`LLM(compile_model=None)`: compile a plain model on one GPU. CPU models gain nothing measurable; quantized,
+    PEFT (per-adapter forwards), multi-device and tensor-parallel models stay eager."""
+    if model.get_input_embeddings().weight.device.type != "cuda":
+        return False
+    if getattr(model, "is_quantized", False) or hasattr(model, "peft_config"):
+        return False
+    if len(set((getattr(model, "hf_device_map", None) or {}).values())) > 1:
+        return False
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized())
+
+
 class LLM:
     """Continuous-batching generation with paged KV memory for a stock HF causal LM.
 
@@ -56,7 +70,10 @@ class LLM:
         async_scheduling: prepare step N+1 on the host while the device runs step N (same outputs; off: every
             step waits for its tokens before the next is scheduled).
         compile_model: torch.compile (inductor) every forward, the ones the CUDA graphs capture included, fusing
-            the model's elementwise work around the paged ops (experimental; compiles at construction).
+            the model's elementwise work around the paged ops; it compiles at construction (`LLMEngine.warm_up`).
+            None (the default): on for a plain model on one GPU, off on CPU and for quantized, PEFT, multi-device
+            and tensor-parallel models; if compiling fails, the engine warns and runs the model eagerly.
+        enforce_eager: run every forward eagerly: no CUDA graphs, no compilation (vLLM's option).
 
     Example:
         >>> llm = hf_paged.LLM(model, tokenizer)
@@ -68,7 +85,7 @@ class LLM:
         self,
         model,
         tokenizer=None,
-        block_size: int = 16,
+        block_size: int = DEFAULT_BLOCK_SIZE,
         kv_cache_memory: int | None = None,
         num_blocks: int | None = None,
         max_num_seqs: int = 256,
@@ -80,20 +97,36 @@ class LLM:
         swap_space: int = 0,
         enable_cuda_graphs: bool = True,
         async_scheduling: bool = True,
-        compile_model: bool = False,
+        compile_model: bool | None = None,
+        enforce_eager: bool = False,
     ):
         model, tokenizer = _load(model, tokenizer)
+        if enforce_eager and compile_model:
+            raise ValueError("enforce_eager=True runs the model eagerly: it cannot be combined with compile_model=True")
         if num_blocks is None and kv_cache_memory is None:
             kv_cache_memory = default_kv_cache_memory(model)
+        auto_compile = compile_model is None and not enforce_eager
+        compile_model = compile_by_default(model) if auto_compile else bool(compile_model)
         config = EngineConfig(block_size, num_blocks, kv_cache_memory, max_num_seqs, max_num_batched_tokens,
                               max_model_len, enable_prefix_caching, enable_chunked_prefill, preemption_mode, swap_space,
-                              enable_cuda_graphs, async_scheduling, compile_model)
+                              enable_cuda_graphs and not enforce_eager, async_scheduling, compile_model)
         self.engine = LLMEngine(model.eval(), tokenizer, config)
         if compile_model:
-            with paged_attention(model):
-                self.engine.warm_up()  # compile (and capture) now, not inside the first batch
+            self._warm_up(fall_back=auto_compile)
         self.tokenizer = tokenizer
         self._ids = itertools.count()
+
+    def _warm_up(self, fall_back: bool) -> None:
+        """Compile (and capture) now, not inside the first batch; `fall_back`: if that fails, run eagerly."""
+        try:
+            with paged_attention(self.engine.model):
+                self.engine.warm_up()
+        except Exception as exc:
+            if not fall_back:
+                raise
+            warnings.warn(f"torch.compile of the model failed, so it runs eagerly ({exc!r}); pass "
+                          "compile_model=False to skip the attempt", RuntimeWarning, stacklevel=3)
+            self.engine.disable_compile()
 
     def _prepare(self, prompt: Prompt):
         """Chat messages go through the tokenizer's chat template; strings and token ids pass as they are."""

@@ -35,6 +35,14 @@ class ModelRunner:
             self.graphs = DecodeGraphs(model, cache, max_batch, max_blocks_per_seq, self.decode_forward,
                                        smallest_bucket=2 if compile_model else 1)
 
+    def disable_compile(self) -> None:
+        """Forward eagerly from now on; the graphs captured from the compiled forward are dropped (recaptured at the
+        next decode step)."""
+        self.compiled_call = None
+        if self.graphs is not None:
+            self.graphs.graphs.clear()
+            self.graphs.pool = None
+
     def _plan(self, out: SchedulerOutput, for_compile: bool = False
               ) -> tuple[torch.Tensor, torch.Tensor, StepPlan, list[int]]:
         """The packed inputs of a step. `for_compile`: sizes that can be 1 are padded to 2 (a dummy sequence of

@@ -6,6 +6,8 @@ import argparse
 import os
 import re
 
+from hf_paged.blocks import DEFAULT_BLOCK_SIZE
+
 UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "ki": 2**10, "mi": 2**20, "gi": 2**30}
 
 
@@ -47,7 +49,7 @@ def serve(
             which must be started by torchrun (`torchrun --nproc_per_node N $(which hf-paged) serve ...`); rank 0
             serves HTTP, the other ranks follow its steps.
         **engine_kwargs: `hf_paged.LLM`'s engine options (block_size, kv_cache_memory, num_blocks, max_num_seqs,
-            max_num_batched_tokens, max_model_len, enable_prefix_caching).
+            max_num_batched_tokens, max_model_len, enable_prefix_caching, enforce_eager, compile_model).
     """
     import uvicorn
 
@@ -92,7 +94,7 @@ def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--max-queue", type=int, default=256,
                         help="generation requests in flight at most; more get HTTP 429 (default: %(default)s)")
     engine = parser.add_argument_group("engine")
-    engine.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default: %(default)s)")
+    engine.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE, help="tokens per KV block (default: %(default)s)")
     engine.add_argument("--kv-cache-memory", type=parse_bytes, default=None,
                         help="bytes for the KV pool, e.g. 2GiB (default: 90%% of free GPU memory; 256MiB on CPU)")
     engine.add_argument("--num-blocks", type=int, default=None, help="KV pool size in blocks (overrides the above)")
@@ -106,6 +108,8 @@ def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     engine.add_argument("--dtype", default=None, choices=["auto", "float32", "float16", "bfloat16"],
                         help="model dtype (default: the checkpoint's; GGUF loads as float32)")
     engine.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: where the model loads)")
+    engine.add_argument("--enforce-eager", action="store_true",
+                        help="run every forward eagerly: no CUDA graphs, no torch.compile (default: both on a GPU)")
     engine.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                         help="shard the model over N processes with transformers' tensor parallelism; start them "
                              "with torchrun --nproc_per_node N (default: %(default)s)")
@@ -122,5 +126,5 @@ def run_serve(args: argparse.Namespace) -> None:
         block_size=args.block_size, kv_cache_memory=args.kv_cache_memory, num_blocks=args.num_blocks,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len, enable_prefix_caching=args.enable_prefix_caching,
-        tensor_parallel_size=args.tensor_parallel_size,
+        enforce_eager=args.enforce_eager, tensor_parallel_size=args.tensor_parallel_size,
     )

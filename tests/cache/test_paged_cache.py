@@ -8,6 +8,7 @@ from transformers import DynamicCache
 
 import hf_paged
 from hf_paged import patches
+from hf_paged.blocks import DEFAULT_BLOCK_SIZE
 from tests.tiny import ragged_batch, tiny_model
 
 
@@ -37,8 +38,8 @@ def test_num_return_sequences_stores_prompt_once():
     out = model.generate(ids, max_new_tokens=1, do_sample=True, num_return_sequences=4, pad_token_id=0,
                          cache_implementation="paged", return_dict_in_generate=True)
     stats = out.cache.stats()
-    # Only the prefill ran: 64 prompt tokens in 4 blocks of 16, shared by the 4 rows.
-    assert stats.blocks_in_use == 4 and stats.tokens_stored == 64
+    # Only the prefill ran: 64 prompt tokens in 64 / block_size full blocks, shared by the 4 rows.
+    assert stats.blocks_in_use == 64 // DEFAULT_BLOCK_SIZE and stats.tokens_stored == 64
 
 
 def test_waste_below_block_size_over_mean_length_on_ragged_batch():
@@ -76,8 +77,8 @@ def test_stats_bytes_and_reset_returns_every_block():
 
 def test_kv_cache_memory_budget_sets_block_count():
     model = tiny_model("llama")
-    per_block = 2 * 2 * 16 * 2 * 16 * 4
-    cache = hf_paged.PagedCache(model.config, kv_cache_memory=10 * per_block + 5, dtype=torch.float32)
+    per_block = 2 * 2 * 16 * 2 * 16 * 4  # layers x (K, V) x block_size x kv heads x head dim x fp32
+    cache = hf_paged.PagedCache(model.config, kv_cache_memory=10 * per_block + 5, block_size=16, dtype=torch.float32)
     assert cache.stats().num_blocks == 10
     with pytest.raises(ValueError, match="exactly one"):
         hf_paged.PagedCache(model.config, num_blocks=4, kv_cache_memory=10)

@@ -125,3 +125,40 @@ def test_compiled_prefill_and_mixed_steps_match_eager(make_llm):
     # Two compilations, both in the warm-up: decode-only steps (max_seqlen_q == 1 picks the decode kernel) and
     # every other step.
     assert compiled == 2 and counts["stats"]["unique_graphs"] == compiled, dict(counts["stats"])
+
+
+def test_compile_by_default_only_for_plain_gpu_models(make_llm):
+    from hf_paged.engine.llm import compile_by_default
+
+    llm = make_llm()  # CPU: compile_model=None stays off
+    assert llm.engine.config.compile_model is False and llm.engine.runner.compiled_call is None
+    assert compile_by_default(llm.engine.model) is False
+    with pytest.raises(ValueError, match="enforce_eager"):
+        make_llm(enforce_eager=True, compile_model=True)
+    eager = make_llm(enforce_eager=True)
+    assert eager.engine.config.enable_cuda_graphs is False and eager.engine.config.compile_model is False
+
+
+def test_failed_default_compilation_falls_back_to_eager(make_llm, monkeypatch):
+    """compile_model=None on a GPU model: a compilation that fails in the warm-up warns, leaves no request or block
+    behind, and the engine runs eagerly with the same tokens; an explicit compile_model=True raises instead."""
+    from hf_paged.engine import llm as llm_module
+
+    def broken(fn, *args, **kwargs):
+        def call(*a, **k):
+            raise RuntimeError("inductor: no compiler here")
+        return call
+
+    prompts = [[5, 6, 7, 8, 9], [10, 11, 12]]
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    ref = make_llm().generate(prompts, params, use_tqdm=False)
+    monkeypatch.setattr(llm_module, "compile_by_default", lambda model: True)  # as for a plain model on a GPU
+    monkeypatch.setattr(torch, "compile", broken)
+    with pytest.warns(RuntimeWarning, match="runs eagerly"):
+        llm = make_llm()
+    assert llm.engine.config.compile_model is False and llm.engine.runner.compiled_call is None
+    assert llm.get_stats().blocks_in_use == 0 and not llm.engine.has_unfinished_requests()
+    out = llm.generate(prompts, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in out] == [o.outputs[0].token_ids for o in ref]
+    with pytest.raises(Exception, match="no compiler here"):
+        make_llm(compile_model=True)

@@ -49,9 +49,11 @@ def test_generate_paged_bf16_logits_close():
 
 
 def test_engine_on_cuda_matches_generate():
+    """The LLM's defaults on a GPU (compiled forwards, CUDA graphs, async scheduling) against HF generate."""
     model = _model(LlamaConfig, torch.float32)
     prompts = [ragged_batch([n], seed=n)[0][0].tolist() for n in (5, 17, 33, 64, 100, 3)]
-    llm = hf_paged.LLM(model, num_blocks=512, block_size=16, max_num_batched_tokens=64)
+    llm = hf_paged.LLM(model, num_blocks=512, max_num_batched_tokens=64)
+    assert llm.engine.config.compile_model and llm.engine.runner.graphs is not None
     outputs = llm.generate(prompts, hf_paged.SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),
                            use_tqdm=False)
     for prompt, output in zip(prompts, outputs):
@@ -68,7 +70,8 @@ def test_engine_cuda_graphs_match_eager_and_generate():
     sampled = hf_paged.SamplingParams(n=2, temperature=1.0, max_tokens=20, ignore_eos=True, seed=3)
     outs = {}
     for graphs in (True, False):
-        llm = hf_paged.LLM(model, num_blocks=512, block_size=16, max_num_seqs=16, enable_cuda_graphs=graphs)
+        llm = hf_paged.LLM(model, num_blocks=512, block_size=16, max_num_seqs=16, enable_cuda_graphs=graphs,
+                           compile_model=False)
         outs[graphs] = [[c.token_ids for c in o.outputs]
                         for o in llm.generate(prompts, greedy, use_tqdm=False) + llm.generate(prompts[:4], sampled,
                                                                                             use_tqdm=False)]

@@ -13,6 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from hf_paged import SamplingParams
+from hf_paged.blocks import DEFAULT_BLOCK_SIZE
 from hf_paged.server import add_serve_args, launch, run_serve
 from tests.server.conftest import MODEL_NAME, LiveServer
 from tests.tiny import VOCAB, tiny_model, tiny_tokenizer
@@ -407,12 +408,13 @@ def test_cli_options_reach_serve(monkeypatch):
     monkeypatch.setattr(launch, "serve", lambda model, **kwargs: seen.update(model=model, **kwargs))
     args = add_serve_args(argparse.ArgumentParser()).parse_args(
         ["/models/x", "--port", "9001", "--api-key", "k", "--kv-cache-memory", "256MiB", "--max-num-seqs", "8",
-         "--no-enable-prefix-caching", "--served-model-name", "x", "--max-queue", "3"])
+         "--no-enable-prefix-caching", "--served-model-name", "x", "--max-queue", "3", "--enforce-eager"])
     run_serve(args)
     assert seen["model"] == "/models/x" and seen["port"] == 9001 and seen["host"] == "127.0.0.1"
     assert seen["kv_cache_memory"] == 256 * 2**20 and seen["max_num_seqs"] == 8
     assert seen["enable_prefix_caching"] is False and seen["api_key"] == "k"
-    assert (seen["served_model_name"], seen["max_queue"], seen["block_size"]) == ("x", 3, 16)
+    assert (seen["served_model_name"], seen["max_queue"], seen["block_size"]) == ("x", 3, DEFAULT_BLOCK_SIZE)
+    assert seen["enforce_eager"] is True
     assert [launch.parse_bytes(t) for t in ("1024", "2GiB", "1.5kb", "3M")] == [1024, 2**31, 1500, 3 * 10**6]
     with pytest.raises(argparse.ArgumentTypeError):
         launch.parse_bytes("lots")
