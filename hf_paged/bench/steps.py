@@ -1,29 +1,35 @@
 """`hf-paged bench steps`: where one engine decode step's time goes.
 
-A steady decode batch (`--batch` sequences, each `--context` tokens long) is stepped `--steps` times, first
-timed, then under torch.profiler. It reports the wall time of a step, the device time its kernels add up to (the
-rest is the device waiting for the host), the host's own time per step (the wall time less its wait for the
-sampled tokens), the number of kernels per step, and the kernel time by kind: matmuls,
-hf_paged's paged-attention kernels, and everything else (norms, rotary, activations, copies). Side by side with
-`--compare`: the same batch with CUDA graphs and async scheduling off; `--compile`: with the engine's forwards
-torch.compile'd (`LLM(compile_model=True)`).
+A steady decode batch (`--batch` sequences, each `--context` tokens long; several batch sizes: `--batch 1,8,128`)
+is stepped `--steps` times, first timed, then under torch.profiler. It reports the wall time of a step, the device
+time its kernels add up to (the rest is the device waiting for the host), the host's own time per step (the wall
+time less its wait for the sampled tokens), the number of kernels per step, the kernel time by kind: matmuls,
+hf_paged's paged-attention kernels, and everything else (norms, rotary, activations, copies), and the rate at which
+the matmuls read the weights. The first setting is the LLM's defaults (on a GPU: CUDA graphs, async scheduling,
+compiled forwards). `--compare` adds eager forwards (where the default compiles) and fully eager steps without
+async scheduling; `--compile` adds compiled forwards where the default does not compile (CPU). `--sync-debug` counts the
+operations that synchronise the host with the GPU inside the timed steps (torch's sync debug mode).
 
-    python -m hf_paged.bench.steps --model llama2-7b --batch 128 --context 512 --compare --out steps.json
+    python -m hf_paged.bench.steps --model llama2-7b --batch 1,16,128 --context 512 --compare --out steps.json
     python -m hf_paged.bench.steps --model tiny --device cpu --batch 8 --context 32   # CPU smoke run
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
+from hf_paged.bench.roofline import ModelFacts
 from hf_paged.bench.workloads import MODEL_SHAPES, build_model
+from hf_paged.engine.llm import compile_by_default
 from hf_paged.engine.sampler import SampledBatch
 from hf_paged.patches.generate import paged_attention
 
@@ -35,12 +41,15 @@ PAGED = ("_decode_kernel", "_reduce_kernel", "_prefill_kernel", "_write_kv", "kv
 @dataclass(slots=True)
 class StepProfile:
     setting: str  # e.g. "cuda graphs + async scheduling"
+    batch: int
     step_ms: float  # wall time per decode step (timed run, no profiler)
     wait_ms: float  # of which the host waited for sampled tokens (the rest is host work: scheduling, packing, ...)
     kernel_ms: float  # device (CPU: operator) time per step, summed over kernels
     kernels_per_step: float
     by_kind_ms: dict[str, float] = field(default_factory=dict)  # matmul / paged attention / other
     top: list[tuple[str, float]] = field(default_factory=list)  # the costliest kernels, ms per step
+    matmul_gbps: float = 0.0  # weight bytes read per step over the matmul time
+    syncs: dict[str, int] = field(default_factory=dict)  # --sync-debug: synchronising operations in the timed steps
 
     @property
     def host_ms(self) -> float:
@@ -75,34 +84,34 @@ def _kernel_rows(prof, on_gpu: bool) -> list[tuple[str, float, int]]:
     return rows
 
 
-def _steady_batch(model, args, graphs: bool, async_scheduling: bool, compile_model: bool):
+def _steady_batch(model, args, batch: int, graphs: bool, async_scheduling: bool, compile_model: bool):
     from hf_paged import LLM, SamplingParams
-
     from hf_paged.blocks import DEFAULT_BLOCK_SIZE as BS
 
-    blocks = args.batch * (-(-(args.context + args.steps * 3 + 16) // BS) + 1)
-    llm = LLM(model, block_size=BS, num_blocks=blocks, max_num_seqs=max(args.batch, 1),
+    blocks = batch * (-(-(args.context + args.steps * 3 + 16) // BS) + 1)
+    llm = LLM(model, block_size=BS, num_blocks=blocks, max_num_seqs=batch,
               max_num_batched_tokens=max(2048, args.context), enable_cuda_graphs=graphs,
               async_scheduling=async_scheduling, compile_model=compile_model)
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(0)
     params = SamplingParams(temperature=0, max_tokens=args.steps * 3 + 8, ignore_eos=True)
-    for i in range(args.batch):
+    for i in range(batch):
         prompt = torch.randint(3, vocab, (args.context,), generator=gen).tolist()
         llm.engine.add_request(f"steps-{i}", prompt, params)
     return llm
 
 
-def profile_setting(model, args, graphs: bool, async_scheduling: bool, compile_model: bool = False) -> StepProfile:
-    """Bring `args.batch` sequences to steady decode, time `args.steps` steps, then profile as many."""
+def profile_setting(model, args, batch: int, graphs: bool, async_scheduling: bool, compile_model: bool = False
+                    ) -> StepProfile:
+    """Bring `batch` sequences to steady decode, time `args.steps` steps, then profile as many."""
     from torch.profiler import ProfilerActivity, profile
 
-    llm = _steady_batch(model, args, graphs, async_scheduling, compile_model)
+    llm = _steady_batch(model, args, batch, graphs, async_scheduling, compile_model)
     engine = llm.engine
     on_gpu = model.device.type == "cuda"
     sync = torch.cuda.synchronize if on_gpu else (lambda: None)
     with paged_attention(model):  # once for the run, as LLM.generate does
-        while engine.stats().prompt_tokens < args.batch * args.context:  # prefill everything
+        while engine.stats().prompt_tokens < batch * args.context:  # prefill everything
             engine.step()
         for _ in range(3):  # warm up: graph capture for this batch size
             engine.step()
@@ -119,11 +128,12 @@ def profile_setting(model, args, graphs: bool, async_scheduling: bool, compile_m
 
         SampledBatch.results = timed_results
         try:
-            began = time.perf_counter()
-            for _ in range(args.steps):
-                engine.step()
-            sync()
-            step_ms = 1e3 * (time.perf_counter() - began) / args.steps
+            with _count_syncs(args.sync_debug and on_gpu) as syncs:
+                began = time.perf_counter()
+                for _ in range(args.steps):
+                    engine.step()
+                sync()
+                step_ms = 1e3 * (time.perf_counter() - began) / args.steps
         finally:
             SampledBatch.results = read_back
         wait_ms = 1e3 * waited[0] / args.steps
@@ -141,37 +151,74 @@ def profile_setting(model, args, graphs: bool, async_scheduling: bool, compile_m
     top = sorted(((name[:90], ms / args.steps) for name, ms, _ in rows), key=lambda r: -r[1])[:12]
     setting = ("cuda graphs" if graphs and on_gpu else "eager") + (" + async scheduling" if async_scheduling else "")
     setting += " + compile" if compile_model else ""
-    return StepProfile(setting, step_ms, wait_ms, sum(by_kind.values()), sum(c for *_, c in rows) / args.steps,
-                       {k: round(v, 4) for k, v in sorted(by_kind.items())}, [(n, round(m, 4)) for n, m in top])
+    weight_bytes = ModelFacts.of(model).weight_bytes_per_step
+    matmul_gbps = weight_bytes / by_kind["matmul"] / 1e6 if by_kind.get("matmul") else 0.0
+    return StepProfile(setting, batch, step_ms, wait_ms, sum(by_kind.values()), sum(c for *_, c in rows) / args.steps,
+                       {k: round(v, 4) for k, v in sorted(by_kind.items())}, [(n, round(m, 4)) for n, m in top],
+                       round(matmul_gbps, 1), syncs)
+
+
+@contextlib.contextmanager
+def _count_syncs(enabled: bool):
+    """Count, by message, the host-device synchronisations torch reports in its sync debug mode ("warn")."""
+    counts: dict[str, int] = {}
+    if not enabled:
+        yield counts
+        return
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield counts
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    for w in caught:
+        key = str(w.message).splitlines()[0][:120]
+        counts[key] = counts.get(key, 0) + 1
 
 
 def format_report(results: list[StepProfile], args) -> str:
-    lines = [f"decode steps of {args.model}: batch {args.batch}, context {args.context}, {args.steps} steps each",
-             f"{'setting':<34} {'step ms':>8} {'host ms':>8} {'kernel ms':>9} {'busy':>6} {'kernels':>8}  "
-             "by kind (ms per step)"]
+    lines = [f"decode steps of {args.model}: context {args.context}, {args.steps} steps each",
+             f"{'setting':<42} {'batch':>5} {'step ms':>8} {'host ms':>8} {'kernel ms':>9} {'busy':>6} {'kernels':>8} "
+             f"{'mm GB/s':>8}  by kind (ms per step)"]
     for r in results:
         kinds = ", ".join(f"{k} {v:.3f}" for k, v in r.by_kind_ms.items())
-        lines.append(f"{r.setting:<34} {r.step_ms:>8.3f} {r.host_ms:>8.3f} {r.kernel_ms:>9.3f} {r.busy:>6.1%} "
-                     f"{r.kernels_per_step:>8.0f}  {kinds}")
+        lines.append(f"{r.setting:<42} {r.batch:>5} {r.step_ms:>8.3f} {r.host_ms:>8.3f} {r.kernel_ms:>9.3f} "
+                     f"{r.busy:>6.1%} {r.kernels_per_step:>8.0f} {r.matmul_gbps:>8.0f}  {kinds}")
+        lines += [f"    sync x{n}: {message}" for message, n in r.syncs.items()]
     return "\n".join(lines)
 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="hf-paged bench steps", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=sorted(MODEL_SHAPES), default="llama2-7b")
-    parser.add_argument("--batch", type=int, default=128, help="sequences decoding at once")
+    parser.add_argument("--batch", type=_batches, default=[128],
+                        help="sequences decoding at once; a comma-separated list runs each (default: 128)")
     parser.add_argument("--context", type=int, default=512, help="prompt tokens of each sequence")
     parser.add_argument("--steps", type=int, default=20, help="decode steps timed, then as many profiled")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--device", help="default: cuda when available, else cpu")
     parser.add_argument("--compare", action="store_true", help="also run eager steps without async scheduling")
-    parser.add_argument("--compile", action="store_true", help="also run with the engine's forwards torch.compile'd")
+    parser.add_argument("--compile", action="store_true",
+                        help="also run with compiled forwards where the default does not compile (CPU)")
+    parser.add_argument("--sync-debug", action="store_true",
+                        help="count host-device synchronisations in the timed steps (CUDA)")
     parser.add_argument("--out", type=Path, help="write the JSON report here")
     args = parser.parse_args(argv)
-    for name in ("batch", "context", "steps"):
+    for name in ("context", "steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1")
     return args
+
+
+def _batches(text: str) -> list[int]:
+    try:
+        sizes = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a batch size or a comma-separated list of them: {text!r}") from None
+    if min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"batch sizes must be >= 1, got {text!r}")
+    return sizes
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,13 +226,17 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
     model = build_model(args.model, dtype, device)
-    settings = [(True, True, False)] + ([(True, True, True)] if args.compile else [])
-    settings += [(False, False, False)] if args.compare else []
-    results = [profile_setting(model, args, *setting) for setting in settings]
+    compiled = compile_by_default(model)  # the LLM's default
+    settings = [(True, True, compiled)]
+    settings += [(True, True, True)] if args.compile and not compiled else []
+    settings += ([(True, True, False)] if compiled else []) + [(False, False, False)] if args.compare else []
+    settings = list(dict.fromkeys(settings))
+    results = [profile_setting(model, args, batch, *setting) for batch in args.batch for setting in settings]
     print(format_report(results, args))
     if args.out:
         report = {"model": args.model, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
-                  "cpu", "dtype": str(dtype), "batch": args.batch, "context": args.context, "steps": args.steps,
+                  "cpu", "dtype": str(dtype), "batches": args.batch, "context": args.context, "steps": args.steps,
+                  "weight_bytes_per_step": ModelFacts.of(model).weight_bytes_per_step,
                   "results": [dict(asdict(r), busy=r.busy, host_ms=r.host_ms) for r in results]}
         args.out.write_text(json.dumps(report, indent=2))
     return 0

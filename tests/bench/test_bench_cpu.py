@@ -160,12 +160,15 @@ def test_steps_bench_accounts_for_every_step(tmp_path):
     from hf_paged.bench import steps
 
     out = tmp_path / "steps.json"
-    assert steps.main(["--model", "tiny", "--device", "cpu", "--batch", "4", "--context", "20", "--steps", "4",
+    assert steps.main(["--model", "tiny", "--device", "cpu", "--batch", "4,2", "--context", "20", "--steps", "4",
                        "--compare", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
-    assert [r["setting"] for r in report["results"]] == ["eager + async scheduling", "eager"]
+    assert [(r["setting"], r["batch"]) for r in report["results"]] == [
+        ("eager + async scheduling", 4), ("eager", 4), ("eager + async scheduling", 2), ("eager", 2)]
     for r in report["results"]:
         assert r["step_ms"] > 0 and r["kernels_per_step"] > 0
+        assert r["matmul_gbps"] == pytest.approx(report["weight_bytes_per_step"] / r["by_kind_ms"]["matmul"] / 1e6,
+                                                 rel=1e-2)
         assert 0 <= r["wait_ms"] <= r["step_ms"] and r["host_ms"] == pytest.approx(r["step_ms"] - r["wait_ms"])
         assert r["kernel_ms"] == pytest.approx(sum(r["by_kind_ms"].values()), rel=1e-3, abs=1e-3)
         assert r["by_kind_ms"]["matmul"] > 0  # the projections show up as matmuls

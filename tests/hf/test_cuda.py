@@ -99,3 +99,20 @@ def test_engine_compiled_graphs_match_eager(async_scheduling):
         assert llm.get_stats().blocks_in_use == 0
         assert llm.engine.runner.graphs.graphs  # the decode steps replayed (compiled) graphs
     assert outs[True] == outs[False]
+
+
+def test_steps_bench_on_cuda(tmp_path):
+    """`hf-paged bench steps` on the GPU: the default (compiled) setting first, kernel time found, syncs counted."""
+    import json
+
+    from hf_paged.bench import steps
+
+    out = tmp_path / "steps.json"
+    assert steps.main(["--model", "tiny", "--batch", "2,4", "--context", "16", "--steps", "3", "--compare",
+                       "--sync-debug", "--out", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    assert [(r["setting"], r["batch"]) for r in results] == [
+        (setting, batch) for batch in (2, 4) for setting in (
+            "cuda graphs + async scheduling + compile", "cuda graphs + async scheduling", "eager")]
+    for r in results:
+        assert r["kernel_ms"] > 0 and r["matmul_gbps"] > 0 and isinstance(r["syncs"], dict)
