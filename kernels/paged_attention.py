@@ -186,7 +186,9 @@ def _attend(
                         BLOCK_SIZE, BLOCK_N, HEAD_PAD, HEAD_DIM, True, SLIDING, SOFTCAP, DOT_PRECISION, INTERPRET)
 
 
-@triton.jit
+# NOTE: do_not_specialize: the block-table width (stride_bt) changes from step to step outside the CUDA graphs; a
+# width of 1 or a multiple of 16 would otherwise compile another variant in the middle of a run (seconds each).
+@triton.jit(do_not_specialize=["stride_bt"])
 def _decode_kernel(
     out, part_acc, part_ml,  # out (T, Hq, D); partials (S, Hq, NUM_SPLITS, D) f32 and (S, Hq, NUM_SPLITS, 2) f32
     query, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q,
@@ -275,8 +277,9 @@ def _find_seq(cu_seqlens_q, target, num_seqs, BLOCK_Q: tl.constexpr):
     return lo
 
 
-# NOTE: do_not_specialize: a num_seqs of 1 would become a constant and change _find_seq's loop-carried types.
-@triton.jit(do_not_specialize=["num_seqs"])
+# NOTE: do_not_specialize: a num_seqs of 1 would become a constant and change _find_seq's loop-carried types; the
+# block-table width (stride_bt) changes every step, and each specialisation of it would be another compilation.
+@triton.jit(do_not_specialize=["num_seqs", "stride_bt"])
 def _prefill_kernel(
     out, query, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_kt, stride_kh, stride_bt,

@@ -229,6 +229,7 @@ def run_engine(model, requests: list[Request], args, result: SystemResult, kv_bu
     llm.generate([p for p, _ in warm], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
     result.warmup_s = time.perf_counter() - setup
     params = [SamplingParams(temperature=0, max_tokens=o, ignore_eos=True) for _, o in requests]
+    compiled_before = _compiled_graphs()
     run = drive_engine(llm, [p for p, _ in requests], params, f"({result.system}) {result.name}")
     stats = llm.get_stats()
     result.generated_tokens = sum(run.produced)
@@ -241,8 +242,17 @@ def run_engine(model, requests: list[Request], args, result: SystemResult, kv_bu
                         compile_model=llm.engine.config.compile_model,
                         decode_steps=len(run.decode_steps), other_steps=len(run.other_steps),
                         decode_step_ms_mean=1e3 * sum(run.decode_steps) / max(1, len(run.decode_steps)),
-                        other_steps_s=sum(run.other_steps))
+                        other_steps_s=sum(run.other_steps),
+                        slowest_step_s=max(run.decode_steps + run.other_steps, default=0.0),
+                        compilations_in_run=_compiled_graphs() - compiled_before)
     return run.finish
+
+
+def _compiled_graphs() -> int:
+    """Graphs torch.compile has compiled in this process (a compilation inside a timed run shows up here)."""
+    import torch._dynamo.utils
+
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
 
 def _percentile(values: list[float], q: float) -> float:

@@ -105,6 +105,9 @@ def test_throughput_bench_every_system(tmp_path, workload, extra):
             "--seed", "4", "--systems", ",".join(SYSTEM_KEYS), "--out", str(out), "--plot", str(png), *extra]
     assert throughput.main(argv) == 0
     report = json.loads(out.read_text())
+    d = next(r for r in report["systems"] if r["system"] == "d")["extra"]
+    assert d["compilations_in_run"] == 0 and d["compile_model"] is False  # CPU: the LLM's default is eager
+    assert 0 < d["slowest_step_s"] <= d["decode_step_ms_mean"] / 1e3 * d["decode_steps"] + d["other_steps_s"]
     if workload == "sharegpt":
         systems = _check_report(report, 5, [12] * 5)
         # Ragged real prompts (10 to 516 tokens): left padding wastes more than partial 16-token blocks.
