@@ -145,7 +145,7 @@ def run_hf_cb(model, requests: list[Request], args, result: SystemResult, facts:
         cb_config = ContinuousBatchingConfig(use_cuda_graph=True, **sizing)
     else:  # NOTE: the default sizing would take several GB of host memory for cache and masks
         cb_config = ContinuousBatchingConfig(num_blocks=_kv_budget_blocks(kv_budget, facts, 256),
-                                             max_batch_tokens=args.max_num_batched_tokens)
+                                             max_batch_tokens=args.max_num_batched_tokens or 8192)
     max_out = max(o for _, o in requests)
     gen_config = GenerationConfig(do_sample=False, max_new_tokens=max_out, eos_token_id=-1, pad_token_id=0)
     hints = WorkloadHints(max(len(p) for p, _ in requests), max_out, len(requests))
@@ -236,8 +236,8 @@ def run_engine(model, requests: list[Request], args, result: SystemResult, kv_bu
     result.outputs_ok = run.produced == [o for _, o in requests]
     result.kv_waste = result.cache_waste = 1 - run.held_at_peak / (run.peak_blocks * args.block_size)
     result.extra.update(num_blocks=stats.num_blocks, peak_blocks_in_use=run.peak_blocks,
-                        num_preemptions=stats.num_preemptions, max_num_seqs=args.max_num_seqs,
-                        max_num_batched_tokens=args.max_num_batched_tokens,
+                        num_preemptions=stats.num_preemptions, max_num_seqs=llm.engine.config.max_num_seqs,
+                        max_num_batched_tokens=llm.engine.config.max_num_batched_tokens,
                         async_scheduling=args.async_scheduling, cuda_graphs=args.cuda_graphs,
                         compile_model=llm.engine.config.compile_model,
                         decode_steps=len(run.decode_steps), other_steps=len(run.other_steps),
@@ -373,9 +373,12 @@ def parse_args(argv):
     parser.add_argument("--lognormal-mean-out", type=float, default=295)
     parser.add_argument("--batch-size", type=int, default=32, help="static batch size of (a) and (c)")
     parser.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE, help="hf_paged's tokens per KV block")
-    parser.add_argument("--max-num-seqs", type=int, default=256, help="engine (d): sequences running at once")
-    parser.add_argument("--max-num-batched-tokens", type=int, default=8192,
-                        help="engine (d): tokens per step (the LLM default)")
+    parser.add_argument("--max-num-seqs", type=int, default=None,
+                        help="engine (d): sequences running at once (default: the LLM's, 1024 on a GPU of 70 GiB or "
+                             "more but an A100, else 256)")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None,
+                        help="engine (d): tokens per step (default: the LLM's, 16384 on such a GPU, else 8192); "
+                             "(b) on CPU: its max_batch_tokens (default 8192)")
     parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
                         help="engine (d): prepare step N+1 while the device runs step N")
     parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,

@@ -20,6 +20,11 @@ from hf_paged.cache import PagedCache, StepPlan
 from hf_paged.transfer import block_table_rows, to_device
 
 
+# The largest batch captured (vLLM's default cap too): larger decode batches run the forward without a graph,
+# where the launch overhead is small next to the step.
+MAX_GRAPH_BATCH = 512
+
+
 def batch_buckets(max_batch: int, smallest: int = 1) -> list[int]:
     small = [b for b in (1, 2, 4, 8) if smallest <= b < max_batch]
     return small + list(range(16, max_batch, 8 if max_batch <= 64 else 16)) + [max_batch]

@@ -10,6 +10,7 @@ import torch
 from hf_paged.blocks import DEFAULT_BLOCK_SIZE, BlockManager, BlockPool
 from hf_paged.cache import PagedCache
 from hf_paged.engine.beam import BeamState
+from hf_paged.engine.cuda_graphs import MAX_GRAPH_BATCH
 from hf_paged.engine.params import BeamSearchParams, SamplingParams
 from hf_paged.engine.intake import RequestError, check_adapter, check_fits, encode_prompt
 from hf_paged.engine.request import Request, RequestOutput, Sequence, SequenceStatus, request_output
@@ -125,7 +126,7 @@ class LLMEngine:
         self.num_swapped_out = 0
         self.runner = ModelRunner(model, self.cache, cuda_graphs=config.enable_cuda_graphs,
                                   compile_model=config.compile_model,
-                                  max_batch=config.max_num_seqs,
+                                  max_batch=min(config.max_num_seqs, MAX_GRAPH_BATCH),
                                   max_blocks_per_seq=-(-self.max_model_len // config.block_size))
         self.requests: dict[str, Request] = {}
         self.eos_token_ids = _eos_ids(model, tokenizer)

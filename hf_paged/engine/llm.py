@@ -39,6 +39,17 @@ def default_kv_cache_memory(model) -> int:
     return max(int(total * GPU_MEMORY_UTILIZATION) - used, 0)
 
 
+def batch_defaults(model, server: bool = False) -> tuple[int, int]:
+    """(max_num_seqs, max_num_batched_tokens) as vLLM picks them: on a GPU of >= 70 GiB that is not an A100
+    (H100, H200, MI300X, ...) 1024 sequences and 16384 tokens a step (8192 for the server); elsewhere 256 and 8192."""
+    device = model.get_input_embeddings().weight.device
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        if props.total_memory >= 70 * 2**30 and "a100" not in props.name.lower():
+            return 1024, 8192 if server else 16384
+    return 256, 8192
+
+
 def compile_by_default(model) -> bool:
     """`LLM(compile_model=None)`: compile a plain model on one GPU. CPU models gain nothing measurable; quantized,
     PEFT (per-adapter forwards), multi-device and tensor-parallel models stay eager."""
@@ -60,8 +71,9 @@ class LLM:
         block_size: tokens per KV block.
         kv_cache_memory: bytes for the KV pool (default: 90% of free GPU memory; 256 MiB on CPU).
         num_blocks: the pool size in blocks (overrides kv_cache_memory).
-        max_num_seqs: sequences running at once (256, vLLM's default).
-        max_num_batched_tokens: the token budget of one step (chunked prefill splits longer prompts; 8192, the
+        max_num_seqs, max_num_batched_tokens: sequences running at once, and the token budget of one step (chunked
+            prefill splits longer prompts). None: vLLM's defaults (`batch_defaults`): 1024 and 16384 on a GPU of
+            70 GiB or more other than an A100, else 256 and 8192.
             default of vLLM's server).
         enable_prefix_caching: share full KV blocks of identical prefixes across requests.
         preemption_mode: "recompute" (default) drops a preempted sequence's KV and recomputes it; "swap" copies it
@@ -88,8 +100,8 @@ class LLM:
         block_size: int = DEFAULT_BLOCK_SIZE,
         kv_cache_memory: int | None = None,
         num_blocks: int | None = None,
-        max_num_seqs: int = 256,
-        max_num_batched_tokens: int = 8192,
+        max_num_seqs: int | None = None,
+        max_num_batched_tokens: int | None = None,
         enable_prefix_caching: bool = True,
         enable_chunked_prefill: bool = True,
         max_model_len: int | None = None,
@@ -105,6 +117,9 @@ class LLM:
             raise ValueError("enforce_eager=True runs the model eagerly: it cannot be combined with compile_model=True")
         if num_blocks is None and kv_cache_memory is None:
             kv_cache_memory = default_kv_cache_memory(model)
+        default_seqs, default_tokens = batch_defaults(model)
+        max_num_seqs = default_seqs if max_num_seqs is None else max_num_seqs
+        max_num_batched_tokens = default_tokens if max_num_batched_tokens is None else max_num_batched_tokens
         auto_compile = compile_model is None and not enforce_eager
         compile_model = compile_by_default(model) if auto_compile else bool(compile_model)
         config = EngineConfig(block_size, num_blocks, kv_cache_memory, max_num_seqs, max_num_batched_tokens,

@@ -63,14 +63,14 @@ def serve(
 
         init_tensor_parallel(tensor_parallel_size)
         loaded, tokenizer = load_model(model, dtype=dtype, tp_plan="auto")
-        llm = LLM(loaded, tokenizer, **engine_kwargs)
+        llm = LLM(loaded, tokenizer, **_server_batch_defaults(loaded, engine_kwargs))
         sync = StepSync(llm.engine)
         if sync.rank > 0:
             sync.follow()
             return
     else:
         loaded, tokenizer = load_model(model, dtype=dtype, device=device)
-        llm = LLM(loaded, tokenizer, **engine_kwargs)
+        llm = LLM(loaded, tokenizer, **_server_batch_defaults(loaded, engine_kwargs))
     name = served_model_name or (DEFAULT_MODEL if model is None or model in DEFAULT_ALIASES else str(model))
     app = build_app(llm.engine, name, api_key=api_key, max_queue=max_queue, step_sync=sync)
     try:
@@ -78,6 +78,19 @@ def serve(
     finally:
         if sync is not None:
             sync.shutdown()
+
+
+def _server_batch_defaults(model, engine_kwargs: dict) -> dict:
+    """max_num_seqs / max_num_batched_tokens left unset (None) take vLLM's server defaults for this device."""
+    from hf_paged.engine.llm import batch_defaults
+
+    seqs, tokens = batch_defaults(model, server=True)
+    kwargs = dict(engine_kwargs)
+    if kwargs.get("max_num_seqs") is None:
+        kwargs["max_num_seqs"] = seqs
+    if kwargs.get("max_num_batched_tokens") is None:
+        kwargs["max_num_batched_tokens"] = tokens
+    return kwargs
 
 
 def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -98,9 +111,10 @@ def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     engine.add_argument("--kv-cache-memory", type=parse_bytes, default=None,
                         help="bytes for the KV pool, e.g. 2GiB (default: 90%% of free GPU memory; 256MiB on CPU)")
     engine.add_argument("--num-blocks", type=int, default=None, help="KV pool size in blocks (overrides the above)")
-    engine.add_argument("--max-num-seqs", type=int, default=256, help="sequences running at once (default: %(default)s)")
-    engine.add_argument("--max-num-batched-tokens", type=int, default=8192,
-                        help="tokens per engine step; longer prompts are prefilled in chunks (default: %(default)s)")
+    engine.add_argument("--max-num-seqs", type=int, default=None,
+                        help="sequences running at once (default: 1024 on a GPU of 70 GiB or more but an A100, else 256)")
+    engine.add_argument("--max-num-batched-tokens", type=int, default=None,
+                        help="tokens per engine step; longer prompts are prefilled in chunks (default: 8192)")
     engine.add_argument("--max-model-len", type=int, default=None,
                         help="longest prompt + output (default: the model's max_position_embeddings)")
     engine.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,

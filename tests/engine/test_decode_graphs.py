@@ -162,3 +162,25 @@ def test_failed_default_compilation_falls_back_to_eager(make_llm, monkeypatch):
     assert [o.outputs[0].token_ids for o in out] == [o.outputs[0].token_ids for o in ref]
     with pytest.raises(Exception, match="no compiler here"):
         make_llm(compile_model=True)
+
+
+def test_batch_defaults_follow_vllm(monkeypatch):
+    """max_num_seqs / max_num_batched_tokens left unset: 1024 / 16384 (server 8192) on a GPU of >= 70 GiB that is
+    not an A100, else 256 / 8192; CUDA graphs stop at 512 sequences."""
+    import types
+
+    from hf_paged.engine.llm import batch_defaults
+
+    def model_on(device: str):
+        weight = types.SimpleNamespace(device=torch.device(device))
+        return types.SimpleNamespace(get_input_embeddings=lambda: types.SimpleNamespace(weight=weight))
+
+    assert batch_defaults(model_on("cpu")) == (256, 8192)
+    for name, gib, expected in (("NVIDIA H200", 141, (1024, 16384)), ("NVIDIA A100-SXM4-80GB", 80, (256, 8192)),
+                                ("NVIDIA L4", 24, (256, 8192))):
+        props = types.SimpleNamespace(name=name, total_memory=gib * 2**30)
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device, props=props: props)
+        assert batch_defaults(model_on("cuda")) == expected, name
+        assert batch_defaults(model_on("cuda"), server=True) == (expected[0], 8192), name
+    assert cuda_graphs.MAX_GRAPH_BATCH == 512
+    assert cuda_graphs.batch_buckets(cuda_graphs.MAX_GRAPH_BATCH)[-1] == 512

@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from hf_paged import SamplingParams
 from hf_paged.blocks import DEFAULT_BLOCK_SIZE
 from hf_paged.server import add_serve_args, launch, run_serve
+from hf_paged.server import app as app_module
 from tests.server.conftest import MODEL_NAME, LiveServer
 from tests.tiny import VOCAB, tiny_model, tiny_tokenizer
 
@@ -423,11 +424,16 @@ def test_cli_options_reach_serve(monkeypatch):
 def test_serve_loads_a_local_model_directory(tmp_path, monkeypatch, reference):
     tiny_model("llama").save_pretrained(tmp_path)
     tiny_tokenizer().save_pretrained(tmp_path)
-    apps = []
+    apps, configs = [], []
     monkeypatch.setattr("uvicorn.run", lambda app, **kwargs: apps.append((app, kwargs)))
+    build = app_module.build_app
+    monkeypatch.setattr(app_module, "build_app", lambda engine, *a, **k: configs.append(engine.config) or build(
+        engine, *a, **k))
     launch.serve(str(tmp_path), port=9002, num_blocks=64, block_size=4)
     (app, kwargs), = apps
     assert kwargs["host"] == "127.0.0.1" and kwargs["port"] == 9002
+    # Unset batch limits take the server defaults of the device (CPU: vLLM's 256 sequences, 8192 tokens a step).
+    assert (configs[0].max_num_seqs, configs[0].max_num_batched_tokens, configs[0].block_size) == (256, 8192, 4)
     served = LiveServer(app)
     try:
         out = _client(served).completions.create(model=str(tmp_path), prompt=PROMPT, max_tokens=5, temperature=0)
