@@ -166,6 +166,8 @@ def bench_attention(timer, kind, q_lens, seq_lens, hq, hkv, args, rows, sweep):
     scale = args.head_dim**-0.5
     max_q = max(q_lens)
     shape = f"{len(q_lens)}x(q{q_lens[0]},ctx{seq_lens[0]}) {hq}/{hkv}h d{args.head_dim} bs{args.block_size}"
+    if kind == "mixed":
+        shape = f"{len(q_lens) - 1}x(q1,ctx{seq_lens[0]})+(q{q_lens[-1]}) {hq}/{hkv}h d{args.head_dim} bs{args.block_size}"
     nbytes = attention_bytes(inputs, q_lens, seq_lens)
     flops = causal_flops(q_lens, seq_lens, hq, args.head_dim)
     if timer.gpu:
@@ -184,7 +186,13 @@ def bench_attention(timer, kind, q_lens, seq_lens, hq, hkv, args, rows, sweep):
     ms = timer.ms(run)
     row = Row(name, shape, ms, *timer.frac(nbytes, ms), tflops=flops / ms / 1e9)
     baseline = _sdpa_baseline(q_lens, seq_lens, hq, hkv, args.head_dim, dtype, device)
-    if baseline is not None:
+    if kind == "mixed" and timer.gpu:
+        # The same batch as two launches: the decode kernel over the one-token rows, the prefill kernel over the rest.
+        row.baseline = "split: decode kernel + prefill kernel"
+        row.baseline_ms = timer.ms(_split_launch(inputs, q_lens, scale))
+        row.baseline_frac_copy = timer.frac(nbytes, row.baseline_ms)[1]
+        row.vs_baseline = ms / row.baseline_ms
+    elif baseline is not None:
         row.baseline = "torch sdpa, contiguous KV" + (", causal" if max_q > 1 else "")
         row.baseline_ms = timer.ms(baseline)
         row.baseline_frac_copy = timer.frac(nbytes, row.baseline_ms)[1]
@@ -198,6 +206,25 @@ def bench_attention(timer, kind, q_lens, seq_lens, hq, hkv, args, rows, sweep):
         rows.append(Row(name + " best of sweep", shape, best_ms, *timer.frac(nbytes, best_ms),
                         tflops=flops / best_ms / 1e9, config=cfg, detail={"sweep_ms": times}))
     del inputs
+
+
+def _split_launch(inputs, q_lens, scale):
+    """A mixed batch (decodes first, then prefills) as a decode launch and a prefill launch on its two parts."""
+    from hf_paged.kernels.paged_attention import paged_attention
+
+    nd = next((i for i, q in enumerate(q_lens) if q != 1), len(q_lens))
+    cu = inputs["cu_seqlens_q"]
+    decode = dict(inputs, query=inputs["query"][:nd], block_tables=inputs["block_tables"][:nd],
+                  seq_lens=inputs["seq_lens"][:nd], cu_seqlens_q=cu[: nd + 1])
+    prefill = dict(inputs, query=inputs["query"][nd:], block_tables=inputs["block_tables"][nd:],
+                   seq_lens=inputs["seq_lens"][nd:], cu_seqlens_q=cu[nd:] - nd)
+    max_q = max(q_lens[nd:])
+
+    def run():
+        return torch.cat([paged_attention(**decode, scale=scale, max_seqlen_q=1),
+                          paged_attention(**prefill, scale=scale, max_seqlen_q=max_q)])
+
+    return run
 
 
 def _sdpa_baseline(q_lens, seq_lens, hq, hkv, head_dim, dtype, device):
@@ -330,6 +357,10 @@ def main(argv: list[str] | None = None) -> int:
         # Chunked prefill / prefix-cache hit: the last half of each prompt over its cached first half (no sdpa twin).
         half = [prefill_len // 2] * prefill_seqs
         bench_attention(timer, "prefill+prefix", half, q_lens, hq, hkv, args, rows, sweep=False)
+        # A continuous-batching step: the decodes of a running batch and one new prompt in one launch.
+        ctx = args.contexts[0]
+        bench_attention(timer, "mixed", [1] * args.batch + [prefill_len], [ctx] * args.batch + [prefill_len], hq,
+                        hkv, args, rows, sweep=False)
     hkv = heads[0][1]
     bench_write_kv(timer, args.batch, hkv, args, rows)
     bench_write_kv(timer, prefill_seqs * prefill_len, hkv, args, rows)

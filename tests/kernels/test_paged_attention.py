@@ -160,3 +160,13 @@ def test_gpu_prefill_window_softcap(window, softcap):
 @pytest.mark.parametrize("hq, hkv", [(32, 8), (32, 32)])
 def test_gpu_prefill_batch(hq, hkv):
     check([1024] * 8, [1024] * 8, hq, hkv, 128, 16, torch.bfloat16, seed=9)
+
+
+def test_mixed_batch_split_launch_matches_reference():
+    """The kernel bench's split baseline for a mixed step (decodes, then a prompt) computes the same attention."""
+    from hf_paged.bench.kernels import _split_launch, attention_inputs
+
+    q_lens, seq_lens = [1, 1, 1, 9], [13, 5, 21, 9]
+    inputs = attention_inputs(q_lens, seq_lens, 4, 2, 16, 4, torch.float32, "cpu")
+    ref = reference.paged_attention(**inputs, scale=0.25)
+    torch.testing.assert_close(_split_launch(inputs, q_lens, 0.25)(), ref, rtol=1e-4, atol=1e-4)
