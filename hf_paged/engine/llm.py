@@ -74,7 +74,6 @@ class LLM:
         max_num_seqs, max_num_batched_tokens: sequences running at once, and the token budget of one step (chunked
             prefill splits longer prompts). None: vLLM's defaults (`batch_defaults`): 1024 and 16384 on a GPU of
             70 GiB or more other than an A100, else 256 and 8192.
-            default of vLLM's server).
         enable_prefix_caching: share full KV blocks of identical prefixes across requests.
         preemption_mode: "recompute" (default) drops a preempted sequence's KV and recomputes it; "swap" copies it
             to a CPU pool of `swap_space` bytes and back (falling back to recompute when that pool is full).

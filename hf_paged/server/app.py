@@ -30,6 +30,7 @@ from hf_paged.server.protocol import APIError, ChatCompletionRequest, Completion
 from hf_paged.server.responses import ChatRender, CompletionRender, Render, server_error
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+QUEUE_PER_SEQ = 4  # the default max_queue: this many requests in flight per sequence the engine runs at once
 CLIENT_CLOSED = 499  # nginx's "client closed request": never seen by the client, shows in access logs
 
 logger = logging.getLogger(__name__)
@@ -42,7 +43,9 @@ class _ClientGone(Exception):
 class OpenAIServer:
     """The handlers of one app: one engine, one served model name, a bound on requests in flight."""
 
-    def __init__(self, llm_engine: LLMEngine, model_name: str, max_queue: int, step_sync=None):
+    def __init__(self, llm_engine: LLMEngine, model_name: str, max_queue: int | None = None, step_sync=None):
+        if max_queue is None:  # room for a full running batch and as many again waiting, several times over
+            max_queue = QUEUE_PER_SEQ * llm_engine.config.max_num_seqs
         if max_queue < 1:
             raise ValueError(f"max_queue must be >= 1, got {max_queue}")
         if llm_engine.tokenizer is None:
@@ -293,7 +296,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 
 def build_app(
-    llm_engine: LLMEngine, model_name: str, api_key: str | None = None, max_queue: int = 256, step_sync=None
+    llm_engine: LLMEngine, model_name: str, api_key: str | None = None, max_queue: int | None = None, step_sync=None
 ) -> FastAPI:
     """The OpenAI-compatible app over `llm_engine` (which it drives from the app's event loop).
 
@@ -301,7 +304,8 @@ def build_app(
         llm_engine: the engine; the app owns it from now on (one app per engine).
         model_name: the name clients pass as `model` (and `/v1/models` lists).
         api_key: when given, every route but `/health` needs `Authorization: Bearer <api_key>`.
-        max_queue: generation requests in flight at most; more are answered 429.
+        max_queue: generation requests in flight at most; more are answered 429 (default: 4 x the engine's
+            max_num_seqs).
         step_sync: tensor parallelism: rank 0's `hf_paged.engine.tp.StepSync` (the other ranks follow it).
 
     Example:

@@ -28,7 +28,7 @@ def serve(
     port: int = 8000,
     api_key: str | None = None,
     served_model_name: str | None = None,
-    max_queue: int = 256,
+    max_queue: int | None = None,
     dtype: str | None = None,
     device: str | None = None,
     log_level: str = "info",
@@ -42,7 +42,7 @@ def serve(
         host, port: where to listen (loopback by default; expose it knowingly).
         api_key: require `Authorization: Bearer <api_key>` on every route but /health.
         served_model_name: the name clients pass as `model` (default: `model` as given, or the default's name).
-        max_queue: generation requests in flight at most; more are answered 429.
+        max_queue: generation requests in flight at most; more are answered 429 (default: 4 x max_num_seqs).
         dtype, device: passed to `hf_paged.models.load_model`.
         log_level: uvicorn's log level.
         tensor_parallel_size: > 1 shards the model with transformers' tensor parallelism over that many processes,
@@ -104,8 +104,8 @@ def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                              "(default: $HF_PAGED_API_KEY, else none)")
     parser.add_argument("--served-model-name", default=None,
                         help="the model name clients send (default: the model argument as given)")
-    parser.add_argument("--max-queue", type=int, default=256,
-                        help="generation requests in flight at most; more get HTTP 429 (default: %(default)s)")
+    parser.add_argument("--max-queue", type=int, default=None,
+                        help="generation requests in flight at most; more get HTTP 429 (default: 4 x max-num-seqs)")
     engine = parser.add_argument_group("engine")
     engine.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE, help="tokens per KV block (default: %(default)s)")
     engine.add_argument("--kv-cache-memory", type=parse_bytes, default=None,

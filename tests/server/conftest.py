@@ -62,7 +62,7 @@ def start_server():
     """Start servers on tiny engines: start_server(api_key=..., max_queue=..., seed=..., **LLM kwargs)."""
     started = []
 
-    def start(api_key=None, max_queue=256, seed=0, **llm_kwargs):
+    def start(api_key=None, max_queue=None, seed=0, **llm_kwargs):
         app = build_app(tiny_llm(seed, **llm_kwargs).engine, MODEL_NAME, api_key=api_key, max_queue=max_queue)
         started.append(LiveServer(app))
         return started[-1]

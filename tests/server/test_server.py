@@ -432,8 +432,10 @@ def test_serve_loads_a_local_model_directory(tmp_path, monkeypatch, reference):
     launch.serve(str(tmp_path), port=9002, num_blocks=64, block_size=4)
     (app, kwargs), = apps
     assert kwargs["host"] == "127.0.0.1" and kwargs["port"] == 9002
-    # Unset batch limits take the server defaults of the device (CPU: vLLM's 256 sequences, 8192 tokens a step).
+    # Unset batch limits take the server defaults of the device (CPU: vLLM's 256 sequences, 8192 tokens a step),
+    # and the requests in flight are bounded at 4 x max_num_seqs.
     assert (configs[0].max_num_seqs, configs[0].max_num_batched_tokens, configs[0].block_size) == (256, 8192, 4)
+    assert app.state.server.max_queue == app_module.QUEUE_PER_SEQ * 256
     served = LiveServer(app)
     try:
         out = _client(served).completions.create(model=str(tmp_path), prompt=PROMPT, max_tokens=5, temperature=0)
