@@ -114,9 +114,10 @@ def test_launcher_rejects_bad_inputs():
 @on_gpu
 @pytest.mark.parametrize("hq, hkv", [(32, 8), (32, 32), (28, 4)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_gpu_decode_long_contexts(hq, hkv, dtype):
+@pytest.mark.parametrize("block_size", [8, 16])  # the default, and vLLM's
+def test_gpu_decode_long_contexts(hq, hkv, dtype, block_size):
     seq_lens = ragged_lengths(64, 1, 4100, seed=hq + hkv)
-    check([1] * 64, seq_lens, hq, hkv, 128, 16, dtype, seed=1, max_seqlen_q=1)
+    check([1] * 64, seq_lens, hq, hkv, 128, block_size, dtype, seed=1, max_seqlen_q=1)
 
 
 @pytest.mark.cuda
