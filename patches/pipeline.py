@@ -46,9 +46,11 @@ def _engine_for(pipe, cache_config: dict | None):
     if llm is None:
         from hf_paged.engine.llm import LLM
 
+        # NOTE: no torch.compile here: a pipeline's first call should not wait a minute or two for it (CUDA graphs
+        # still replay the decode steps); hf_paged.LLM compiles by default on a GPU.
         llm = LLM(pipe.model, pipe.tokenizer, block_size=(cache_config or {}).get("block_size", DEFAULT_BLOCK_SIZE),
                   kv_cache_memory=(cache_config or {}).get("kv_cache_memory"),
-                  num_blocks=(cache_config or {}).get("num_blocks"))
+                  num_blocks=(cache_config or {}).get("num_blocks"), compile_model=False)
         pipe.__dict__[_LLM_ATTR] = llm
     return llm
 
