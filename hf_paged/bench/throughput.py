@@ -64,6 +64,7 @@ class SystemResult:
     latency_p50_s: float | None = None  # per-request completion time from the start
     latency_p99_s: float | None = None
     vs_a: float | None = None  # output tok/s over system (a)'s
+    vs_b: float | None = None  # output tok/s over system (b)'s
     vs_roofline: float | None = None  # output tok/s over the roofline's
     warmup_s: float | None = None
     extra: dict = field(default_factory=dict)
@@ -298,7 +299,7 @@ def format_table(results: list[SystemResult], roof: dict) -> str:
         return "-" if x is None else format(x, fmt)
 
     head = (f"{'system':<56} {'reqs':>5} {'req/s':>7} {'out tok/s':>10} {'tot tok/s':>10} {'peak GiB':>8} "
-            f"{'kv waste':>8} {'p50 s':>7} {'p99 s':>7} {'vs a':>6} {'vs roof':>7}")
+            f"{'kv waste':>8} {'p50 s':>7} {'p99 s':>7} {'vs a':>6} {'vs b':>6} {'vs roof':>7}")
     lines = [head, "-" * len(head)]
     for r in results:
         name = f"({r.system}) {r.name}" + (" [capped]" if r.capped else "")
@@ -309,7 +310,8 @@ def format_table(results: list[SystemResult], roof: dict) -> str:
         lines.append(
             f"{name:<56} {r.num_requests:>5} {r.requests_per_s:>7.2f} {r.output_tok_per_s:>10.1f} "
             f"{r.total_tok_per_s:>10.1f} {cell(mem, '8.1f'):>8} {cell(r.kv_waste, '8.1%'):>8} "
-            f"{r.latency_p50_s:>7.3g} {r.latency_p99_s:>7.3g} {cell(r.vs_a, '6.2f'):>6} {cell(r.vs_roofline, '7.3f'):>7}")
+            f"{r.latency_p50_s:>7.3g} {r.latency_p99_s:>7.3g} {cell(r.vs_a, '6.2f'):>6} {cell(r.vs_b, '6.2f'):>6} "
+            f"{cell(r.vs_roofline, '7.3f'):>7}")
     lines.append(f"{'HBM roofline (estimate)':<56} {'':>5} {roof['requests_per_s']:>7.2f} "
                  f"{roof['output_tok_per_s']:>10.1f} {roof['total_tok_per_s']:>10.1f}")
     return "\n".join(lines)
@@ -322,7 +324,7 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     ok = [r for r in report["systems"] if not r["error"]]
-    labels = [f"({r['system']}) {SHORT_NAMES[r['system']]}" + ("\n[capped]" if r["capped"] else "") for r in ok]
+    labels = [f"({r['system']}) {SHORT_NAMES[r['system'][0]]}" + ("\n[capped]" if r["capped"] else "") for r in ok]
     panels = [("output tok/s", [r["output_tok_per_s"] for r in ok]),
               ("latency p50 / p99 (s)", None)]
     if any(r["peak_memory_bytes"] for r in ok):
@@ -358,6 +360,34 @@ def _size(text: str) -> int:
     return int(text)
 
 
+VARIANT_KEYS = {"block_size": int, "max_num_seqs": int, "max_num_batched_tokens": int, "compile": bool,
+                "async_scheduling": bool, "cuda_graphs": bool}
+
+
+def _variant(text: str, args) -> tuple[str, argparse.Namespace]:
+    """'eager:compile=false,block_size=16' -> ('eager', a copy of args with those settings)."""
+    label, _, settings = text.partition(":")
+    if not label or not settings or not label.replace("-", "").replace("_", "").isalnum():
+        raise ValueError(f"--variant {text!r}: write LABEL:KEY=VALUE[,KEY=VALUE...]")
+    changed = argparse.Namespace(**vars(args))
+    for item in settings.split(","):
+        key, _, value = item.partition("=")
+        kind = VARIANT_KEYS.get(key.strip())
+        if kind is None:
+            raise ValueError(f"--variant {text!r}: unknown setting {key!r}; use {', '.join(VARIANT_KEYS)}")
+        value = value.strip().lower()
+        if kind is bool:
+            if value not in ("true", "false", "1", "0", "on", "off"):
+                raise ValueError(f"--variant {text!r}: {key} takes true or false, got {value!r}")
+            setattr(changed, key.strip(), value in ("true", "1", "on"))
+        else:
+            try:
+                setattr(changed, key.strip(), kind(value))
+            except ValueError:
+                raise ValueError(f"--variant {text!r}: {key} takes a number, got {value!r}") from None
+    return label, changed
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="hf-paged bench throughput", description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=sorted(MODEL_SHAPES), default="llama2-7b")
@@ -390,12 +420,19 @@ def parse_args(argv):
                         "their own, ~90%% of memory; CPU default: enough for every request at once)")
     parser.add_argument("--time-budget", type=float, help="(a), (c): start no new static batch after this many "
                         "seconds; their figures then cover the batches run ('capped')")
+    parser.add_argument("--variant", action="append", default=[], metavar="LABEL:KEY=VALUE,...",
+                        help="also run the engine (d) with these settings changed, in the same process, as system "
+                             f"d:LABEL (keys: {', '.join(VARIANT_KEYS)}; e.g. eager:compile=false); repeatable")
     parser.add_argument("--out", type=Path, help="write the JSON report here (rewritten after each system)")
     parser.add_argument("--plot", type=Path, help="write a PNG chart here")
     args = parser.parse_args(argv)
     unknown = sorted(set(args.systems.split(",")) - set(SYSTEMS))
     if unknown:
         parser.error(f"unknown systems {unknown}; choose from {sorted(SYSTEMS)}")
+    try:
+        args.variants = [_variant(text, args) for text in args.variant]
+    except ValueError as exc:
+        parser.error(str(exc))
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     args.dtype = args.dtype or ("bfloat16" if args.device.type == "cuda" else "float32")
     return args
@@ -441,13 +478,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.model} {args.dtype} on {device['name']}: copy {device['copy_gbps']:.0f} GB/s, "
           f"matmul {device['matmul_tflops']:.3g} TFLOP/s; roofline {roof['output_tok_per_s']:.0f} out tok/s")
     results = []
-    for key in args.systems.split(","):
-        result = run_system(key, model, requests, args, facts, kv_budget)
+    runs = [(key, args, "") for key in args.systems.split(",")]
+    runs += [("d", variant_args, f":{label}") for label, variant_args in args.variants]
+    for key, run_args, suffix in runs:
+        result = run_system(key, model, requests, run_args, facts, kv_budget)
+        result.system, result.name = key + suffix, result.name + (f" [{suffix[1:]}]" if suffix else "")
         results.append(result)
-        base = next((r for r in results if r.system == "a" and not r.error), None)
+        base_a = next((r for r in results if r.system == "a" and not r.error), None)
+        base_b = next((r for r in results if r.system == "b" and not r.error), None)
         for r in results:
             if not r.error:
-                r.vs_a = r.output_tok_per_s / base.output_tok_per_s if base else None
+                r.vs_a = r.output_tok_per_s / base_a.output_tok_per_s if base_a else None
+                r.vs_b = r.output_tok_per_s / base_b.output_tok_per_s if base_b else None
                 r.vs_roofline = r.output_tok_per_s / roof["output_tok_per_s"]
         report["systems"] = [asdict(r) for r in results]
         print(format_table([result], roof).splitlines()[-2], flush=True)

@@ -179,3 +179,19 @@ def test_steps_bench_accounts_for_every_step(tmp_path):
     assert steps._kind("void cutlass::Kernel2<cutlass_80_wmma_tensorop_bf16_s161616gemm>") == "matmul"
     assert steps._kind("_decode_kernel") == "paged attention"
     assert steps._kind("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add>") == "other"
+
+
+def test_engine_variants_run_in_the_same_process(tmp_path):
+    out = tmp_path / "run.json"
+    argv = ["--model", "tiny", "--device", "cpu", "--workload", "lognormal", "--num-requests", "4", "--systems", "d",
+            "--output-len", "fixed", "--output-len-value", "6", "--variant", "small:max_num_seqs=2,block_size=4",
+            "--variant", "sync:async_scheduling=false", "--out", str(out)]
+    assert throughput.main(argv) == 0
+    systems = json.loads(out.read_text())["systems"]
+    assert [s["system"] for s in systems] == ["d", "d:small", "d:sync"]
+    assert all(s["outputs_ok"] and s["generated_tokens"] == 4 * 6 for s in systems)
+    assert systems[1]["extra"]["max_num_seqs"] == 2 and systems[0]["extra"]["max_num_seqs"] == 256
+    assert systems[2]["extra"]["async_scheduling"] is False and systems[2]["name"].endswith("[sync]")
+    for bad in ("nolabel", "x:colour=red", "x:compile=maybe", "x:block_size=big"):
+        with pytest.raises(SystemExit):
+            throughput.parse_args(["--variant", bad])
