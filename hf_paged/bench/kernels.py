@@ -134,14 +134,14 @@ def causal_flops(q_lens, seq_lens, num_q_heads, head_dim) -> int:
 
 
 def decode_configs():
-    from hf_paged.kernels.paged_attention import DecodeConfig
+    from hf_paged.kernels.tuning import DecodeConfig
 
     tiles = [(32, 4, 3), (64, 4, 2), (64, 4, 3), (64, 4, 4), (64, 8, 3), (128, 4, 2), (128, 8, 3)]
     return [DecodeConfig(n, s, w, st) for s in (1, 2, 4) for n, w, st in tiles]
 
 
 def prefill_configs():
-    from hf_paged.kernels.paged_attention import PrefillConfig
+    from hf_paged.kernels.tuning import PrefillConfig
 
     return [PrefillConfig(*c) for c in [
         (128, 32, 4, 2), (128, 32, 4, 3), (128, 32, 4, 4), (128, 32, 8, 3), (128, 64, 4, 2), (128, 64, 4, 3),

@@ -1,0 +1,51 @@
+"""Tile configurations of the paged-attention kernels, and the defaults picked per launch (tuned on an H100)."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeConfig:
+    block_n: int  # KV tokens per loop step
+    num_splits: int  # programs per (sequence, KV head); > 1 adds the reduction kernel
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillConfig:
+    block_m: int  # rows per program (query tokens x query heads of one KV group)
+    block_n: int  # KV tokens per loop step
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def default_decode_config(num_seqs: int, num_kv_heads: int, head_dim: int, device: torch.device) -> DecodeConfig:
+    """Split the context until the grid holds two programs per SM (few long sequences need it most).
+
+    Measured on an H100 (docs/kernels.md): batch 64 x 8 KV heads (3.9 programs per SM) runs fastest unsplit.
+    """
+    if device.type != "cuda":  # the CPU interpreter: small tiles, one split
+        return DecodeConfig(block_n=16, num_splits=1, num_warps=1, num_stages=1)
+    programs = max(num_seqs * num_kv_heads, 1)
+    splits = min(16, triton.next_power_of_2(triton.cdiv(2 * _num_sms(device), programs)))
+    return DecodeConfig(block_n=64 if head_dim <= 128 else 32, num_splits=splits, num_warps=4, num_stages=3)
+
+
+def default_prefill_config(group: int, head_dim: int, device: torch.device) -> PrefillConfig:
+    """32-64 query tokens and 32 keys a step, one warpgroup (fastest of a sweep on an H100, docs/kernels.md)."""
+    if device.type != "cuda":
+        return PrefillConfig(block_m=max(16, triton.next_power_of_2(group)), block_n=16, num_warps=1, num_stages=1)
+    if head_dim > 128:
+        return PrefillConfig(block_m=64, block_n=32, num_warps=4, num_stages=2)
+    return PrefillConfig(block_m=64 if group == 1 else 128, block_n=32, num_warps=4, num_stages=3)
