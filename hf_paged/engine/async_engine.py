@@ -10,7 +10,8 @@ import asyncio
 import itertools
 from collections.abc import AsyncIterator
 
-from hf_paged.engine.engine import EngineStats, LLMEngine, StepError
+from hf_paged.engine.config import EngineStats, StepError
+from hf_paged.engine.engine import LLMEngine
 from hf_paged.engine.params import BeamSearchParams, SamplingParams
 from hf_paged.engine.request import RequestOutput
 from hf_paged.patches.generate import paged_attention

@@ -10,7 +10,8 @@ import torch
 from tqdm.auto import tqdm
 
 from hf_paged.blocks import DEFAULT_BLOCK_SIZE
-from hf_paged.engine.engine import EngineConfig, EngineStats, LLMEngine, RequestError
+from hf_paged.engine.config import EngineConfig, EngineStats
+from hf_paged.engine.engine import LLMEngine, RequestError
 from hf_paged.engine.params import BeamSearchParams, SamplingParams
 from hf_paged.engine.request import RequestOutput
 from hf_paged.patches.generate import paged_attention

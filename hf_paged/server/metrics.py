@@ -9,7 +9,7 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from hf_paged.engine.engine import EngineStats
+from hf_paged.engine.config import EngineStats
 
 PREFIX = "hf_paged_"
 RATE_WINDOW_S = 10.0
