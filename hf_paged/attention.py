@@ -19,6 +19,7 @@ from hf_paged.kernels import ops
 
 METADATA_KEY = "paged_metadata"
 KV_POOL_KEY = "paged_kv_pool"
+SLOTS_KEY = "paged_slot_mapping"  # the engine's compiled layers: the KV write happens here, into the module's pools
 
 
 @dataclass(slots=True)
@@ -62,6 +63,10 @@ def paged_attention_forward(
         raise ValueError("the 'paged' attention is for inference; it does not support attention dropout")
     meta: PagedAttentionMetadata | None = kwargs.get(METADATA_KEY)
     layer: LayerKV | None = kwargs.get(KV_POOL_KEY)
+    slots = kwargs.get(SLOTS_KEY)
+    if slots is not None:
+        layer = bound_pools(module)
+        ops.write_kv(_flat(key), _flat(value), layer.key_cache, layer.value_cache, slots)
     if meta is None or layer is None:
         return _contiguous_attention(module, query, key, value, attention_mask, scaling, softcap, **kwargs)
 
@@ -88,6 +93,27 @@ def paged_attention_forward(
         out = packed_out.new_zeros(batch * q_len, num_q_heads, head_dim)
         out.index_copy_(0, meta.query_index, packed_out)
     return out.view(batch, q_len, num_q_heads, head_dim), None
+
+
+def bind_pools(module: torch.nn.Module, layer: LayerKV | None) -> None:
+    """Give an attention module its layer's pools (None: take them back). The engine's compiled decoder layers read
+    them there: reached through the module, they are inputs of one graph that every layer shares, where reaching
+    them through the cache by layer index would compile every layer apart."""
+    if layer is None:
+        for name in ("hf_paged_keys", "hf_paged_values", "hf_paged_window"):
+            module.__dict__.pop(name, None)
+    else:
+        module.hf_paged_keys, module.hf_paged_values = layer.key_cache, layer.value_cache
+        module.hf_paged_window = layer.sliding_window
+
+
+def bound_pools(module: torch.nn.Module) -> LayerKV:
+    return LayerKV(module.hf_paged_keys, module.hf_paged_values, module.hf_paged_window)
+
+
+def _flat(states: torch.Tensor) -> torch.Tensor:
+    batch, heads, q_len, dim = states.shape  # (B, Hkv, Q, D) -> (B*Q, Hkv, D)
+    return states.transpose(1, 2).reshape(batch * q_len, heads, dim).contiguous()
 
 
 def _contiguous_attention(module, query, key, value, attention_mask, scaling, softcap, **kwargs):

@@ -16,7 +16,7 @@ import torch
 from transformers import PreTrainedConfig
 from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and_kwargs
 
-from hf_paged.attention import KV_POOL_KEY, METADATA_KEY, LayerKV, PagedAttentionMetadata
+from hf_paged.attention import KV_POOL_KEY, METADATA_KEY, SLOTS_KEY, LayerKV, PagedAttentionMetadata
 from hf_paged.blocks import DEFAULT_BLOCK_SIZE, BlockManager, BlockPool, BlockPoolExhausted, BlockTable
 from hf_paged.kernels import ops
 from hf_paged.transfer import to_device
@@ -156,6 +156,7 @@ class PagedCache(Cache):
         self._last_layer = -1
         # Engine mode: the engine owns the block tables and hands each forward its plan.
         self._engine_plan: StepPlan | None = None
+        self.pools_bound = False  # the engine's compiled layers hold their pools (attention.bind_pools)
 
     # ----------------------------------------------------------------------------------------------- set-up
     def begin_generate(self, attention_mask: torch.Tensor | None, batch_size: int, group_size: int = 1) -> None:
@@ -252,6 +253,13 @@ class PagedCache(Cache):
         left-padded with zeros to the logical length, as DynamicCache would hold it.
         """
         batch, _, q_len, _ = key_states.shape
+        if self._engine_plan is not None and self.pools_bound:
+            # The engine's compiled layers: the attention writes into the pools bound to its module (nothing here
+            # may depend on layer_idx, or every layer would compile apart).
+            call_kwargs = kwargs["kwargs"]
+            call_kwargs[METADATA_KEY] = self._engine_plan.metadata
+            call_kwargs[SLOTS_KEY] = self._engine_plan.slot_mapping
+            return key_states, value_states
         if self._engine_plan is not None:
             self._plan = self._engine_plan
         elif self._plan is None or layer_idx <= self._last_layer:

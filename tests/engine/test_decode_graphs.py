@@ -184,3 +184,56 @@ def test_batch_defaults_follow_vllm(monkeypatch):
         assert batch_defaults(model_on("cuda"), server=True) == (expected[0], 8192), name
     assert cuda_graphs.MAX_GRAPH_BATCH == 512
     assert cuda_graphs.batch_buckets(cuda_graphs.MAX_GRAPH_BATCH)[-1] == 512
+
+
+def test_decoder_layers_share_one_compiled_graph():
+    """Regional compilation: six layers still compile twice in all (decode-only steps and the rest), not per layer,
+    and the user's model is left as it was between the engine's forwards (no compiled layer, no pool bound)."""
+    import torch._dynamo
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from hf_paged import LLM
+    from hf_paged.engine.compiled import attention_modules, compiles_by_layer, decoder_layers
+    from tests.tiny import COMMON
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**dict(COMMON, num_hidden_layers=6), num_key_value_heads=2))
+    model.eval()
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16]]
+    params = SamplingParams(temperature=0, max_tokens=9, ignore_eos=True)
+    ref = LLM(model, num_blocks=64, block_size=4).generate(prompts, params, use_tqdm=False)
+    counts = torch._dynamo.utils.counters
+    counts.clear()
+    llm = LLM(model, num_blocks=64, block_size=4, compile_model=True)
+    assert compiles_by_layer(model, llm.engine.cache) and len(decoder_layers(model)) == 6
+    out = llm.generate(prompts, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in out] == [o.outputs[0].token_ids for o in ref]
+    assert counts["stats"]["unique_graphs"] == 2 and not counts["graph_break"], dict(counts["stats"])
+    assert all(layer._compiled_call_impl is None for layer in decoder_layers(model))
+    assert not any(hasattr(m, "hf_paged_keys") for m in attention_modules(model).values())
+    assert llm.get_stats().blocks_in_use == 0
+
+
+@pytest.mark.parametrize("arch, graphs", [("mistral", 2), ("qwen2", 2), ("qwen2_sliding", 4), ("qwen3", 2),
+                                          ("phi3", 2), ("gpt2", 2)])
+def test_compiled_layers_across_architectures(make_llm, arch, graphs):
+    """Every covered architecture compiles by layer: same tokens as eager, all compilations in the warm-up (two, or
+    four where sliding and full layers alternate), no graph break."""
+    import torch._dynamo
+
+    from hf_paged.engine.compiled import compiles_by_layer
+
+    torch._dynamo.reset()
+    rng = random.Random(3)
+    prompts = [[rng.randrange(3, VOCAB) for _ in range(rng.randint(2, 30))] for _ in range(5)]
+    params = [SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)] * 4
+    params.append(SamplingParams(temperature=1.0, n=2, max_tokens=6, seed=3, ignore_eos=True))
+    ref = make_llm(arch, max_num_seqs=8, max_num_batched_tokens=32).generate(prompts, params, use_tqdm=False)
+    counts = torch._dynamo.utils.counters
+    counts.clear()
+    llm = make_llm(arch, max_num_seqs=8, max_num_batched_tokens=32, compile_model=True)
+    assert compiles_by_layer(llm.engine.model, llm.engine.cache)
+    out = llm.generate(prompts, params, use_tqdm=False)
+    assert [[c.token_ids for c in o.outputs] for o in out] == [[c.token_ids for c in o.outputs] for o in ref]
+    assert counts["stats"]["unique_graphs"] == graphs and not counts["graph_break"], dict(counts["stats"])
