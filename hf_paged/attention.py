@@ -66,7 +66,7 @@ def paged_attention_forward(
     slots = kwargs.get(SLOTS_KEY)
     if slots is not None:
         layer = bound_pools(module)
-        ops.write_kv(_flat(key), _flat(value), layer.key_cache, layer.value_cache, slots)
+        ops.write_kv(token_rows(key), token_rows(value), layer.key_cache, layer.value_cache, slots)
     if meta is None or layer is None:
         return _contiguous_attention(module, query, key, value, attention_mask, scaling, softcap, **kwargs)
 
@@ -111,8 +111,9 @@ def bound_pools(module: torch.nn.Module) -> LayerKV:
     return LayerKV(module.hf_paged_keys, module.hf_paged_values, module.hf_paged_window)
 
 
-def _flat(states: torch.Tensor) -> torch.Tensor:
-    batch, heads, q_len, dim = states.shape  # (B, Hkv, Q, D) -> (B*Q, Hkv, D)
+def token_rows(states: torch.Tensor) -> torch.Tensor:
+    """K or V states [B, Hkv, Q, D] as contiguous rows per token [B*Q, Hkv, D], as the KV write takes them."""
+    batch, heads, q_len, dim = states.shape
     return states.transpose(1, 2).reshape(batch * q_len, heads, dim).contiguous()
 
 

@@ -16,7 +16,7 @@ import torch
 from transformers import PreTrainedConfig
 from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and_kwargs
 
-from hf_paged.attention import KV_POOL_KEY, METADATA_KEY, SLOTS_KEY, LayerKV, PagedAttentionMetadata
+from hf_paged.attention import KV_POOL_KEY, METADATA_KEY, SLOTS_KEY, LayerKV, PagedAttentionMetadata, token_rows
 from hf_paged.blocks import DEFAULT_BLOCK_SIZE, BlockManager, BlockPool, BlockPoolExhausted, BlockTable
 from hf_paged.kernels import ops
 from hf_paged.transfer import to_device
@@ -252,7 +252,6 @@ class PagedCache(Cache):
         through the metadata put in `kwargs`; with any other attention the row's whole K/V comes back contiguous,
         left-padded with zeros to the logical length, as DynamicCache would hold it.
         """
-        batch, _, q_len, _ = key_states.shape
         if self._engine_plan is not None and self.pools_bound:
             # The engine's compiled layers: the attention writes into the pools bound to its module (nothing here
             # may depend on layer_idx, or every layer would compile apart).
@@ -260,6 +259,7 @@ class PagedCache(Cache):
             call_kwargs[METADATA_KEY] = self._engine_plan.metadata
             call_kwargs[SLOTS_KEY] = self._engine_plan.slot_mapping
             return key_states, value_states
+        batch, _, q_len, _ = key_states.shape
         if self._engine_plan is not None:
             self._plan = self._engine_plan
         elif self._plan is None or layer_idx <= self._last_layer:
@@ -272,9 +272,7 @@ class PagedCache(Cache):
         plan = self._plan
         slot_mapping = plan.slot_mapping.to(layer.device)
         _copy_blocks(layer, plan.copies)
-        flat_k = key_states.transpose(1, 2).reshape(batch * q_len, *key_states.shape[1:2], key_states.shape[-1])
-        flat_v = value_states.transpose(1, 2).reshape(batch * q_len, value_states.shape[1], value_states.shape[-1])
-        ops.write_kv(flat_k.contiguous(), flat_v.contiguous(), layer.keys, layer.values, slot_mapping)
+        ops.write_kv(token_rows(key_states), token_rows(value_states), layer.keys, layer.values, slot_mapping)
 
         call_kwargs = kwargs.get("kwargs")
         if self._engine_plan is not None and not (

@@ -2,7 +2,7 @@
 
 The decoder layers of an HF model are instances of one class running the same code, so the others reuse the
 graph compiled for the first (their weights are graph inputs): a 32-layer model compiles about as fast as a
-1-layer one (SmolLM2's 30 layers on CPU, cold cache: 100 s whole-model, 15 s by layer). Two things keep the graph
+1-layer one (SmolLM2's 30 layers on CPU, cold cache: 100 s whole-model, 16 s by layer). Two things keep the graph
 shared: the KV pools reach the attention through its module (`attention.bind_pools`), not through the cache by
 layer index, and the layers' token dimension is marked dynamic at each call. The embedding, the final norm and the
 LM head stay eager (a handful of kernels, inside the CUDA graphs for decode steps). Compiled layers and bound pools
