@@ -252,6 +252,28 @@ def _sdpa_backends(timer, baseline) -> dict[str, float | None]:
     return times
 
 
+def bench_gemm(timer, m: int, hidden: int, intermediate: int, kv_dim: int, args, rows):
+    """A decode step's projections at `m` rows through torch (cuBLAS): the rate they read the weights at, each
+    group as separate matmuls (as HF models run them) and as one matmul over the concatenated weights."""
+    dtype, device = _DTYPES[args.dtype], "cuda" if timer.gpu else "cpu"
+    groups = {"qkv": (hidden, [hidden, kv_dim, kv_dim]), "o": (hidden, [hidden]),
+              "gate_up": (hidden, [intermediate, intermediate]), "down": (intermediate, [hidden])}
+    for name, (k, outs) in groups.items():
+        x = torch.randn(m, k, dtype=dtype, device=device)
+        weights = [torch.randn(n, k, dtype=dtype, device=device) / k**0.5 for n in outs]
+        nbytes = sum(w.numel() for w in weights) * x.element_size() + (k + sum(outs)) * m * x.element_size()
+        shape = f"M={m} {k}->{'+'.join(map(str, outs))}"
+        ms = timer.ms(lambda: [F.linear(x, w) for w in weights])
+        rows.append(Row(f"matmul[{name}]", shape, ms, *timer.frac(nbytes, ms)))
+        if len(weights) > 1:
+            fused = torch.cat(weights)
+            fused_ms = timer.ms(lambda: F.linear(x, fused))
+            rows.append(Row(f"matmul[{name} fused]", shape, fused_ms, *timer.frac(nbytes, fused_ms),
+                            baseline="the same matmuls apart", baseline_ms=ms, vs_baseline=fused_ms / ms))
+            del fused
+        del x, weights
+
+
 def bench_write_kv(timer, num_tokens, hkv, args, rows):
     dtype, device = _DTYPES[args.dtype], "cuda" if timer.gpu else "cpu"
     cache_shape = (num_tokens // args.block_size + 8, args.block_size, hkv, args.head_dim)
@@ -321,6 +343,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefill", default="8x1024", help="SEQSxTOKENS of the prefill rows")
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default="bfloat16")
     parser.add_argument("--sweep", action="store_true", help="also time alternative tile configs, report the best")
+    parser.add_argument("--gemm-rows", default="1,16,128",
+                        help="rows (sequences) of the decode-step matmul rows, comma separated ('' for none)")
+    parser.add_argument("--gemm-shape", default="4096,11008,4096",
+                        help="HIDDEN,INTERMEDIATE,KV_DIM of those matmuls (default: Llama-2-7B)")
     args = parser.parse_args(argv)
 
     gpu = not args.tiny
@@ -329,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.tiny:
         torch.set_num_threads(1)  # tiny shapes: a second thread only waits (and on a loaded box, much longer)
         args.batch, args.contexts, args.heads, args.head_dim, args.prefill = 2, [64], "4/2", 64, "2x32"
+        args.gemm_rows, args.gemm_shape = "1,4", "64,128,32"
         args.dtype = "float32"
     heads = [tuple(int(x) for x in pair.split("/")) for pair in args.heads.split(",")]
     prefill_seqs, prefill_len = (int(x) for x in args.prefill.split("x"))
@@ -365,6 +392,9 @@ def main(argv: list[str] | None = None) -> int:
     bench_write_kv(timer, args.batch, hkv, args, rows)
     bench_write_kv(timer, prefill_seqs * prefill_len, hkv, args, rows)
     bench_copy_blocks(timer, 64 if args.tiny else 2048, hkv, args, rows)
+    hidden, intermediate, kv_dim = (int(x) for x in args.gemm_shape.split(","))
+    for m in [int(x) for x in args.gemm_rows.split(",") if x]:
+        bench_gemm(timer, m, hidden, intermediate, kv_dim, args, rows)
 
     table = format_table(rows)
     print(table)

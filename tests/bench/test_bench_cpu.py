@@ -195,3 +195,21 @@ def test_engine_variants_run_in_the_same_process(tmp_path):
     for bad in ("nolabel", "x:colour=red", "x:compile=maybe", "x:block_size=big"):
         with pytest.raises(SystemExit):
             throughput.parse_args(["--variant", bad])
+
+
+def test_kernel_bench_tiny_rows(tmp_path):
+    """The CPU smoke run of `hf-paged bench kernels`: every row kind, fused matmul rows against their parts."""
+    from hf_paged.bench import kernels
+
+    out = tmp_path / "kernels.json"
+    assert kernels.main(["--tiny", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    names = [r["kernel"] for r in rows]
+    for kind in ("decode", "prefill", "prefill+prefix", "mixed"):
+        assert f"reference.paged_attention[{kind}]" in names
+    matmuls = [r for r in rows if r["kernel"].startswith("matmul[")]
+    assert len(matmuls) == 2 * 6  # two row counts x (qkv, qkv fused, o, gate_up, gate_up fused, down)
+    for fused in (r for r in matmuls if r["kernel"].endswith(" fused]")):
+        apart = next(r for r in matmuls if r["kernel"] == fused["kernel"].replace(" fused", "")
+                     and r["shape"] == fused["shape"])
+        assert fused["baseline_ms"] == apart["ms"] and fused["vs_baseline"] == pytest.approx(fused["ms"] / apart["ms"])
