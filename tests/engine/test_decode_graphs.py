@@ -237,3 +237,23 @@ def test_compiled_layers_across_architectures(make_llm, arch, graphs):
     out = llm.generate(prompts, params, use_tqdm=False)
     assert [[c.token_ids for c in o.outputs] for o in out] == [[c.token_ids for c in o.outputs] for o in ref]
     assert counts["stats"]["unique_graphs"] == graphs and not counts["graph_break"], dict(counts["stats"])
+
+
+def test_compiled_engine_under_preemption_and_prefix_hits(make_llm):
+    """A small pool under compile: preemption by recompute, prefix-cache hits, n > 1 forks and logprobs give the
+    eager engine's tokens."""
+    rng = random.Random(5)
+    prompts = [[rng.randrange(3, VOCAB) for _ in range(rng.randint(1, 60))] for _ in range(30)]
+    prompts += [prompts[0][:20] + [rng.randrange(3, VOCAB) for _ in range(10)] for _ in range(4)]  # shared prefix
+    params = [SamplingParams(temperature=0, max_tokens=rng.randint(1, 40), ignore_eos=True) for _ in prompts]
+    params[3] = SamplingParams(temperature=0.8, n=3, max_tokens=20, seed=1, ignore_eos=True)
+    params[7] = SamplingParams(temperature=1.0, top_k=5, max_tokens=25, seed=2, ignore_eos=True, logprobs=2)
+    settings = dict(num_blocks=60, max_num_seqs=12, max_num_batched_tokens=48)
+    ref = make_llm(**settings).generate(prompts, params, use_tqdm=False)
+    llm = make_llm(compile_model=True, **settings)
+    out = llm.generate(prompts, params, use_tqdm=False)
+    assert [[c.token_ids for c in o.outputs] for o in out] == [[c.token_ids for c in o.outputs] for o in ref]
+    for got, want in zip(out[7].outputs[0].logprobs, ref[7].outputs[0].logprobs):  # fused fp32 math: close, not equal
+        assert got.keys() == want.keys() and list(got.values()) == pytest.approx(list(want.values()), abs=1e-4)
+    stats = llm.get_stats()
+    assert stats.num_preemptions > 0 and stats.prefix_cache_hits > 0
