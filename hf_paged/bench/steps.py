@@ -29,6 +29,7 @@ import torch
 
 from hf_paged.bench.roofline import ModelFacts
 from hf_paged.bench.workloads import MODEL_SHAPES, build_model
+from hf_paged.blocks import DEFAULT_BLOCK_SIZE
 from hf_paged.engine.llm import compile_by_default
 from hf_paged.engine.sampler import SampledBatch
 from hf_paged.patches.generate import paged_attention
@@ -86,10 +87,9 @@ def _kernel_rows(prof, on_gpu: bool) -> list[tuple[str, float, int]]:
 
 def _steady_batch(model, args, batch: int, graphs: bool, async_scheduling: bool, compile_model: bool):
     from hf_paged import LLM, SamplingParams
-    from hf_paged.blocks import DEFAULT_BLOCK_SIZE as BS
 
-    blocks = batch * (-(-(args.context + args.steps * 3 + 16) // BS) + 1)
-    llm = LLM(model, block_size=BS, num_blocks=blocks, max_num_seqs=batch,
+    blocks = batch * (-(-(args.context + args.steps * 3 + 16) // DEFAULT_BLOCK_SIZE) + 1)
+    llm = LLM(model, block_size=DEFAULT_BLOCK_SIZE, num_blocks=blocks, max_num_seqs=batch,
               max_num_batched_tokens=max(2048, args.context), enable_cuda_graphs=graphs,
               async_scheduling=async_scheduling, compile_model=compile_model)
     vocab = model.config.vocab_size

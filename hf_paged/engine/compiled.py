@@ -31,10 +31,15 @@ def attention_modules(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
             if type(module).__name__.endswith("Attention") and isinstance(getattr(module, "layer_idx", None), int)}
 
 
+def on_one_device(model: torch.nn.Module) -> bool:
+    """Every parameter on one device (no accelerate placement over several devices, nothing offloaded)."""
+    return len({param.device for param in model.parameters()}) == 1
+
+
 def compiles_by_layer(model: torch.nn.Module, cache: PagedCache) -> bool:
     """Whether the layers can share a graph: one device (the step metadata is not moved per layer), decoder layers
     HF names, and one attention module per cache layer."""
-    if len({param.device for param in model.parameters()}) != 1:
+    if not on_one_device(model):
         return False
     return bool(decoder_layers(model)) and sorted(attention_modules(model)) == list(range(len(cache.layers)))
 

@@ -10,6 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from hf_paged.blocks import DEFAULT_BLOCK_SIZE
+from hf_paged.engine.compiled import on_one_device
 from hf_paged.engine.config import EngineConfig, EngineStats
 from hf_paged.engine.engine import LLMEngine, RequestError
 from hf_paged.engine.params import BeamSearchParams, SamplingParams
@@ -58,7 +59,7 @@ def compile_by_default(model) -> bool:
         return False
     if getattr(model, "is_quantized", False) or hasattr(model, "peft_config"):
         return False
-    if len(set((getattr(model, "hf_device_map", None) or {}).values())) > 1:
+    if not on_one_device(model):
         return False
     return not (torch.distributed.is_available() and torch.distributed.is_initialized())
 
