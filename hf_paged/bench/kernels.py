@@ -253,8 +253,9 @@ def _sdpa_backends(timer, baseline) -> dict[str, float | None]:
 
 
 def bench_gemm(timer, m: int, hidden: int, intermediate: int, kv_dim: int, args, rows):
-    """A decode step's projections at `m` rows through torch (cuBLAS): the rate they read the weights at, each
-    group as separate matmuls (as HF models run them) and as one matmul over the concatenated weights."""
+    """A decode step's projections at `m` rows: the rate they read the weights at, each group as separate matmuls
+    (as HF models run them) and as one matmul over the concatenated weights (as the engine runs them,
+    engine/fused.py), through cuBLAS, and apart through cuBLASLt."""
     dtype, device = _DTYPES[args.dtype], "cuda" if timer.gpu else "cpu"
     groups = {"qkv": (hidden, [hidden, kv_dim, kv_dim]), "o": (hidden, [hidden]),
               "gate_up": (hidden, [intermediate, intermediate]), "down": (intermediate, [hidden])}
@@ -265,13 +266,22 @@ def bench_gemm(timer, m: int, hidden: int, intermediate: int, kv_dim: int, args,
         shape = f"M={m} {k}->{'+'.join(map(str, outs))}"
         ms = timer.ms(lambda: [F.linear(x, w) for w in weights])
         rows.append(Row(f"matmul[{name}]", shape, ms, *timer.frac(nbytes, ms)))
-        if len(weights) > 1:
-            fused = torch.cat(weights)
-            fused_ms = timer.ms(lambda: F.linear(x, fused))
-            rows.append(Row(f"matmul[{name} fused]", shape, fused_ms, *timer.frac(nbytes, fused_ms),
-                            baseline="the same matmuls apart", baseline_ms=ms, vs_baseline=fused_ms / ms))
-            del fused
-        del x, weights
+
+        def vs_cublas(label, other_ms, **extra):
+            rows.append(Row(f"matmul[{name}] {label}", shape, other_ms, *timer.frac(nbytes, other_ms),
+                            baseline="cuBLAS, matmuls apart", baseline_ms=ms, vs_baseline=other_ms / ms, **extra))
+
+        fused = torch.cat(weights) if len(weights) > 1 else None
+        if fused is not None:
+            vs_cublas("fused", timer.ms(lambda: F.linear(x, fused)))
+        if timer.gpu:
+            blas = torch.backends.cuda.preferred_blas_library()
+            torch.backends.cuda.preferred_blas_library("cublaslt")
+            try:
+                vs_cublas("cuBLASLt", timer.ms(lambda: [F.linear(x, w) for w in weights]))
+            finally:
+                torch.backends.cuda.preferred_blas_library(blas)
+        del x, weights, fused
 
 
 def bench_write_kv(timer, num_tokens, hkv, args, rows):
@@ -343,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefill", default="8x1024", help="SEQSxTOKENS of the prefill rows")
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default="bfloat16")
     parser.add_argument("--sweep", action="store_true", help="also time alternative tile configs, report the best")
+    parser.add_argument("--only", choices=("attention", "gemm"), help="run only the attention + KV rows or the matmul rows")
     parser.add_argument("--gemm-rows", default="1,16,128",
                         help="rows (sequences) of the decode-step matmul rows, comma separated ('' for none)")
     parser.add_argument("--gemm-shape", default="4096,11008,4096",
@@ -376,6 +387,21 @@ def main(argv: list[str] | None = None) -> int:
         facts.update(device="cpu (reference kernels only)")
 
     rows: list[Row] = []
+    if args.only != "gemm":
+        bench_attention_rows(timer, heads, prefill_seqs, prefill_len, args, rows)
+    hidden, intermediate, kv_dim = (int(x) for x in args.gemm_shape.split(","))
+    for m in [int(x) for x in args.gemm_rows.split(",") if x] if args.only != "attention" else []:
+        bench_gemm(timer, m, hidden, intermediate, kv_dim, args, rows)
+
+    table = format_table(rows)
+    print(table)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({**facts, "rows": [asdict(r) for r in rows]}, indent=2))
+    return 0
+
+
+def bench_attention_rows(timer, heads, prefill_seqs, prefill_len, args, rows):
     for hq, hkv in heads:
         for ctx in args.contexts:
             bench_attention(timer, "decode", [1] * args.batch, [ctx] * args.batch, hq, hkv, args, rows, args.sweep)
@@ -392,16 +418,6 @@ def main(argv: list[str] | None = None) -> int:
     bench_write_kv(timer, args.batch, hkv, args, rows)
     bench_write_kv(timer, prefill_seqs * prefill_len, hkv, args, rows)
     bench_copy_blocks(timer, 64 if args.tiny else 2048, hkv, args, rows)
-    hidden, intermediate, kv_dim = (int(x) for x in args.gemm_shape.split(","))
-    for m in [int(x) for x in args.gemm_rows.split(",") if x]:
-        bench_gemm(timer, m, hidden, intermediate, kv_dim, args, rows)
-
-    table = format_table(rows)
-    print(table)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({**facts, "rows": [asdict(r) for r in rows]}, indent=2))
-    return 0
 
 
 if __name__ == "__main__":

@@ -85,13 +85,15 @@ def _kernel_rows(prof, on_gpu: bool) -> list[tuple[str, float, int]]:
     return rows
 
 
-def _steady_batch(model, args, batch: int, graphs: bool, async_scheduling: bool, compile_model: bool):
+def _steady_batch(model, args, batch: int, graphs: bool, async_scheduling: bool, compile_model: bool,
+                  fuse_projections: bool | None):
     from hf_paged import LLM, SamplingParams
 
     blocks = batch * (-(-(args.context + args.steps * 3 + 16) // DEFAULT_BLOCK_SIZE) + 1)
     llm = LLM(model, block_size=DEFAULT_BLOCK_SIZE, num_blocks=blocks, max_num_seqs=batch,
               max_num_batched_tokens=max(2048, args.context), enable_cuda_graphs=graphs,
-              async_scheduling=async_scheduling, compile_model=compile_model)
+              async_scheduling=async_scheduling, compile_model=compile_model,
+              fuse_projections=fuse_projections)
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(0)
     params = SamplingParams(temperature=0, max_tokens=args.steps * 3 + 8, ignore_eos=True)
@@ -101,12 +103,12 @@ def _steady_batch(model, args, batch: int, graphs: bool, async_scheduling: bool,
     return llm
 
 
-def profile_setting(model, args, batch: int, graphs: bool, async_scheduling: bool, compile_model: bool = False
-                    ) -> StepProfile:
+def profile_setting(model, args, batch: int, graphs: bool, async_scheduling: bool, compile_model: bool = False,
+                    fuse_projections: bool | None = None) -> StepProfile:
     """Bring `batch` sequences to steady decode, time `args.steps` steps, then profile as many."""
     from torch.profiler import ProfilerActivity, profile
 
-    llm = _steady_batch(model, args, batch, graphs, async_scheduling, compile_model)
+    llm = _steady_batch(model, args, batch, graphs, async_scheduling, compile_model, fuse_projections)
     engine = llm.engine
     on_gpu = model.device.type == "cuda"
     sync = torch.cuda.synchronize if on_gpu else (lambda: None)
@@ -151,6 +153,7 @@ def profile_setting(model, args, batch: int, graphs: bool, async_scheduling: boo
     top = sorted(((name[:90], ms / args.steps) for name, ms, _ in rows), key=lambda r: -r[1])[:12]
     setting = ("cuda graphs" if graphs and on_gpu else "eager") + (" + async scheduling" if async_scheduling else "")
     setting += " + compile" if compile_model else ""
+    setting += " + unfused" if fuse_projections is False else ""
     weight_bytes = ModelFacts.of(model).weight_bytes_per_step
     matmul_gbps = weight_bytes / by_kind["matmul"] / 1e6 if by_kind.get("matmul") else 0.0
     return StepProfile(setting, batch, step_ms, wait_ms, sum(by_kind.values()), sum(c for *_, c in rows) / args.steps,
@@ -179,11 +182,11 @@ def _count_syncs(enabled: bool):
 
 def format_report(results: list[StepProfile], args) -> str:
     lines = [f"decode steps of {args.model}: context {args.context}, {args.steps} steps each",
-             f"{'setting':<42} {'batch':>5} {'step ms':>8} {'host ms':>8} {'kernel ms':>9} {'busy':>6} {'kernels':>8} "
+             f"{'setting':<52} {'batch':>5} {'step ms':>8} {'host ms':>8} {'kernel ms':>9} {'busy':>6} {'kernels':>8} "
              f"{'mm GB/s':>8}  by kind (ms per step)"]
     for r in results:
         kinds = ", ".join(f"{k} {v:.3f}" for k, v in r.by_kind_ms.items())
-        lines.append(f"{r.setting:<42} {r.batch:>5} {r.step_ms:>8.3f} {r.host_ms:>8.3f} {r.kernel_ms:>9.3f} "
+        lines.append(f"{r.setting:<52} {r.batch:>5} {r.step_ms:>8.3f} {r.host_ms:>8.3f} {r.kernel_ms:>9.3f} "
                      f"{r.busy:>6.1%} {r.kernels_per_step:>8.0f} {r.matmul_gbps:>8.0f}  {kinds}")
         lines += [f"    sync x{n}: {message}" for message, n in r.syncs.items()]
     return "\n".join(lines)
@@ -201,6 +204,8 @@ def parse_args(argv):
     parser.add_argument("--compare", action="store_true", help="also run eager steps without async scheduling")
     parser.add_argument("--compile", action="store_true",
                         help="also run with compiled forwards where the default does not compile (CPU)")
+    parser.add_argument("--unfused", action="store_true",
+                        help="also run the defaults with q/k/v and gate/up as separate matmuls")
     parser.add_argument("--sync-debug", action="store_true",
                         help="count host-device synchronisations in the timed steps (CUDA)")
     parser.add_argument("--out", type=Path, help="write the JSON report here")
@@ -227,9 +232,10 @@ def main(argv: list[str] | None = None) -> int:
     dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
     model = build_model(args.model, dtype, device)
     compiled = compile_by_default(model)  # the LLM's default
-    settings = [(True, True, compiled)]
-    settings += [(True, True, True)] if args.compile and not compiled else []
-    settings += ([(True, True, False)] if compiled else []) + [(False, False, False)] if args.compare else []
+    settings = [(True, True, compiled, None)]
+    settings += [(True, True, compiled, False)] if args.unfused else []
+    settings += [(True, True, True, None)] if args.compile and not compiled else []
+    settings += ([(True, True, False, None)] if compiled else []) + [(False, False, False, None)] if args.compare else []
     settings = list(dict.fromkeys(settings))
     results = [profile_setting(model, args, batch, *setting) for batch in args.batch for setting in settings]
     print(format_report(results, args))

@@ -225,7 +225,8 @@ def run_engine(model, requests: list[Request], args, result: SystemResult, kv_bu
     setup = time.perf_counter()
     llm = LLM(model, block_size=args.block_size, kv_cache_memory=kv_budget, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, async_scheduling=args.async_scheduling,
-              enable_cuda_graphs=args.cuda_graphs, compile_model=args.compile)
+              enable_cuda_graphs=args.cuda_graphs, compile_model=args.compile,
+              fuse_projections=args.fuse_projections)
     warm = make_requests([(64, 4), (16, 4)], model.config.vocab_size, seed=1)
     llm.generate([p for p, _ in warm], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
     result.warmup_s = time.perf_counter() - setup
@@ -240,7 +241,7 @@ def run_engine(model, requests: list[Request], args, result: SystemResult, kv_bu
                         num_preemptions=stats.num_preemptions, max_num_seqs=llm.engine.config.max_num_seqs,
                         max_num_batched_tokens=llm.engine.config.max_num_batched_tokens,
                         async_scheduling=args.async_scheduling, cuda_graphs=args.cuda_graphs,
-                        compile_model=llm.engine.config.compile_model,
+                        compile_model=llm.engine.config.compile_model, fuse_projections=llm.engine.config.fuse_projections,
                         decode_steps=len(run.decode_steps), other_steps=len(run.other_steps),
                         decode_step_ms_mean=1e3 * sum(run.decode_steps) / max(1, len(run.decode_steps)),
                         other_steps_s=sum(run.other_steps),
@@ -361,7 +362,7 @@ def _size(text: str) -> int:
 
 
 VARIANT_KEYS = {"block_size": int, "max_num_seqs": int, "max_num_batched_tokens": int, "compile": bool,
-                "async_scheduling": bool, "cuda_graphs": bool}
+                "async_scheduling": bool, "cuda_graphs": bool, "fuse_projections": bool}
 
 
 def _variant(text: str, args) -> tuple[str, argparse.Namespace]:
@@ -416,6 +417,8 @@ def parse_args(argv):
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="engine (d): torch.compile the engine's forwards (default: the LLM's, i.e. on for a "
                              "model on one GPU, off on CPU)")
+    parser.add_argument("--fuse-projections", action=argparse.BooleanOptionalAction, default=None,
+                        help="engine (d): q/k/v and gate/up as one matmul each (default: the LLM's, on a GPU)")
     parser.add_argument("--kv-cache-memory", type=_size, help="KV pool of (b) and (d), e.g. 40GiB (GPU default: "
                         "their own, ~90%% of memory; CPU default: enough for every request at once)")
     parser.add_argument("--time-budget", type=float, help="(a), (c): start no new static batch after this many "

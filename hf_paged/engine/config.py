@@ -30,6 +30,7 @@ class EngineConfig:
     enable_cuda_graphs: bool = True  # decode steps replay captured CUDA graphs (CUDA models only)
     async_scheduling: bool = True  # schedule step N+1 while the GPU runs step N (outputs come one step later)
     compile_model: bool = False  # torch.compile every forward, the CUDA-graph ones included (LLM: on a GPU)
+    fuse_projections: bool = False  # q/k/v and gate/up as one matmul each (engine/fused.py; LLM: on a GPU)
 
     def __post_init__(self):
         if self.preemption_mode == "swap" and self.swap_space <= 0:

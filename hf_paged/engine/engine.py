@@ -73,7 +73,7 @@ class LLMEngine:
         )
         self.num_swapped_out = 0
         self.runner = ModelRunner(model, self.cache, cuda_graphs=config.enable_cuda_graphs,
-                                  compile_model=config.compile_model,
+                                  compile_model=config.compile_model, fuse_projections=config.fuse_projections,
                                   max_batch=min(config.max_num_seqs, MAX_GRAPH_BATCH),
                                   max_blocks_per_seq=-(-self.max_model_len // config.block_size))
         self.requests: dict[str, Request] = {}

@@ -64,6 +64,14 @@ def compile_by_default(model) -> bool:
     return not (torch.distributed.is_available() and torch.distributed.is_initialized())
 
 
+def fuses_by_default(model) -> bool:
+    """`LLM(fuse_projections=None)`: on a GPU (the fusion itself leaves out quantized, adapted and hooked layers);
+    not under tensor parallelism, whose sharded layers must keep their own forwards."""
+    if model.get_input_embeddings().weight.device.type != "cuda":
+        return False
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized())
+
+
 class LLM:
     """Continuous-batching generation with paged KV memory for a stock HF causal LM.
 
@@ -87,6 +95,8 @@ class LLM:
             None (the default): on for a plain model on one GPU, off on CPU and for quantized, PEFT, multi-device
             and tensor-parallel models; if compiling fails, the engine warns and runs the model eagerly.
         enforce_eager: run every forward eagerly: no CUDA graphs, no compilation (vLLM's option).
+        fuse_projections: run q/k/v and gate/up as one matmul each (their weights laid out as one tensor; the
+            parameters stay views of it). None (the default): on for a model on a GPU.
 
     Example:
         >>> llm = hf_paged.LLM(model, tokenizer)
@@ -112,6 +122,7 @@ class LLM:
         async_scheduling: bool = True,
         compile_model: bool | None = None,
         enforce_eager: bool = False,
+        fuse_projections: bool | None = None,
     ):
         model, tokenizer = _load(model, tokenizer)
         if enforce_eager and compile_model:
@@ -125,7 +136,8 @@ class LLM:
         compile_model = compile_by_default(model) if auto_compile else bool(compile_model)
         config = EngineConfig(block_size, num_blocks, kv_cache_memory, max_num_seqs, max_num_batched_tokens,
                               max_model_len, enable_prefix_caching, enable_chunked_prefill, preemption_mode, swap_space,
-                              enable_cuda_graphs and not enforce_eager, async_scheduling, compile_model)
+                              enable_cuda_graphs and not enforce_eager, async_scheduling, compile_model,
+                              fuse_projections=fuses_by_default(model) if fuse_projections is None else fuse_projections)
         self.engine = LLMEngine(model.eval(), tokenizer, config)
         if compile_model:
             self._warm_up(fall_back=auto_compile)

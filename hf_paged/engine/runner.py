@@ -9,6 +9,8 @@ from hf_paged.attention import PagedAttentionMetadata
 from hf_paged.cache import PagedCache, StepPlan
 from hf_paged.engine.compiled import CompiledLayers, compiles_by_layer
 from hf_paged.engine.cuda_graphs import DecodeGraphs
+from hf_paged.engine.fused import fuse_projections as fuse_projections_of
+from hf_paged.engine.fused import fused_forwards
 from hf_paged.engine.scheduler import SchedulerOutput
 from hf_paged.patches.generate import paged_attention
 from hf_paged.transfer import block_table_rows, to_device
@@ -18,8 +20,10 @@ class ModelRunner:
     """Packs all scheduled tokens of all sequences into one forward (varlen packing with per-token positions)."""
 
     def __init__(self, model: torch.nn.Module, cache: PagedCache, cuda_graphs: bool = False, max_batch: int = 64,
-                 max_blocks_per_seq: int = 256, compile_model: bool = False):
+                 max_blocks_per_seq: int = 256, compile_model: bool = False, fuse_projections: bool = False):
         self.model = model
+        # q/k/v and gate/up as one matmul each (engine/fused.py); before compiling, which then sees the fused code
+        self.fused = fuse_projections_of(model) if fuse_projections else []
         self.cache = cache
         self.device = model.get_input_embeddings().weight.device
         self.graphs = None
@@ -184,7 +188,7 @@ class ModelRunner:
         """The HF model on a packed [1, T] batch with `plan`; returns logits [len(keep), V] (model dtype)."""
         self.cache.set_step(plan)
         try:
-            with paged_attention(self.model):  # a no-op when LLM / AsyncLLMEngine switched it already
+            with paged_attention(self.model), fused_forwards(self.fused):  # paged: a no-op under LLM.generate
                 logits = (call or self._call_model)(ids, pos, keep, extra or {})
         finally:
             self.cache.set_step(None)
