@@ -16,23 +16,27 @@ GEN = dict(max_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=None
 GREEDY = hf_paged.SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
 
 
-def _check(model):
+def _check(model, fused_groups=0):
+    """Paged generate and the engine (with projections fused where they can be: `fused_groups` of them) give the
+    default cache's tokens."""
     ids, mask = ragged_batch([5, 9], seed=30)
     ref = model.generate(input_ids=ids, attention_mask=mask, **GEN)
     out = model.generate(input_ids=ids, attention_mask=mask, cache_implementation="paged", **GEN)
     assert torch.equal(out, ref)
-    llm = hf_paged.LLM(model, num_blocks=64, block_size=4)
-    prompts = [ids[0, 4:].tolist(), ids[1].tolist()]
-    outputs = llm.generate(prompts, GREEDY, use_tqdm=False)
-    assert [o.outputs[0].token_ids for o in outputs] == ref[:, ids.shape[1]:].tolist()
-    assert llm.get_stats().blocks_in_use == 0
+    for fuse in (False, True):
+        llm = hf_paged.LLM(model, num_blocks=64, block_size=4, fuse_projections=fuse)
+        assert len(llm.engine.runner.fused) == (fused_groups if fuse else 0)
+        prompts = [ids[0, 4:].tolist(), ids[1].tolist()]
+        outputs = llm.generate(prompts, GREEDY, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outputs] == ref[:, ids.shape[1]:].tolist()
+        assert llm.get_stats().blocks_in_use == 0
 
 
 def test_lora_model():
     base = copy.deepcopy(tiny_model("llama"))
     config = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     model = peft.get_peft_model(base, config).eval()
-    _check(model)
+    _check(model, fused_groups=base.config.num_hidden_layers)  # gate/up; q/k/v hold LoRA layers
 
 
 def test_prefix_tuning_is_rejected_clearly():
