@@ -64,9 +64,11 @@ def paged_attention_forward(
     meta: PagedAttentionMetadata | None = kwargs.get(METADATA_KEY)
     layer: LayerKV | None = kwargs.get(KV_POOL_KEY)
     slots = kwargs.get(SLOTS_KEY)
+    new_k = new_v = None
     if slots is not None:
         layer = bound_pools(module)
-        ops.write_kv(token_rows(key), token_rows(value), layer.key_cache, layer.value_cache, slots)
+        new_k, new_v = token_rows(key), token_rows(value)  # (T, Hkv, D)
+        ops.write_kv(new_k, new_v, layer.key_cache, layer.value_cache, slots)
     if meta is None or layer is None:
         return _contiguous_attention(module, query, key, value, attention_mask, scaling, softcap, **kwargs)
 
@@ -75,6 +77,14 @@ def paged_attention_forward(
     window = sliding_window if sliding_window is not None else layer.sliding_window
     flat_q = query.transpose(1, 2).reshape(batch * q_len, num_q_heads, head_dim)  # (B*Q, Hq, D)
     packed_q = flat_q if meta.query_index is None else flat_q.index_select(0, meta.query_index)
+    # The step's own K/V for the prefill kernel (it then gathers only the earlier context through the block
+    # tables). Not for decode (the pools only), padded batches (their K/V rows are not the packed queries') or a
+    # cache of another dtype (the pool holds the cast values).
+    if meta.max_seqlen_q == 1 or meta.query_index is not None or key.dtype != layer.key_cache.dtype:
+        new_k = new_v = None
+    elif new_k is None:
+        new_k = key.transpose(1, 2).reshape(batch * q_len, key.shape[1], head_dim)  # (T, Hkv, D), a view if it can
+        new_v = value.transpose(1, 2).reshape(batch * q_len, value.shape[1], head_dim)
     packed_out = ops.paged_attention(
         packed_q.contiguous(),
         layer.key_cache,
@@ -86,6 +96,8 @@ def paged_attention_forward(
         sliding_window=window,
         softcap=softcap,
         max_seqlen_q=meta.max_seqlen_q,
+        key=new_k,
+        value=new_v,
     )  # (T, Hq, D)
     if meta.query_index is None:
         out = packed_out

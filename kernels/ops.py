@@ -56,26 +56,31 @@ def paged_attention(
     sliding_window: int | None = None,
     softcap: float | None = None,
     max_seqlen_q: int | None = None,
+    key: torch.Tensor | None = None,
+    value: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Varlen causal attention over paged K/V; see `reference.paged_attention` for the layouts.
 
     max_seqlen_q (the longest q_len; 1 = pure decode) lets the Triton path choose its kernel without a host sync.
+    key / value: the step's own K/V [num_tokens, num_kv_heads, head_dim], already in the caches; the Triton
+    prefill reads the new tokens' keys there (contiguous rows) instead of through the block tables. The torch
+    paths read the caches, which hold the same values.
     Under torch.compile it is the opaque custom op `hf_paged::paged_attention`, so the graph does not break here.
     """
     if torch.compiler.is_compiling():
         return torch.ops.hf_paged.paged_attention(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q,
-                                                  scale, sliding_window, softcap, max_seqlen_q)
+                                                  scale, sliding_window, softcap, max_seqlen_q, key, value)
     return _paged_attention(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale, sliding_window,
-                            softcap, max_seqlen_q)
+                            softcap, max_seqlen_q, key, value)
 
 
 def _paged_attention(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale, sliding_window,
-                     softcap, max_seqlen_q):
+                     softcap, max_seqlen_q, key=None, value=None):
     if _use_triton(query):
         from hf_paged.kernels.paged_attention import paged_attention as triton_paged_attention
 
         return triton_paged_attention(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale,
-                                      sliding_window, softcap, max_seqlen_q)
+                                      sliding_window, softcap, max_seqlen_q, key, value)
     if _mode() == "reference":
         return reference.paged_attention(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale,
                                          sliding_window, softcap)
@@ -88,13 +93,14 @@ def _paged_attention(query, key_cache, value_cache, block_tables, seq_lens, cu_s
 _paged_attention_op = torch.library.custom_op(
     "hf_paged::paged_attention", _paged_attention, mutates_args=(),
     schema="(Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, Tensor seq_lens, "
-           "Tensor cu_seqlens_q, float scale, SymInt? sliding_window, float? softcap, SymInt? max_seqlen_q) -> Tensor",
+           "Tensor cu_seqlens_q, float scale, SymInt? sliding_window, float? softcap, SymInt? max_seqlen_q, "
+           "Tensor? key=None, Tensor? value=None) -> Tensor",
 )
 
 
 @_paged_attention_op.register_fake
 def _(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale, sliding_window, softcap,
-      max_seqlen_q):
+      max_seqlen_q, key=None, value=None):
     return torch.empty_like(query, memory_format=torch.contiguous_format)  # (T, Hq, D)
 
 

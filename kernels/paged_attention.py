@@ -65,15 +65,16 @@ def _attend_tile(
     q,  # (BLOCK_M, HEAD_PAD)
     q_pos,  # (BLOCK_M,) absolute query positions, -1 on padding rows (read only when MASKED)
     k_cache, v_cache, block_table,  # block_table points at this sequence's row
-    stride_kb, stride_kt, head_off,
+    stride_kb, stride_kt, head_off,  # PAGED=False: (row shift, row stride, head offset) of packed K/V
     n0, end,  # this tile's first KV token; the range's end
     qk_scale, softcap_scale, window,
     offs_d, d_mask,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     MASKED: tl.constexpr, SLIDING: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    INTERPRET: tl.constexpr,
+    INTERPRET: tl.constexpr, PAGED: tl.constexpr,
 ):
-    """One online-softmax step of q over the KV tokens [n0, n0 + BLOCK_N), read through the block table.
+    """One online-softmax step of q over the KV tokens [n0, n0 + BLOCK_N), read through the block table, or with
+    PAGED=False from packed K/V [tokens, heads, D] where position p sits in row p + stride_kb (the step's own keys).
 
     MASKED=False promises that every key of the tile exists and is visible to every real row: no bounds, causal
     or window masks then.
@@ -81,10 +82,14 @@ def _attend_tile(
     offs_n = n0 + tl.arange(0, BLOCK_N)  # (BLOCK_N,) token positions
     if MASKED:
         in_range = offs_n < end
-        blk = tl.load(block_table + offs_n // BLOCK_SIZE, mask=in_range, other=0)
+    if not PAGED:
+        rows = (offs_n + stride_kb).to(tl.int64) * stride_kt + head_off  # (BLOCK_N,)
     else:
-        blk = tl.load(block_table + offs_n // BLOCK_SIZE)
-    rows = blk.to(tl.int64) * stride_kb + (offs_n % BLOCK_SIZE) * stride_kt + head_off  # (BLOCK_N,)
+        if MASKED:
+            blk = tl.load(block_table + offs_n // BLOCK_SIZE, mask=in_range, other=0)
+        else:
+            blk = tl.load(block_table + offs_n // BLOCK_SIZE)
+        rows = blk.to(tl.int64) * stride_kb + (offs_n % BLOCK_SIZE) * stride_kt + head_off  # (BLOCK_N,)
     kv_offs = rows[:, None] + offs_d[None, :]  # (BLOCK_N, HEAD_PAD)
     if MASKED:
         kv_mask = in_range[:, None] & d_mask[None, :]
@@ -127,7 +132,7 @@ def _attend_loop(
     qk_scale, softcap_scale, window, offs_d, d_mask,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     MASKED: tl.constexpr, SLIDING: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    INTERPRET: tl.constexpr,
+    INTERPRET: tl.constexpr, PAGED: tl.constexpr,
 ):
     if INTERPRET:
         # NOTE: the CPU interpreter cannot bound range() by tensors under numpy >= 2.4 (its scalars are shape-(1,)
@@ -137,14 +142,14 @@ def _attend_loop(
             acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, q_pos, k_cache, v_cache, block_table, stride_kb, stride_kt,
                                          head_off, n0, end, qk_scale, softcap_scale, window, offs_d, d_mask,
                                          BLOCK_SIZE, BLOCK_N, HEAD_PAD, HEAD_DIM, MASKED, SLIDING, SOFTCAP,
-                                         DOT_PRECISION, INTERPRET)
+                                         DOT_PRECISION, INTERPRET, PAGED)
             n0 += BLOCK_N
     else:
         for n0 in range(start, end, BLOCK_N):
             acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, q_pos, k_cache, v_cache, block_table, stride_kb, stride_kt,
                                          head_off, n0, end, qk_scale, softcap_scale, window, offs_d, d_mask,
                                          BLOCK_SIZE, BLOCK_N, HEAD_PAD, HEAD_DIM, MASKED, SLIDING, SOFTCAP,
-                                         DOT_PRECISION, INTERPRET)
+                                         DOT_PRECISION, INTERPRET, PAGED)
     return acc, m_i, l_i
 
 
@@ -164,10 +169,11 @@ def _attend(
     acc, m_i, l_i = _attend_loop(acc, m_i, l_i, q, q_pos, k_cache, v_cache, block_table, stride_kb, stride_kt,
                                  head_off, start, full_end, qk_scale, softcap_scale, window, offs_d, d_mask,
                                  BLOCK_SIZE, BLOCK_N, HEAD_PAD, HEAD_DIM, False, SLIDING, SOFTCAP, DOT_PRECISION,
-                                 INTERPRET)
+                                 INTERPRET, True)
     return _attend_loop(acc, m_i, l_i, q, q_pos, k_cache, v_cache, block_table, stride_kb, stride_kt, head_off,
                         full_end, end, qk_scale, softcap_scale, window, offs_d, d_mask,
-                        BLOCK_SIZE, BLOCK_N, HEAD_PAD, HEAD_DIM, True, SLIDING, SOFTCAP, DOT_PRECISION, INTERPRET)
+                        BLOCK_SIZE, BLOCK_N, HEAD_PAD, HEAD_DIM, True, SLIDING, SOFTCAP, DOT_PRECISION, INTERPRET,
+                        True)
 
 
 # NOTE: do_not_specialize: the block-table width (stride_bt) changes from step to step outside the CUDA graphs; a
@@ -268,9 +274,11 @@ def _prefill_kernel(
     out, query, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_kt, stride_kh, stride_bt,
     qk_scale, softcap_scale, window, num_seqs,
+    new_k, new_v, stride_nt, stride_nh,  # NEW_KV: the step's own K/V [num_tokens, num_kv_heads, D], packed like q
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, HEAD_DIM: tl.constexpr,
     HEAD_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     SLIDING: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    NEW_KV: tl.constexpr,
 ):
     # The query tiles of all sequences back to back: sequence s owns the programs from cu_seqlens_q[s] // BLOCK_Q + s
     # to the next sequence's first (at least its ceil(q_len / BLOCK_Q) tiles; a spare one returns at once). So a
@@ -305,10 +313,42 @@ def _prefill_kernel(
     else:
         lo = 0
         full_end = (first + 1) // BLOCK_N * BLOCK_N  # keys every row sees, in whole tiles
-    acc, m_i, l_i = _attend(q, q_pos, k_cache, v_cache, block_tables + seq.to(tl.int64) * stride_bt, stride_kb,
-                            stride_kt, kv_head * stride_kh, lo, full_end, end, qk_scale, softcap_scale, window,
-                            offs_d, d_mask, BLOCK_M, BLOCK_SIZE, BLOCK_N, HEAD_PAD, HEAD_DIM, SLIDING, SOFTCAP,
-                            DOT_PRECISION, INTERPRET)
+    table = block_tables + seq.to(tl.int64) * stride_bt
+    if NEW_KV:
+        # The keys before the step's own come from the pool, the step's own from the packed K/V (contiguous rows,
+        # no block-table gather); each range is whole unmasked tiles, then one masked stretch.
+        acc = tl.full([BLOCK_M, HEAD_PAD], 0.0, dtype=tl.float32)
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
+        cached_end = tl.minimum(ctx_start, end)
+        cached_full = lo + tl.maximum(cached_end - lo, 0) // BLOCK_N * BLOCK_N
+        if SLIDING:
+            cached_full = lo
+        acc, m_i, l_i = _attend_loop(acc, m_i, l_i, q, q_pos, k_cache, v_cache, table, stride_kb, stride_kt,
+                                     kv_head * stride_kh, lo, cached_full, qk_scale, softcap_scale, window, offs_d,
+                                     d_mask, BLOCK_SIZE, BLOCK_N, HEAD_PAD, HEAD_DIM, False, SLIDING, SOFTCAP,
+                                     DOT_PRECISION, INTERPRET, True)
+        acc, m_i, l_i = _attend_loop(acc, m_i, l_i, q, q_pos, k_cache, v_cache, table, stride_kb, stride_kt,
+                                     kv_head * stride_kh, cached_full, cached_end, qk_scale, softcap_scale, window,
+                                     offs_d, d_mask, BLOCK_SIZE, BLOCK_N, HEAD_PAD, HEAD_DIM, True, SLIDING, SOFTCAP,
+                                     DOT_PRECISION, INTERPRET, True)
+        new_start = tl.maximum(lo, ctx_start)
+        new_full = new_start + tl.maximum(first + 1 - new_start, 0) // BLOCK_N * BLOCK_N  # below the diagonal
+        if SLIDING:
+            new_full = new_start
+        shift = q_start - ctx_start  # position p of the sequence is row p + shift of the packed K/V
+        acc, m_i, l_i = _attend_loop(acc, m_i, l_i, q, q_pos, new_k, new_v, table, shift, stride_nt,
+                                     kv_head * stride_nh, new_start, new_full, qk_scale, softcap_scale, window,
+                                     offs_d, d_mask, BLOCK_SIZE, BLOCK_N, HEAD_PAD, HEAD_DIM, False, SLIDING, SOFTCAP,
+                                     DOT_PRECISION, INTERPRET, False)
+        acc, m_i, l_i = _attend_loop(acc, m_i, l_i, q, q_pos, new_k, new_v, table, shift, stride_nt,
+                                     kv_head * stride_nh, new_full, end, qk_scale, softcap_scale, window,
+                                     offs_d, d_mask, BLOCK_SIZE, BLOCK_N, HEAD_PAD, HEAD_DIM, True, SLIDING, SOFTCAP,
+                                     DOT_PRECISION, INTERPRET, False)
+    else:
+        acc, m_i, l_i = _attend(q, q_pos, k_cache, v_cache, table, stride_kb, stride_kt, kv_head * stride_kh, lo,
+                                full_end, end, qk_scale, softcap_scale, window, offs_d, d_mask, BLOCK_M, BLOCK_SIZE,
+                                BLOCK_N, HEAD_PAD, HEAD_DIM, SLIDING, SOFTCAP, DOT_PRECISION, INTERPRET)
     l_i = tl.where(l_i == 0.0, 1.0, l_i)  # padding rows
     o = acc / l_i[:, None]
     o_offs = (q_start + tok).to(tl.int64)[:, None] * stride_ot + q_heads[:, None] * stride_oh + offs_d[None, :]
@@ -361,6 +401,22 @@ def _check_inputs(query, key_cache, value_cache, block_tables, seq_lens, cu_seql
         raise ValueError(f"softcap must be > 0 or None, got {softcap}")
 
 
+def _check_new_kv(query, key_cache, key, value):
+    if (key is None) != (value is None):
+        raise ValueError("give both key and value (the step's own K/V) or neither")
+    if key is None:
+        return
+    shape = (query.shape[0], key_cache.shape[2], key_cache.shape[3])
+    for name, t in (("key", key), ("value", value)):
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} must be [num_tokens, num_kv_heads, head_dim] = {shape}, got {tuple(t.shape)}")
+        if t.dtype != key_cache.dtype or t.device != query.device:
+            raise TypeError(f"{name} is {t.dtype} on {t.device}; the caches are {key_cache.dtype} on {query.device}")
+    if key.stride(-1) != 1 or key.stride() != value.stride():
+        raise ValueError(f"key and value need one layout with head_dim contiguous, strides {key.stride()} and "
+                         f"{value.stride()}")
+
+
 def paged_attention(
     query: torch.Tensor,
     key_cache: torch.Tensor,
@@ -372,6 +428,8 @@ def paged_attention(
     sliding_window: int | None = None,
     softcap: float | None = None,
     max_seqlen_q: int | None = None,
+    key: torch.Tensor | None = None,
+    value: torch.Tensor | None = None,
     *,
     config: DecodeConfig | PrefillConfig | None = None,
 ) -> torch.Tensor:
@@ -384,11 +442,15 @@ def paged_attention(
         block_tables: [num_seqs, max_blocks] int32. seq_lens: [num_seqs] int32 (context incl. new tokens).
         cu_seqlens_q: [num_seqs + 1] int32.
         max_seqlen_q: the longest q_len; 1 picks the decode kernel. None reads it from cu_seqlens_q (a host sync).
+        key, value: optionally the step's own K/V [num_tokens, num_kv_heads, head_dim] (rows packed like query's,
+            the head_dim axis contiguous), already written to the caches: the prefill kernel then reads the new
+            tokens' keys from them (contiguous rows) and only the earlier context through the block tables.
         config: a DecodeConfig / PrefillConfig to override the tuned defaults (benchmarks, tests).
     Returns:
         [num_tokens, num_q_heads, head_dim] in query's dtype.
     """
     _check_inputs(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, sliding_window, softcap)
+    _check_new_kv(query, key_cache, key, value)
     out = torch.empty_like(query, memory_format=torch.contiguous_format)
     num_seqs = seq_lens.shape[0]
     if num_seqs == 0 or query.shape[0] == 0:
@@ -424,8 +486,9 @@ def paged_attention(
         block_m = max(cfg.block_m, triton.next_power_of_2(group))
         block_q = block_m // group
         grid = (query.shape[0] // block_q + num_seqs, num_kv_heads)  # see _prefill_kernel
-        _prefill_kernel[grid](out, *args, num_seqs, BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=cfg.block_n, **common,
-                              num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        new = (key, value, key.stride(0), key.stride(1)) if key is not None else (query, query, 0, 0)
+        _prefill_kernel[grid](out, *args, num_seqs, *new, BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=cfg.block_n,
+                              **common, NEW_KV=key is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 
 

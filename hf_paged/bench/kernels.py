@@ -50,6 +50,10 @@ class Timer:
     gpu: bool
     copy_gbps: float | None = None
 
+    @property
+    def device(self) -> str:
+        return "cuda" if self.gpu else "cpu"
+
     def ms(self, fn: Callable[[], object], quick: bool = False) -> float:
         if not self.gpu:
             fn()
@@ -161,7 +165,9 @@ def sweep_configs(timer, run, configs) -> dict[str, float]:
 
 
 def bench_attention(timer, kind, q_lens, seq_lens, hq, hkv, args, rows, sweep):
-    dtype, device = _DTYPES[args.dtype], "cuda" if timer.gpu else "cpu"
+    """Rows for one attention shape. Batches with prompts get two rows on a GPU: K/V read through the block tables
+    only, and the engine's way, the step's own K/V passed apart (`own K/V`: only the earlier context is gathered)."""
+    dtype, device = _DTYPES[args.dtype], timer.device
     inputs = attention_inputs(q_lens, seq_lens, hq, hkv, args.head_dim, args.block_size, dtype, device)
     scale = args.head_dim**-0.5
     max_q = max(q_lens)
@@ -170,45 +176,56 @@ def bench_attention(timer, kind, q_lens, seq_lens, hq, hkv, args, rows, sweep):
         shape = f"{len(q_lens) - 1}x(q1,ctx{seq_lens[0]})+(q{q_lens[-1]}) {hq}/{hkv}h d{args.head_dim} bs{args.block_size}"
     nbytes = attention_bytes(inputs, q_lens, seq_lens)
     flops = causal_flops(q_lens, seq_lens, hq, args.head_dim)
-    if timer.gpu:
-        from hf_paged.kernels.paged_attention import paged_attention
-
-        def run(cfg=None):
-            return paged_attention(**inputs, scale=scale, max_seqlen_q=max_q, config=cfg)
-
-        name = f"paged_attention[{kind}]"
-    else:
-        def run(cfg=None):
-            return reference.paged_attention(**inputs, scale=scale)
-
-        name = f"reference.paged_attention[{kind}]"
-    timer.ms(run, quick=True)  # NOTE: discarded; a first timing on a new shape once read 40% slow
-    ms = timer.ms(run)
-    row = Row(name, shape, ms, *timer.frac(nbytes, ms), tflops=flops / ms / 1e9)
     baseline = _sdpa_baseline(q_lens, seq_lens, hq, hkv, args.head_dim, dtype, device)
-    if kind == "mixed" and timer.gpu:
-        # The same batch as two launches: the decode kernel over the one-token rows, the prefill kernel over the rest.
-        row.baseline = "split: decode kernel + prefill kernel"
-        row.baseline_ms = timer.ms(_split_launch(inputs, q_lens, scale))
-        row.baseline_frac_copy = timer.frac(nbytes, row.baseline_ms)[1]
-        row.vs_baseline = ms / row.baseline_ms
-    elif baseline is not None:
-        row.baseline = "torch sdpa, contiguous KV" + (", causal" if max_q > 1 else "")
-        row.baseline_ms = timer.ms(baseline)
-        row.baseline_frac_copy = timer.frac(nbytes, row.baseline_ms)[1]
-        row.vs_baseline = ms / row.baseline_ms
-        if timer.gpu and max_q > 1:
-            row.detail = {"sdpa_backends_ms": _sdpa_backends(timer, baseline)}
-    rows.append(row)
-    if sweep and timer.gpu:
-        times = sweep_configs(timer, run, decode_configs() if max_q == 1 else prefill_configs())
-        cfg, best_ms = next(iter(times.items()))
-        rows.append(Row(name + " best of sweep", shape, best_ms, *timer.frac(nbytes, best_ms),
-                        tflops=flops / best_ms / 1e9, config=cfg, detail={"sweep_ms": times}))
+    baseline_ms = timer.ms(baseline) if baseline is not None and kind != "mixed" else None
+    variants = [False, True] if timer.gpu and max_q > 1 else [False]
+    for own_kv in variants:
+        new_kv = {}
+        if own_kv:
+            tokens = inputs["query"].shape[0]
+            new_kv = {name: torch.randn(tokens, hkv, args.head_dim, dtype=dtype, device=device)  # (T, Hkv, D)
+                      for name in ("key", "value")}
+        if timer.gpu:
+            from hf_paged.kernels.paged_attention import paged_attention
+
+            def run(cfg=None, new_kv=new_kv):
+                return paged_attention(**inputs, **new_kv, scale=scale, max_seqlen_q=max_q, config=cfg)
+
+            name = f"paged_attention[{kind}]" + (" own K/V" if own_kv else "")
+        else:
+            def run(cfg=None):
+                return reference.paged_attention(**inputs, scale=scale)
+
+            name = f"reference.paged_attention[{kind}]"
+        timer.ms(run, quick=True)  # NOTE: discarded; a first timing on a new shape once read 40% slow
+        ms = timer.ms(run)
+        row = Row(name, shape, ms, *timer.frac(nbytes, ms), tflops=flops / ms / 1e9)
+        if kind == "mixed" and timer.gpu:
+            # The same batch as two launches: the decode kernel over the one-token rows, the prefill kernel over
+            # the rest.
+            row.baseline = "split: decode kernel + prefill kernel"
+            row.baseline_ms = timer.ms(_split_launch(inputs, q_lens, scale, new_kv))
+            row.baseline_frac_copy = timer.frac(nbytes, row.baseline_ms)[1]
+            row.vs_baseline = ms / row.baseline_ms
+        elif baseline_ms is not None:
+            row.baseline = "torch sdpa, contiguous KV" + (", causal" if max_q > 1 else "")
+            row.baseline_ms = baseline_ms
+            row.baseline_frac_copy = timer.frac(nbytes, baseline_ms)[1]
+            row.vs_baseline = ms / baseline_ms
+            if timer.gpu and max_q > 1 and not own_kv:
+                row.detail = {"sdpa_backends_ms": _sdpa_backends(timer, baseline)}
+        rows.append(row)
+        if sweep and timer.gpu and kind in ("decode", "prefill"):
+            times = sweep_configs(timer, run, decode_configs() if max_q == 1 else prefill_configs())
+            cfg, best_ms = next(iter(times.items()))
+            rows.append(Row(name + " best of sweep", shape, best_ms, *timer.frac(nbytes, best_ms),
+                            tflops=flops / best_ms / 1e9, config=cfg, detail={"sweep_ms": times},
+                            baseline=row.baseline, baseline_ms=row.baseline_ms, vs_baseline=(
+                                best_ms / row.baseline_ms if row.baseline_ms else None)))
     del inputs
 
 
-def _split_launch(inputs, q_lens, scale):
+def _split_launch(inputs, q_lens, scale, new_kv=None):
     """A mixed batch (decodes first, then prefills) as a decode launch and a prefill launch on its two parts."""
     from hf_paged.kernels.paged_attention import paged_attention
 
@@ -217,7 +234,8 @@ def _split_launch(inputs, q_lens, scale):
     decode = dict(inputs, query=inputs["query"][:nd], block_tables=inputs["block_tables"][:nd],
                   seq_lens=inputs["seq_lens"][:nd], cu_seqlens_q=cu[: nd + 1])
     prefill = dict(inputs, query=inputs["query"][nd:], block_tables=inputs["block_tables"][nd:],
-                   seq_lens=inputs["seq_lens"][nd:], cu_seqlens_q=cu[nd:] - nd)
+                   seq_lens=inputs["seq_lens"][nd:], cu_seqlens_q=cu[nd:] - nd,
+                   **{name: t[nd:] for name, t in (new_kv or {}).items()})
     max_q = max(q_lens[nd:])
 
     def run():
@@ -256,7 +274,7 @@ def bench_gemm(timer, m: int, hidden: int, intermediate: int, kv_dim: int, args,
     """A decode step's projections at `m` rows: the rate they read the weights at, each group as separate matmuls
     (as HF models run them) and as one matmul over the concatenated weights (as the engine runs them,
     engine/fused.py), through cuBLAS, and apart through cuBLASLt."""
-    dtype, device = _DTYPES[args.dtype], "cuda" if timer.gpu else "cpu"
+    dtype, device = _DTYPES[args.dtype], timer.device
     groups = {"qkv": (hidden, [hidden, kv_dim, kv_dim]), "o": (hidden, [hidden]),
               "gate_up": (hidden, [intermediate, intermediate]), "down": (intermediate, [hidden])}
     for name, (k, outs) in groups.items():
@@ -285,7 +303,7 @@ def bench_gemm(timer, m: int, hidden: int, intermediate: int, kv_dim: int, args,
 
 
 def bench_write_kv(timer, num_tokens, hkv, args, rows):
-    dtype, device = _DTYPES[args.dtype], "cuda" if timer.gpu else "cpu"
+    dtype, device = _DTYPES[args.dtype], timer.device
     cache_shape = (num_tokens // args.block_size + 8, args.block_size, hkv, args.head_dim)
     key_cache, value_cache = (torch.zeros(cache_shape, dtype=dtype, device=device) for _ in range(2))
     key, value = (torch.randn(num_tokens, hkv, args.head_dim, dtype=dtype, device=device) for _ in range(2))
@@ -297,7 +315,7 @@ def bench_write_kv(timer, num_tokens, hkv, args, rows):
 
 
 def bench_copy_blocks(timer, num_pairs, hkv, args, rows):
-    dtype, device = _DTYPES[args.dtype], "cuda" if timer.gpu else "cpu"
+    dtype, device = _DTYPES[args.dtype], timer.device
     shape = (2 * num_pairs + 8, args.block_size, hkv, args.head_dim)
     key_cache, value_cache = (torch.randn(shape, dtype=dtype, device=device) for _ in range(2))
     order = torch.randperm(shape[0], device=device)

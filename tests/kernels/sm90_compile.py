@@ -17,7 +17,7 @@ from hf_paged.kernels import paged_attention as pa
 HOPPER = GPUTarget("cuda", 90, 32)
 POINTERS = {"out": "*bf16", "query": "*bf16", "k_cache": "*bf16", "v_cache": "*bf16", "key": "*bf16",
             "value": "*bf16", "key_cache": "*bf16", "value_cache": "*bf16", "part_acc": "*fp32", "part_ml": "*fp32",
-            "block_tables": "*i32", "seq_lens": "*i32", "cu_seqlens_q": "*i32", "slot_mapping": "*i64",
+            "new_k": "*bf16", "new_v": "*bf16", "block_tables": "*i32", "seq_lens": "*i32", "cu_seqlens_q": "*i32", "slot_mapping": "*i64",
             "qk_scale": "fp32", "softcap_scale": "fp32"}
 COMMON = dict(HEAD_DIM=128, HEAD_PAD=128, BLOCK_SIZE=16, SLIDING=False, SOFTCAP=False, DOT_PRECISION="tf32",
               INTERPRET=False)
@@ -35,9 +35,10 @@ def main() -> dict:
     report = {}
     for group in (4, 1):  # GQA 4 (llama3-8b), MHA (llama2-7b)
         cfg = pa.default_prefill_config(group, 128, torch.device("cuda"))  # the tuned config; no GPU is touched
-        report[f"prefill_group{group}"] = compile_for_hopper(
-            pa._prefill_kernel, dict(COMMON, GROUP=group, BLOCK_M=cfg.block_m, BLOCK_Q=cfg.block_m // group,
-                                     BLOCK_N=cfg.block_n), cfg.num_warps, cfg.num_stages)
+        for own_kv in (False, True):  # K/V all through the block tables; the step's own K/V apart (the engine's)
+            report[f"prefill_group{group}" + ("_own_kv" if own_kv else "")] = compile_for_hopper(
+                pa._prefill_kernel, dict(COMMON, GROUP=group, BLOCK_M=cfg.block_m, BLOCK_Q=cfg.block_m // group,
+                                         BLOCK_N=cfg.block_n, NEW_KV=own_kv), cfg.num_warps, cfg.num_stages)
     for splits, special in ((1, False), (4, True)):
         report[f"decode_splits{splits}"] = compile_for_hopper(
             pa._decode_kernel, dict(COMMON, GROUP=4, BLOCK_H=16, BLOCK_N=64, NUM_SPLITS=splits, SLIDING=special,

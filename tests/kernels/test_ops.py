@@ -60,3 +60,34 @@ def test_unknown_mode_is_an_error(monkeypatch):
     monkeypatch.setenv("HF_PAGED_KERNELS", "cuda")
     with pytest.raises(ValueError, match="HF_PAGED_KERNELS"):
         run_all_ops()
+
+
+def test_engine_prefill_hands_the_kernel_its_own_kv(monkeypatch):
+    """Through the engine and paged generate, the Triton prefill (interpreted here) gets the step's own K/V apart,
+    and the tokens are the reference kernels' (chunked prefill and a prefix-cache hit included)."""
+    import hf_paged
+    import hf_paged.kernels.paged_attention as triton_attention
+    from tests.tiny import ragged_batch, tiny_model
+
+    model = tiny_model("llama")
+    prompts = [list(range(3, 30)), list(range(3, 22)) + [40, 41], [7, 8, 9]]  # the second shares 16 tokens
+    params = hf_paged.SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    ids, mask = ragged_batch([6, 6], seed=2)  # no padding: the packed queries are every row's tokens
+    gen = dict(max_new_tokens=3, do_sample=False, pad_token_id=0, eos_token_id=None)
+    outs, given = {}, []
+    real = triton_attention.paged_attention
+
+    def spy(*args, **kwargs):
+        given.append(kwargs.get("key", args[10] if len(args) > 10 else None) is not None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(triton_attention, "paged_attention", spy)
+    for mode in ("reference", "triton"):
+        monkeypatch.setenv("HF_PAGED_KERNELS", mode)
+        llm = hf_paged.LLM(model, num_blocks=64, block_size=8, max_num_batched_tokens=20)
+        outs[mode] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        outs[mode].append(model.generate(input_ids=ids, attention_mask=mask, cache_implementation="paged",
+                                         **gen).tolist())
+        assert llm.get_stats().prefix_cache_hits > 0
+    assert outs["triton"] == outs["reference"]
+    assert any(given) and not all(given)  # prefill steps passed it, decode steps did not

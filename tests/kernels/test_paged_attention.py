@@ -78,6 +78,63 @@ def test_prefill_sliding_window_and_softcap(window, softcap):
     check(q_lens, [19, 30, 50], 4, 1, 64, 8, torch.float32, seed=11, window=window, softcap=softcap)
 
 
+def check_new_kv(q_lens, seq_lens, hq, hkv, d, block_size, dtype, seed=0, window=None, softcap=None,
+                 head_major=False, config=None):
+    """The step's own K/V passed apart: the kernel must read the new tokens there, not in the caches, whose new
+    slots are poisoned with NaN here; the result is the reference's on the intact caches."""
+    inputs = attention_inputs(q_lens, seq_lens, hq, hkv, d, block_size, dtype, seed)
+    scale = d**-0.5
+    ref = reference.paged_attention(**inputs, scale=scale, sliding_window=window, softcap=softcap)
+    rows = {"key": [], "value": []}
+    poisoned = {name: inputs[name].clone() for name in ("key_cache", "value_cache")}
+    for s, (q_len, seq_len) in enumerate(zip(q_lens, seq_lens)):
+        table = inputs["block_tables"][s]
+        for name, cache in (("key", inputs["key_cache"]), ("value", inputs["value_cache"])):
+            rows[name].append(reference.gather_kv(cache, table, seq_len)[seq_len - q_len :])  # (q_len, Hkv, D)
+        for pos in range(seq_len - q_len, seq_len):
+            block, offset = int(table[pos // block_size]), pos % block_size
+            for name in poisoned:
+                poisoned[name][block, offset] = float("nan")
+    new = {name: torch.cat(parts) for name, parts in rows.items()}  # (T, Hkv, D)
+    if head_major:  # HF's layout: [Hkv, T, D] in memory, seen as [T, Hkv, D]
+        new = {name: t.transpose(0, 1).contiguous().transpose(0, 1) for name, t in new.items()}
+    out = paged_attention(**{**inputs, **poisoned}, scale=scale, sliding_window=window, softcap=softcap,
+                          max_seqlen_q=max(q_lens), key=new["key"], value=new["value"], config=config)
+    atol, rtol = TOLERANCES[dtype]
+    torch.testing.assert_close(out, ref, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_prefill_reads_the_steps_own_kv(shape):
+    """Prefix hits, a decode row and a prompt without prefix, with the new tokens' K/V given apart."""
+    dtype, block_size, hq, hkv, d = shape
+    q_lens = [7, 1, 20, 13]
+    prefix = ragged_lengths(4, 0, 30, seed=d + 1)
+    prefix[3] = 0
+    check_new_kv(q_lens, [q + p for q, p in zip(q_lens, prefix)], hq, hkv, d, block_size, dtype, seed=block_size,
+                 head_major=d == 64)
+
+
+@pytest.mark.parametrize("window, softcap", [(1, None), (6, 5.0), (None, 2.0), (40, None)])
+def test_prefill_own_kv_sliding_window_and_softcap(window, softcap):
+    check_new_kv([19, 5, 33], [19, 30, 50], 4, 1, 64, 8, torch.float32, seed=12, window=window, softcap=softcap)
+
+
+def test_prefill_own_kv_tiles_straddle_the_prefix():
+    """16-key tiles where prefixes end mid-tile and prompts are longer than several tiles."""
+    check_new_kv([40, 3, 17], [45, 20, 17], 4, 2, 64, 8, torch.float32, seed=13,
+                 config=PrefillConfig(block_m=16, block_n=16, num_warps=1, num_stages=1))
+
+
+def test_own_kv_must_match_the_query():
+    inputs = attention_inputs([3, 2], [5, 2], 4, 2, 64, 8, torch.float32)
+    key = torch.zeros(4, 2, 64, device=DEVICE)
+    with pytest.raises(ValueError, match="num_tokens"):
+        paged_attention(**inputs, scale=0.1, max_seqlen_q=3, key=key, value=key)
+    with pytest.raises(ValueError, match="both"):
+        paged_attention(**inputs, scale=0.1, max_seqlen_q=3, key=key[:5])
+
+
 @pytest.mark.parametrize("block_m, group", [(16, 1), (16, 4), (32, 2), (16, 16)])
 def test_prefill_query_tiles(block_m, group):
     # Tiles of block_m // group tokens: ragged tails, and a group as large as the tile.
@@ -161,6 +218,26 @@ def test_gpu_prefill_window_softcap(window, softcap):
 @pytest.mark.parametrize("hq, hkv", [(32, 8), (32, 32)])
 def test_gpu_prefill_batch(hq, hkv):
     check([1024] * 8, [1024] * 8, hq, hkv, 128, 16, torch.bfloat16, seed=9)
+
+
+@pytest.mark.cuda
+@on_gpu
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_gpu_prefill_own_kv(shape):
+    """The engine's prefill path: prompts, prefix hits and decodes with the step's own K/V given apart."""
+    dtype, block_size, hq, hkv, d = shape
+    q_lens = [1000, 1, 333, 64, 1]
+    prefix = [0, 700, 1029, 5, 1]
+    check_new_kv(q_lens, [q + p for q, p in zip(q_lens, prefix)], hq, hkv, d, block_size, dtype, seed=d,
+                 head_major=True)
+
+
+@pytest.mark.cuda
+@on_gpu
+@pytest.mark.parametrize("window, softcap", [(4096, None), (255, 50.0), (1, None)])
+def test_gpu_prefill_own_kv_window_softcap(window, softcap):
+    check_new_kv([1500, 77, 512], [1500, 1200, 3000], 16, 8, 128, 16, torch.bfloat16, seed=4, window=window,
+                 softcap=softcap)
 
 
 def test_mixed_batch_split_launch_matches_reference():
