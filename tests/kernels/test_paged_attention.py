@@ -197,12 +197,16 @@ def test_gpu_decode_window_softcap(window, softcap, num_seqs):
 
 @pytest.mark.cuda
 @on_gpu
+@pytest.mark.parametrize("own_kv", [False, True], ids=["paged", "own_kv"])  # own_kv: the engine's prefill path
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_gpu_prefill_shapes(shape):
+def test_gpu_prefill_shapes(shape, own_kv):
     dtype, block_size, hq, hkv, d = shape
     q_lens = [1000, 1, 333, 64, 1]
-    prefix = [0, 700, 1029, 5, 1]
-    check(q_lens, [q + p for q, p in zip(q_lens, prefix)], hq, hkv, d, block_size, dtype, seed=d)
+    seq_lens = [q + p for q, p in zip(q_lens, [0, 700, 1029, 5, 1])]
+    if own_kv:
+        check_new_kv(q_lens, seq_lens, hq, hkv, d, block_size, dtype, seed=d, head_major=True)
+    else:
+        check(q_lens, seq_lens, hq, hkv, d, block_size, dtype, seed=d)
 
 
 @pytest.mark.cuda
@@ -218,18 +222,6 @@ def test_gpu_prefill_window_softcap(window, softcap):
 @pytest.mark.parametrize("hq, hkv", [(32, 8), (32, 32)])
 def test_gpu_prefill_batch(hq, hkv):
     check([1024] * 8, [1024] * 8, hq, hkv, 128, 16, torch.bfloat16, seed=9)
-
-
-@pytest.mark.cuda
-@on_gpu
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_gpu_prefill_own_kv(shape):
-    """The engine's prefill path: prompts, prefix hits and decodes with the step's own K/V given apart."""
-    dtype, block_size, hq, hkv, d = shape
-    q_lens = [1000, 1, 333, 64, 1]
-    prefix = [0, 700, 1029, 5, 1]
-    check_new_kv(q_lens, [q + p for q, p in zip(q_lens, prefix)], hq, hkv, d, block_size, dtype, seed=d,
-                 head_major=True)
 
 
 @pytest.mark.cuda
