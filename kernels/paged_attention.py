@@ -15,167 +15,17 @@ an online softmax; tiles that lie wholly below the causal diagonal skip the mask
 
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from hf_paged.kernels.attention_tile import INTERPRET, attend, attend_loop, row_max, row_sum
 from hf_paged.kernels.tuning import DecodeConfig, PrefillConfig, default_decode_config, default_prefill_config
 
 _LOG2E = 1.4426950408889634
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_HEAD_DIM = 256
-# Whether the @triton.jit below ran under TRITON_INTERPRET=1 (read, as triton does, when they are decorated).
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-
-
-# NOTE: the kernels call only triton builtins and this file's @triton.jit helpers, never triton's own jit'd library
-# functions (tl.zeros, tl.max, tl.sum, tl.cdiv): when triton was imported before TRITON_INTERPRET=1 was set
-# (torch._dynamo imports it), those stay compiled-only and the CPU interpreter cannot call them. The reductions
-# below are tl.max / tl.sum's own bodies; the interpreter recognises their combine functions and uses numpy.
-@triton.jit
-def _row_max(x, axis: tl.constexpr):
-    return tl.reduce(x, axis, tl.standard._elementwise_max)
-
-
-@triton.jit
-def _row_sum(x, axis: tl.constexpr):
-    return tl.reduce(x, axis, tl.standard._sum_combine)
-
-
-@triton.jit
-def _tanh(x):
-    # tanh through exp2 (exact at both tails: exp2 -> inf gives 1, exp2 -> 0 gives -1).
-    return 1.0 - 2.0 / (tl.exp2(x * 2.8853900817779268) + 1.0)
-
-
-@triton.jit
-def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
-    """a @ b (+ acc, accumulated in place by the tensor cores)."""
-    if INTERPRET:
-        # NOTE: the CPU interpreter multiplies bf16 as raw uint16 bits; fp32 products of 16-bit operands are exact.
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-
-
-@triton.jit
-def _attend_tile(
-    acc, m_i, l_i,  # (BLOCK_M, HEAD_PAD) f32, (BLOCK_M,) f32 running max (log2 units), (BLOCK_M,) f32 running sum
-    q,  # (BLOCK_M, HEAD_PAD)
-    q_pos,  # (BLOCK_M,) absolute query positions, -1 on padding rows (read only when MASKED)
-    k_cache, v_cache, block_table,  # block_table points at this sequence's row
-    stride_kb, stride_kt, head_off,  # PAGED=False: (row shift, row stride, head offset) of packed K/V
-    n0, end,  # this tile's first KV token; the range's end
-    qk_scale, softcap_scale, window,
-    offs_d, d_mask,
-    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-    MASKED: tl.constexpr, SLIDING: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    INTERPRET: tl.constexpr, PAGED: tl.constexpr,
-):
-    """One online-softmax step of q over the KV tokens [n0, n0 + BLOCK_N), read through the block table, or with
-    PAGED=False from packed K/V [tokens, heads, D] where position p sits in row p + stride_kb (the step's own keys).
-
-    MASKED=False promises that every key of the tile exists and is visible to every real row: no bounds, causal
-    or window masks then.
-    """
-    offs_n = n0 + tl.arange(0, BLOCK_N)  # (BLOCK_N,) token positions
-    if MASKED:
-        in_range = offs_n < end
-    if not PAGED:
-        rows = (offs_n + stride_kb).to(tl.int64) * stride_kt + head_off  # (BLOCK_N,)
-    else:
-        if MASKED:
-            blk = tl.load(block_table + offs_n // BLOCK_SIZE, mask=in_range, other=0)
-        else:
-            blk = tl.load(block_table + offs_n // BLOCK_SIZE)
-        rows = blk.to(tl.int64) * stride_kb + (offs_n % BLOCK_SIZE) * stride_kt + head_off  # (BLOCK_N,)
-    kv_offs = rows[:, None] + offs_d[None, :]  # (BLOCK_N, HEAD_PAD)
-    if MASKED:
-        kv_mask = in_range[:, None] & d_mask[None, :]
-        k = tl.load(k_cache + kv_offs, mask=kv_mask, other=0.0)
-    elif HEAD_PAD != HEAD_DIM:
-        k = tl.load(k_cache + kv_offs, mask=d_mask[None, :], other=0.0)
-    else:
-        k = tl.load(k_cache + kv_offs)
-    s = _dot(q, tl.trans(k), None, DOT_PRECISION, INTERPRET)  # (BLOCK_M, BLOCK_N) raw scores
-    if SOFTCAP:
-        s = _tanh(s * softcap_scale)  # the cap itself is folded into qk_scale
-    if MASKED:
-        visible = (offs_n[None, :] <= q_pos[:, None]) & in_range[None, :]
-        if SLIDING:
-            visible = visible & ((q_pos[:, None] - offs_n[None, :]) < window)
-        s = tl.where(visible, s, float("-inf"))
-    # Scores in log2 units are s * qk_scale; the scaling folds into one FMA with the max subtraction.
-    m_new = tl.maximum(m_i, _row_max(s, 1) * qk_scale)
-    if MASKED:
-        m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
-    else:
-        m_new_safe = m_new  # finite: every row sees the whole tile
-    alpha = tl.exp2(m_i - m_new_safe)
-    p = tl.exp2(s * qk_scale - m_new_safe[:, None])
-    l_i = l_i * alpha + _row_sum(p, 1)
-    if MASKED:
-        v = tl.load(v_cache + kv_offs, mask=kv_mask, other=0.0)
-    elif HEAD_PAD != HEAD_DIM:
-        v = tl.load(v_cache + kv_offs, mask=d_mask[None, :], other=0.0)
-    else:
-        v = tl.load(v_cache + kv_offs)
-    acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], DOT_PRECISION, INTERPRET)
-    return acc, m_new, l_i
-
-
-@triton.jit
-def _attend_loop(
-    acc, m_i, l_i, q, q_pos, k_cache, v_cache, block_table, stride_kb, stride_kt, head_off,
-    start, end,  # KV token range [start, end); a whole number of tiles unless MASKED
-    qk_scale, softcap_scale, window, offs_d, d_mask,
-    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-    MASKED: tl.constexpr, SLIDING: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    INTERPRET: tl.constexpr, PAGED: tl.constexpr,
-):
-    if INTERPRET:
-        # NOTE: the CPU interpreter cannot bound range() by tensors under numpy >= 2.4 (its scalars are shape-(1,)
-        # arrays); compiled code keeps the for loop, which is what the software pipeliner works on.
-        n0 = start
-        while n0 < end:
-            acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, q_pos, k_cache, v_cache, block_table, stride_kb, stride_kt,
-                                         head_off, n0, end, qk_scale, softcap_scale, window, offs_d, d_mask,
-                                         BLOCK_SIZE, BLOCK_N, HEAD_PAD, HEAD_DIM, MASKED, SLIDING, SOFTCAP,
-                                         DOT_PRECISION, INTERPRET, PAGED)
-            n0 += BLOCK_N
-    else:
-        for n0 in range(start, end, BLOCK_N):
-            acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, q_pos, k_cache, v_cache, block_table, stride_kb, stride_kt,
-                                         head_off, n0, end, qk_scale, softcap_scale, window, offs_d, d_mask,
-                                         BLOCK_SIZE, BLOCK_N, HEAD_PAD, HEAD_DIM, MASKED, SLIDING, SOFTCAP,
-                                         DOT_PRECISION, INTERPRET, PAGED)
-    return acc, m_i, l_i
-
-
-@triton.jit
-def _attend(
-    q, q_pos, k_cache, v_cache, block_table, stride_kb, stride_kt, head_off,
-    start, full_end, end,  # [start, full_end): whole tiles every row sees in full; [full_end, end): masked
-    qk_scale, softcap_scale, window, offs_d, d_mask,
-    ROWS: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_PAD: tl.constexpr,
-    HEAD_DIM: tl.constexpr, SLIDING: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    INTERPRET: tl.constexpr,
-):
-    """Unnormalised attention of the ROWS query rows over the KV tokens [start, end). Returns (acc, max, sum)."""
-    acc = tl.full([ROWS, HEAD_PAD], 0.0, dtype=tl.float32)
-    m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
-    l_i = tl.full([ROWS], 0.0, dtype=tl.float32)
-    acc, m_i, l_i = _attend_loop(acc, m_i, l_i, q, q_pos, k_cache, v_cache, block_table, stride_kb, stride_kt,
-                                 head_off, start, full_end, qk_scale, softcap_scale, window, offs_d, d_mask,
-                                 BLOCK_SIZE, BLOCK_N, HEAD_PAD, HEAD_DIM, False, SLIDING, SOFTCAP, DOT_PRECISION,
-                                 INTERPRET, True)
-    return _attend_loop(acc, m_i, l_i, q, q_pos, k_cache, v_cache, block_table, stride_kb, stride_kt, head_off,
-                        full_end, end, qk_scale, softcap_scale, window, offs_d, d_mask,
-                        BLOCK_SIZE, BLOCK_N, HEAD_PAD, HEAD_DIM, True, SLIDING, SOFTCAP, DOT_PRECISION, INTERPRET,
-                        True)
-
-
 # NOTE: do_not_specialize: the block-table width (stride_bt) changes from step to step outside the CUDA graphs; a
 # width of 1 or a multiple of 16 would otherwise compile another variant in the middle of a run (seconds each).
 @triton.jit(do_not_specialize=["stride_bt"])
@@ -213,7 +63,7 @@ def _decode_kernel(
     q = tl.load(query + q_start * stride_qt + q_heads[:, None] * stride_qh + offs_d[None, :],
                 mask=h_mask[:, None] & d_mask[None, :], other=0.0)  # (BLOCK_H, HEAD_PAD)
     q_pos = tl.full([BLOCK_H], 0, dtype=tl.int32) + seq_len - 1
-    acc, m_i, l_i = _attend(q, q_pos, k_cache, v_cache, block_tables + seq.to(tl.int64) * stride_bt, stride_kb,
+    acc, m_i, l_i = attend(q, q_pos, k_cache, v_cache, block_tables + seq.to(tl.int64) * stride_bt, stride_kb,
                             stride_kt, kv_head * stride_kh, start, full_end, end, qk_scale, softcap_scale, window,
                             offs_d, d_mask, BLOCK_H, BLOCK_SIZE, BLOCK_N, HEAD_PAD, HEAD_DIM, SLIDING, SOFTCAP,
                             DOT_PRECISION, INTERPRET)
@@ -247,9 +97,9 @@ def _reduce_kernel(
     l = tl.load(part_ml + row * 2 + 1, mask=s_mask, other=0.0)
     acc = tl.load(part_acc + row[:, None] * HEAD_DIM + offs_d[None, :],
                   mask=s_mask[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)  # (SPLITS_PAD, HEAD_PAD)
-    m_max = _row_max(m, 0)  # finite: the split holding the query's own token saw it
+    m_max = row_max(m, 0)  # finite: the split holding the query's own token saw it
     w = tl.exp2(m - m_max)  # 0 for empty splits (m = -inf)
-    o = _row_sum(acc * w[:, None], 0) / _row_sum(l * w, 0)
+    o = row_sum(acc * w[:, None], 0) / row_sum(l * w, 0)
     tl.store(out + q_start * stride_ot + head * stride_oh + offs_d, o.to(out.dtype.element_ty),
              mask=offs_d < HEAD_DIM)
 
@@ -324,11 +174,11 @@ def _prefill_kernel(
         cached_full = lo + tl.maximum(cached_end - lo, 0) // BLOCK_N * BLOCK_N
         if SLIDING:
             cached_full = lo
-        acc, m_i, l_i = _attend_loop(acc, m_i, l_i, q, q_pos, k_cache, v_cache, table, stride_kb, stride_kt,
+        acc, m_i, l_i = attend_loop(acc, m_i, l_i, q, q_pos, k_cache, v_cache, table, stride_kb, stride_kt,
                                      kv_head * stride_kh, lo, cached_full, qk_scale, softcap_scale, window, offs_d,
                                      d_mask, BLOCK_SIZE, BLOCK_N, HEAD_PAD, HEAD_DIM, False, SLIDING, SOFTCAP,
                                      DOT_PRECISION, INTERPRET, True)
-        acc, m_i, l_i = _attend_loop(acc, m_i, l_i, q, q_pos, k_cache, v_cache, table, stride_kb, stride_kt,
+        acc, m_i, l_i = attend_loop(acc, m_i, l_i, q, q_pos, k_cache, v_cache, table, stride_kb, stride_kt,
                                      kv_head * stride_kh, cached_full, cached_end, qk_scale, softcap_scale, window,
                                      offs_d, d_mask, BLOCK_SIZE, BLOCK_N, HEAD_PAD, HEAD_DIM, True, SLIDING, SOFTCAP,
                                      DOT_PRECISION, INTERPRET, True)
@@ -337,16 +187,16 @@ def _prefill_kernel(
         if SLIDING:
             new_full = new_start
         shift = q_start - ctx_start  # position p of the sequence is row p + shift of the packed K/V
-        acc, m_i, l_i = _attend_loop(acc, m_i, l_i, q, q_pos, new_k, new_v, table, shift, stride_nt,
+        acc, m_i, l_i = attend_loop(acc, m_i, l_i, q, q_pos, new_k, new_v, table, shift, stride_nt,
                                      kv_head * stride_nh, new_start, new_full, qk_scale, softcap_scale, window,
                                      offs_d, d_mask, BLOCK_SIZE, BLOCK_N, HEAD_PAD, HEAD_DIM, False, SLIDING, SOFTCAP,
                                      DOT_PRECISION, INTERPRET, False)
-        acc, m_i, l_i = _attend_loop(acc, m_i, l_i, q, q_pos, new_k, new_v, table, shift, stride_nt,
+        acc, m_i, l_i = attend_loop(acc, m_i, l_i, q, q_pos, new_k, new_v, table, shift, stride_nt,
                                      kv_head * stride_nh, new_full, end, qk_scale, softcap_scale, window,
                                      offs_d, d_mask, BLOCK_SIZE, BLOCK_N, HEAD_PAD, HEAD_DIM, True, SLIDING, SOFTCAP,
                                      DOT_PRECISION, INTERPRET, False)
     else:
-        acc, m_i, l_i = _attend(q, q_pos, k_cache, v_cache, table, stride_kb, stride_kt, kv_head * stride_kh, lo,
+        acc, m_i, l_i = attend(q, q_pos, k_cache, v_cache, table, stride_kb, stride_kt, kv_head * stride_kh, lo,
                                 full_end, end, qk_scale, softcap_scale, window, offs_d, d_mask, BLOCK_M, BLOCK_SIZE,
                                 BLOCK_N, HEAD_PAD, HEAD_DIM, SLIDING, SOFTCAP, DOT_PRECISION, INTERPRET)
     l_i = tl.where(l_i == 0.0, 1.0, l_i)  # padding rows
@@ -467,7 +317,7 @@ def paged_attention(
     common = dict(
         GROUP=group, HEAD_DIM=head_dim, HEAD_PAD=max(16, triton.next_power_of_2(head_dim)), BLOCK_SIZE=block_size,
         SLIDING=sliding_window is not None, SOFTCAP=softcap is not None,
-        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", INTERPRET=_INTERPRET,
+        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", INTERPRET=INTERPRET,
     )
     window = sliding_window if sliding_window is not None else 0
     args = (query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q,

@@ -5,6 +5,10 @@ kernels are interpreted functions that the compiler cannot take.
 """
 
 import json
+import os
+import re
+import subprocess
+import tempfile
 
 import torch
 import triton
@@ -28,7 +32,24 @@ def compile_for_hopper(kernel, constants: dict, num_warps: int, num_stages: int)
     signature = {n: "constexpr" if n in constants else POINTERS.get(n, "i32") for n in names}
     source = ASTSource(fn=kernel, signature=signature, constexprs={(names.index(k),): v for k, v in constants.items()})
     compiled = triton.compile(source, target=HOPPER, options={"num_warps": num_warps, "num_stages": num_stages})
-    return {"shared": compiled.metadata.shared, "wgmma": "wgmma" in compiled.asm["ptx"]}
+    return {"shared": compiled.metadata.shared, "wgmma": "wgmma" in compiled.asm["ptx"],
+            **registers(compiled.asm["ptx"])}
+
+
+def registers(ptx: str) -> dict:
+    """Registers per thread and bytes spilled, from triton's bundled ptxas (-v); {} where it is missing."""
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    if not os.path.exists(ptxas):
+        return {}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        info = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", path, "-o", os.devnull], capture_output=True,
+                              text=True).stderr
+    regs = re.search(r"Used (\d+) registers", info)
+    spills = re.search(r"(\d+) bytes spill stores", info)
+    return {"registers": int(regs.group(1)), "spill_bytes": int(spills.group(1))} if regs and spills else {}
 
 
 def main() -> dict:

@@ -1,0 +1,160 @@
+"""The tile step the paged-attention kernels share: online softmax over K/V read through a block table.
+
+`attend` runs the query rows of one tile over a KV range ([start, full_end) unmasked, then a masked stretch);
+`attend_loop` runs one stretch; `attend_tile` one BLOCK_N-key step. kernels/paged_attention.py builds the decode
+and prefill kernels from them.
+"""
+
+import os
+
+import triton
+import triton.language as tl
+
+# Whether the @triton.jit below ran under TRITON_INTERPRET=1 (read, as triton does, when they are decorated).
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+# NOTE: the kernels call only triton builtins and these @triton.jit helpers, never triton's own jit'd library
+# functions (tl.zeros, tl.max, tl.sum, tl.cdiv): when triton was imported before TRITON_INTERPRET=1 was set
+# (torch._dynamo imports it), those stay compiled-only and the CPU interpreter cannot call them. The reductions
+# below are tl.max / tl.sum's own bodies; the interpreter recognises their combine functions and uses numpy.
+@triton.jit
+def row_max(x, axis: tl.constexpr):
+    return tl.reduce(x, axis, tl.standard._elementwise_max)
+
+
+@triton.jit
+def row_sum(x, axis: tl.constexpr):
+    return tl.reduce(x, axis, tl.standard._sum_combine)
+
+
+@triton.jit
+def tanh(x):
+    # tanh through exp2 (exact at both tails: exp2 -> inf gives 1, exp2 -> 0 gives -1).
+    return 1.0 - 2.0 / (tl.exp2(x * 2.8853900817779268) + 1.0)
+
+
+@triton.jit
+def dot(a, b, acc, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
+    """a @ b (+ acc, accumulated in place by the tensor cores)."""
+    if INTERPRET:
+        # NOTE: the CPU interpreter multiplies bf16 as raw uint16 bits; fp32 products of 16-bit operands are exact.
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def attend_tile(
+    acc, m_i, l_i,  # (BLOCK_M, HEAD_PAD) f32, (BLOCK_M,) f32 running max (log2 units), (BLOCK_M,) f32 running sum
+    q,  # (BLOCK_M, HEAD_PAD)
+    q_pos,  # (BLOCK_M,) absolute query positions, -1 on padding rows (read only when MASKED)
+    k_cache, v_cache, block_table,  # block_table points at this sequence's row
+    stride_kb, stride_kt, head_off,  # PAGED=False: (row shift, row stride, head offset) of packed K/V
+    n0, end,  # this tile's first KV token; the range's end
+    qk_scale, softcap_scale, window,
+    offs_d, d_mask,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+    MASKED: tl.constexpr, SLIDING: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    INTERPRET: tl.constexpr, PAGED: tl.constexpr,
+):
+    """One online-softmax step of q over the KV tokens [n0, n0 + BLOCK_N), read through the block table, or with
+    PAGED=False from packed K/V [tokens, heads, D] where position p sits in row p + stride_kb (the step's own keys).
+
+    MASKED=False promises that every key of the tile exists and is visible to every real row: no bounds, causal
+    or window masks then.
+    """
+    offs_n = n0 + tl.arange(0, BLOCK_N)  # (BLOCK_N,) token positions
+    if MASKED:
+        in_range = offs_n < end
+    if not PAGED:
+        rows = (offs_n + stride_kb).to(tl.int64) * stride_kt + head_off  # (BLOCK_N,)
+    else:
+        if MASKED:
+            blk = tl.load(block_table + offs_n // BLOCK_SIZE, mask=in_range, other=0)
+        else:
+            blk = tl.load(block_table + offs_n // BLOCK_SIZE)
+        rows = blk.to(tl.int64) * stride_kb + (offs_n % BLOCK_SIZE) * stride_kt + head_off  # (BLOCK_N,)
+    kv_offs = rows[:, None] + offs_d[None, :]  # (BLOCK_N, HEAD_PAD)
+    if MASKED:
+        kv_mask = in_range[:, None] & d_mask[None, :]
+        k = tl.load(k_cache + kv_offs, mask=kv_mask, other=0.0)
+    elif HEAD_PAD != HEAD_DIM:
+        k = tl.load(k_cache + kv_offs, mask=d_mask[None, :], other=0.0)
+    else:
+        k = tl.load(k_cache + kv_offs)
+    s = dot(q, tl.trans(k), None, DOT_PRECISION, INTERPRET)  # (BLOCK_M, BLOCK_N) raw scores
+    if SOFTCAP:
+        s = tanh(s * softcap_scale)  # the cap itself is folded into qk_scale
+    if MASKED:
+        visible = (offs_n[None, :] <= q_pos[:, None]) & in_range[None, :]
+        if SLIDING:
+            visible = visible & ((q_pos[:, None] - offs_n[None, :]) < window)
+        s = tl.where(visible, s, float("-inf"))
+    # Scores in log2 units are s * qk_scale; the scaling folds into one FMA with the max subtraction.
+    m_new = tl.maximum(m_i, row_max(s, 1) * qk_scale)
+    if MASKED:
+        m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+    else:
+        m_new_safe = m_new  # finite: every row sees the whole tile
+    alpha = tl.exp2(m_i - m_new_safe)
+    p = tl.exp2(s * qk_scale - m_new_safe[:, None])
+    l_i = l_i * alpha + row_sum(p, 1)
+    if MASKED:
+        v = tl.load(v_cache + kv_offs, mask=kv_mask, other=0.0)
+    elif HEAD_PAD != HEAD_DIM:
+        v = tl.load(v_cache + kv_offs, mask=d_mask[None, :], other=0.0)
+    else:
+        v = tl.load(v_cache + kv_offs)
+    acc = dot(p.to(v.dtype), v, acc * alpha[:, None], DOT_PRECISION, INTERPRET)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def attend_loop(
+    acc, m_i, l_i, q, q_pos, k_cache, v_cache, block_table, stride_kb, stride_kt, head_off,
+    start, end,  # KV token range [start, end); a whole number of tiles unless MASKED
+    qk_scale, softcap_scale, window, offs_d, d_mask,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+    MASKED: tl.constexpr, SLIDING: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    INTERPRET: tl.constexpr, PAGED: tl.constexpr,
+):
+    if INTERPRET:
+        # NOTE: the CPU interpreter cannot bound range() by tensors under numpy >= 2.4 (its scalars are shape-(1,)
+        # arrays); compiled code keeps the for loop, which is what the software pipeliner works on.
+        n0 = start
+        while n0 < end:
+            acc, m_i, l_i = attend_tile(acc, m_i, l_i, q, q_pos, k_cache, v_cache, block_table, stride_kb, stride_kt,
+                                         head_off, n0, end, qk_scale, softcap_scale, window, offs_d, d_mask,
+                                         BLOCK_SIZE, BLOCK_N, HEAD_PAD, HEAD_DIM, MASKED, SLIDING, SOFTCAP,
+                                         DOT_PRECISION, INTERPRET, PAGED)
+            n0 += BLOCK_N
+    else:
+        for n0 in range(start, end, BLOCK_N):
+            acc, m_i, l_i = attend_tile(acc, m_i, l_i, q, q_pos, k_cache, v_cache, block_table, stride_kb, stride_kt,
+                                         head_off, n0, end, qk_scale, softcap_scale, window, offs_d, d_mask,
+                                         BLOCK_SIZE, BLOCK_N, HEAD_PAD, HEAD_DIM, MASKED, SLIDING, SOFTCAP,
+                                         DOT_PRECISION, INTERPRET, PAGED)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def attend(
+    q, q_pos, k_cache, v_cache, block_table, stride_kb, stride_kt, head_off,
+    start, full_end, end,  # [start, full_end): whole tiles every row sees in full; [full_end, end): masked
+    qk_scale, softcap_scale, window, offs_d, d_mask,
+    ROWS: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, SLIDING: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    """Unnormalised attention of the ROWS query rows over the KV tokens [start, end). Returns (acc, max, sum)."""
+    acc = tl.full([ROWS, HEAD_PAD], 0.0, dtype=tl.float32)
+    m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
+    l_i = tl.full([ROWS], 0.0, dtype=tl.float32)
+    acc, m_i, l_i = attend_loop(acc, m_i, l_i, q, q_pos, k_cache, v_cache, block_table, stride_kb, stride_kt,
+                                 head_off, start, full_end, qk_scale, softcap_scale, window, offs_d, d_mask,
+                                 BLOCK_SIZE, BLOCK_N, HEAD_PAD, HEAD_DIM, False, SLIDING, SOFTCAP, DOT_PRECISION,
+                                 INTERPRET, True)
+    return attend_loop(acc, m_i, l_i, q, q_pos, k_cache, v_cache, block_table, stride_kb, stride_kt, head_off,
+                        full_end, end, qk_scale, softcap_scale, window, offs_d, d_mask,
+                        BLOCK_SIZE, BLOCK_N, HEAD_PAD, HEAD_DIM, True, SLIDING, SOFTCAP, DOT_PRECISION, INTERPRET,
+                        True)
