@@ -49,16 +49,18 @@ def attend_tile(
     q,  # (BLOCK_M, HEAD_PAD)
     q_pos,  # (BLOCK_M,) absolute query positions, -1 on padding rows (read only when MASKED)
     k_cache, v_cache, block_table,  # block_table points at this sequence's row
-    stride_kb, stride_kt, head_off,  # PAGED=False: (row shift, row stride, head offset) of packed K/V
+    stride_kb, stride_kt, head_off,  # KV_MODE 1: (row shift, row stride, head offset); 2: (row shift, -, head)
     n0, end,  # this tile's first KV token; the range's end
     qk_scale, softcap_scale, window,
     offs_d, d_mask,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     MASKED: tl.constexpr, SLIDING: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    INTERPRET: tl.constexpr, PAGED: tl.constexpr,
+    INTERPRET: tl.constexpr, KV_MODE: tl.constexpr,
 ):
-    """One online-softmax step of q over the KV tokens [n0, n0 + BLOCK_N), read through the block table, or with
-    PAGED=False from packed K/V [tokens, heads, D] where position p sits in row p + stride_kb (the step's own keys).
+    """One online-softmax step of q over the KV tokens [n0, n0 + BLOCK_N). KV_MODE 0 reads them through the block
+    table; 1 and 2 from packed K/V [tokens, heads, D] where position p sits in row p + stride_kb (the step's own
+    keys), by pointer (1) or through TMA tensor descriptors (2: whole tiles; rows past `end` belong to other
+    tokens, masked out of the scores, and rows past the tensor read as zeros).
 
     MASKED=False promises that every key of the tile exists and is visible to every real row: no bounds, causal
     or window masks then.
@@ -66,22 +68,25 @@ def attend_tile(
     offs_n = n0 + tl.arange(0, BLOCK_N)  # (BLOCK_N,) token positions
     if MASKED:
         in_range = offs_n < end
-    if not PAGED:
-        rows = (offs_n + stride_kb).to(tl.int64) * stride_kt + head_off  # (BLOCK_N,)
+    if KV_MODE == 2:
+        k = tl.reshape(k_cache.load([n0 + stride_kb, head_off, 0]), [BLOCK_N, HEAD_PAD])  # HEAD_PAD == HEAD_DIM
     else:
-        if MASKED:
-            blk = tl.load(block_table + offs_n // BLOCK_SIZE, mask=in_range, other=0)
+        if KV_MODE == 1:
+            rows = (offs_n + stride_kb).to(tl.int64) * stride_kt + head_off  # (BLOCK_N,)
         else:
-            blk = tl.load(block_table + offs_n // BLOCK_SIZE)
-        rows = blk.to(tl.int64) * stride_kb + (offs_n % BLOCK_SIZE) * stride_kt + head_off  # (BLOCK_N,)
-    kv_offs = rows[:, None] + offs_d[None, :]  # (BLOCK_N, HEAD_PAD)
-    if MASKED:
-        kv_mask = in_range[:, None] & d_mask[None, :]
-        k = tl.load(k_cache + kv_offs, mask=kv_mask, other=0.0)
-    elif HEAD_PAD != HEAD_DIM:
-        k = tl.load(k_cache + kv_offs, mask=d_mask[None, :], other=0.0)
-    else:
-        k = tl.load(k_cache + kv_offs)
+            if MASKED:
+                blk = tl.load(block_table + offs_n // BLOCK_SIZE, mask=in_range, other=0)
+            else:
+                blk = tl.load(block_table + offs_n // BLOCK_SIZE)
+            rows = blk.to(tl.int64) * stride_kb + (offs_n % BLOCK_SIZE) * stride_kt + head_off  # (BLOCK_N,)
+        kv_offs = rows[:, None] + offs_d[None, :]  # (BLOCK_N, HEAD_PAD)
+        if MASKED:
+            kv_mask = in_range[:, None] & d_mask[None, :]
+            k = tl.load(k_cache + kv_offs, mask=kv_mask, other=0.0)
+        elif HEAD_PAD != HEAD_DIM:
+            k = tl.load(k_cache + kv_offs, mask=d_mask[None, :], other=0.0)
+        else:
+            k = tl.load(k_cache + kv_offs)
     s = dot(q, tl.trans(k), None, DOT_PRECISION, INTERPRET)  # (BLOCK_M, BLOCK_N) raw scores
     if SOFTCAP:
         s = tanh(s * softcap_scale)  # the cap itself is folded into qk_scale
@@ -99,7 +104,9 @@ def attend_tile(
     alpha = tl.exp2(m_i - m_new_safe)
     p = tl.exp2(s * qk_scale - m_new_safe[:, None])
     l_i = l_i * alpha + row_sum(p, 1)
-    if MASKED:
+    if KV_MODE == 2:
+        v = tl.reshape(v_cache.load([n0 + stride_kb, head_off, 0]), [BLOCK_N, HEAD_PAD])
+    elif MASKED:
         v = tl.load(v_cache + kv_offs, mask=kv_mask, other=0.0)
     elif HEAD_PAD != HEAD_DIM:
         v = tl.load(v_cache + kv_offs, mask=d_mask[None, :], other=0.0)
@@ -116,7 +123,7 @@ def attend_loop(
     qk_scale, softcap_scale, window, offs_d, d_mask,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     MASKED: tl.constexpr, SLIDING: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    INTERPRET: tl.constexpr, PAGED: tl.constexpr,
+    INTERPRET: tl.constexpr, KV_MODE: tl.constexpr,
 ):
     if INTERPRET:
         # NOTE: the CPU interpreter cannot bound range() by tensors under numpy >= 2.4 (its scalars are shape-(1,)
@@ -126,14 +133,14 @@ def attend_loop(
             acc, m_i, l_i = attend_tile(acc, m_i, l_i, q, q_pos, k_cache, v_cache, block_table, stride_kb, stride_kt,
                                          head_off, n0, end, qk_scale, softcap_scale, window, offs_d, d_mask,
                                          BLOCK_SIZE, BLOCK_N, HEAD_PAD, HEAD_DIM, MASKED, SLIDING, SOFTCAP,
-                                         DOT_PRECISION, INTERPRET, PAGED)
+                                         DOT_PRECISION, INTERPRET, KV_MODE)
             n0 += BLOCK_N
     else:
         for n0 in range(start, end, BLOCK_N):
             acc, m_i, l_i = attend_tile(acc, m_i, l_i, q, q_pos, k_cache, v_cache, block_table, stride_kb, stride_kt,
                                          head_off, n0, end, qk_scale, softcap_scale, window, offs_d, d_mask,
                                          BLOCK_SIZE, BLOCK_N, HEAD_PAD, HEAD_DIM, MASKED, SLIDING, SOFTCAP,
-                                         DOT_PRECISION, INTERPRET, PAGED)
+                                         DOT_PRECISION, INTERPRET, KV_MODE)
     return acc, m_i, l_i
 
 
@@ -153,8 +160,8 @@ def attend(
     acc, m_i, l_i = attend_loop(acc, m_i, l_i, q, q_pos, k_cache, v_cache, block_table, stride_kb, stride_kt,
                                  head_off, start, full_end, qk_scale, softcap_scale, window, offs_d, d_mask,
                                  BLOCK_SIZE, BLOCK_N, HEAD_PAD, HEAD_DIM, False, SLIDING, SOFTCAP, DOT_PRECISION,
-                                 INTERPRET, True)
+                                 INTERPRET, 0)
     return attend_loop(acc, m_i, l_i, q, q_pos, k_cache, v_cache, block_table, stride_kb, stride_kt, head_off,
                         full_end, end, qk_scale, softcap_scale, window, offs_d, d_mask,
                         BLOCK_SIZE, BLOCK_N, HEAD_PAD, HEAD_DIM, True, SLIDING, SOFTCAP, DOT_PRECISION, INTERPRET,
-                        True)
+                        0)

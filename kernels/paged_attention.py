@@ -125,6 +125,7 @@ def _prefill_kernel(
     stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_kt, stride_kh, stride_bt,
     qk_scale, softcap_scale, window, num_seqs,
     new_k, new_v, stride_nt, stride_nh,  # NEW_KV: the step's own K/V [num_tokens, num_kv_heads, D], packed like q
+    # (NEW_KV 1: pointers; 2: TMA tensor descriptors over them)
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, HEAD_DIM: tl.constexpr,
     HEAD_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     SLIDING: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
@@ -177,24 +178,27 @@ def _prefill_kernel(
         acc, m_i, l_i = attend_loop(acc, m_i, l_i, q, q_pos, k_cache, v_cache, table, stride_kb, stride_kt,
                                      kv_head * stride_kh, lo, cached_full, qk_scale, softcap_scale, window, offs_d,
                                      d_mask, BLOCK_SIZE, BLOCK_N, HEAD_PAD, HEAD_DIM, False, SLIDING, SOFTCAP,
-                                     DOT_PRECISION, INTERPRET, True)
+                                     DOT_PRECISION, INTERPRET, 0)
         acc, m_i, l_i = attend_loop(acc, m_i, l_i, q, q_pos, k_cache, v_cache, table, stride_kb, stride_kt,
                                      kv_head * stride_kh, cached_full, cached_end, qk_scale, softcap_scale, window,
                                      offs_d, d_mask, BLOCK_SIZE, BLOCK_N, HEAD_PAD, HEAD_DIM, True, SLIDING, SOFTCAP,
-                                     DOT_PRECISION, INTERPRET, True)
+                                     DOT_PRECISION, INTERPRET, 0)
         new_start = tl.maximum(lo, ctx_start)
         new_full = new_start + tl.maximum(first + 1 - new_start, 0) // BLOCK_N * BLOCK_N  # below the diagonal
         if SLIDING:
             new_full = new_start
         shift = q_start - ctx_start  # position p of the sequence is row p + shift of the packed K/V
+        new_head = kv_head * stride_nh
+        if NEW_KV == 2:
+            new_head = kv_head
         acc, m_i, l_i = attend_loop(acc, m_i, l_i, q, q_pos, new_k, new_v, table, shift, stride_nt,
-                                     kv_head * stride_nh, new_start, new_full, qk_scale, softcap_scale, window,
+                                     new_head, new_start, new_full, qk_scale, softcap_scale, window,
                                      offs_d, d_mask, BLOCK_SIZE, BLOCK_N, HEAD_PAD, HEAD_DIM, False, SLIDING, SOFTCAP,
-                                     DOT_PRECISION, INTERPRET, False)
+                                     DOT_PRECISION, INTERPRET, NEW_KV)
         acc, m_i, l_i = attend_loop(acc, m_i, l_i, q, q_pos, new_k, new_v, table, shift, stride_nt,
-                                     kv_head * stride_nh, new_full, end, qk_scale, softcap_scale, window,
+                                     new_head, new_full, end, qk_scale, softcap_scale, window,
                                      offs_d, d_mask, BLOCK_SIZE, BLOCK_N, HEAD_PAD, HEAD_DIM, True, SLIDING, SOFTCAP,
-                                     DOT_PRECISION, INTERPRET, False)
+                                     DOT_PRECISION, INTERPRET, NEW_KV)
     else:
         acc, m_i, l_i = attend(q, q_pos, k_cache, v_cache, table, stride_kb, stride_kt, kv_head * stride_kh, lo,
                                 full_end, end, qk_scale, softcap_scale, window, offs_d, d_mask, BLOCK_M, BLOCK_SIZE,
@@ -336,10 +340,27 @@ def paged_attention(
         block_m = max(cfg.block_m, triton.next_power_of_2(group))
         block_q = block_m // group
         grid = (query.shape[0] // block_q + num_seqs, num_kv_heads)  # see _prefill_kernel
-        new = (key, value, key.stride(0), key.stride(1)) if key is not None else (query, query, 0, 0)
+        new_kv, new = _new_kv_args(query, key, value, cfg)
         _prefill_kernel[grid](out, *args, num_seqs, *new, BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=cfg.block_n,
-                              **common, NEW_KV=key is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                              **common, NEW_KV=new_kv, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
+
+
+def _new_kv_args(query, key, value, cfg: PrefillConfig) -> tuple[int, tuple]:
+    """The prefill kernel's NEW_KV mode and its (new_k, new_v, stride_nt, stride_nh) arguments: 0 without the step's
+    own K/V; 2 with TMA descriptors where they can describe it (power-of-2 head_dim, 16-byte aligned rows); else 1."""
+    if key is None:
+        return 0, (query, query, 0, 0)
+    head_dim = key.shape[-1]
+    aligned = all(t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size() % 16 == 0
+                  and t.stride(1) * t.element_size() % 16 == 0 for t in (key, value))
+    if cfg.tma and aligned and head_dim == triton.next_power_of_2(head_dim):
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        block = [cfg.block_n, 1, head_dim]
+        descriptors = [TensorDescriptor(t, list(t.shape), list(t.stride()), block) for t in (key, value)]
+        return 2, (*descriptors, key.stride(0), key.stride(1))
+    return 1, (key, value, key.stride(0), key.stride(1))
 
 
 def _launch_decode(out, args, common, cfg, num_seqs, num_kv_heads, num_q_heads, head_dim):

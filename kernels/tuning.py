@@ -23,6 +23,7 @@ class PrefillConfig:
     block_n: int  # KV tokens per loop step
     num_warps: int = 4
     num_stages: int = 3
+    tma: bool = True  # the step's own K/V, when given, through TMA tensor descriptors (else by pointer)
 
 
 @functools.cache

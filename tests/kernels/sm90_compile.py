@@ -27,12 +27,13 @@ COMMON = dict(HEAD_DIM=128, HEAD_PAD=128, BLOCK_SIZE=16, SLIDING=False, SOFTCAP=
               INTERPRET=False)
 
 
-def compile_for_hopper(kernel, constants: dict, num_warps: int, num_stages: int) -> dict:
+def compile_for_hopper(kernel, constants: dict, num_warps: int, num_stages: int, types: dict | None = None) -> dict:
     names = kernel.arg_names
-    signature = {n: "constexpr" if n in constants else POINTERS.get(n, "i32") for n in names}
+    signature = {n: "constexpr" if n in constants else {**POINTERS, **(types or {})}.get(n, "i32") for n in names}
     source = ASTSource(fn=kernel, signature=signature, constexprs={(names.index(k),): v for k, v in constants.items()})
     compiled = triton.compile(source, target=HOPPER, options={"num_warps": num_warps, "num_stages": num_stages})
     return {"shared": compiled.metadata.shared, "wgmma": "wgmma" in compiled.asm["ptx"],
+            "tma": "cp.async.bulk.tensor" in compiled.asm["ptx"],
             **registers(compiled.asm["ptx"])}
 
 
@@ -56,10 +57,13 @@ def main() -> dict:
     report = {}
     for group in (4, 1):  # GQA 4 (llama3-8b), MHA (llama2-7b)
         cfg = pa.default_prefill_config(group, 128, torch.device("cuda"))  # the tuned config; no GPU is touched
-        for own_kv in (False, True):  # K/V all through the block tables; the step's own K/V apart (the engine's)
-            report[f"prefill_group{group}" + ("_own_kv" if own_kv else "")] = compile_for_hopper(
+        # K/V all through the block tables; the step's own K/V apart (the engine's), by pointer and through TMA
+        for suffix, new_kv in (("", 0), ("_own_kv", 1), ("_own_kv_tma", 2)):
+            types = {"new_k": f"tensordesc<bf16[{cfg.block_n}, 1, 128]>", "new_v": f"tensordesc<bf16[{cfg.block_n}, 1, "
+                     "128]>"} if new_kv == 2 else {}
+            report[f"prefill_group{group}{suffix}"] = compile_for_hopper(
                 pa._prefill_kernel, dict(COMMON, GROUP=group, BLOCK_M=cfg.block_m, BLOCK_Q=cfg.block_m // group,
-                                         BLOCK_N=cfg.block_n, NEW_KV=own_kv), cfg.num_warps, cfg.num_stages)
+                                         BLOCK_N=cfg.block_n, NEW_KV=new_kv), cfg.num_warps, cfg.num_stages, types)
     for splits, special in ((1, False), (4, True)):
         report[f"decode_splits{splits}"] = compile_for_hopper(
             pa._decode_kernel, dict(COMMON, GROUP=4, BLOCK_H=16, BLOCK_N=64, NUM_SPLITS=splits, SLIDING=special,

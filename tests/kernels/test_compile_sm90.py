@@ -21,9 +21,10 @@ def test_kernels_compile_for_hopper():
     done = subprocess.run([sys.executable, "-P", str(script)], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
-    assert set(report) == {"prefill_group4", "prefill_group1", "prefill_group4_own_kv", "prefill_group1_own_kv",
-                           "decode_splits1", "decode_splits4", "reduce", "write_kv"}
+    prefill = [f"prefill_group{g}{suffix}" for g in (4, 1) for suffix in ("", "_own_kv", "_own_kv_tma")]
+    assert set(report) == {*prefill, "decode_splits1", "decode_splits4", "reduce", "write_kv"}
     for name, kernel in report.items():
         assert kernel["shared"] <= SHARED_MEMORY, (name, kernel)
-    for name in ("prefill_group4", "prefill_group1", "prefill_group4_own_kv", "prefill_group1_own_kv"):
+    for name in prefill:
         assert report[name]["wgmma"], name  # Hopper's tensor-core MMA
+        assert report[name]["tma"] == name.endswith("_tma"), name  # the descriptors' loads are bulk tensor copies

@@ -1,10 +1,13 @@
 """Triton paged attention (decode + varlen prefill) against kernels/reference.py."""
 
+import dataclasses
+
 import pytest
 import torch
 
 from hf_paged.kernels import reference
 from hf_paged.kernels.paged_attention import DecodeConfig, PrefillConfig, paged_attention
+from hf_paged.kernels.tuning import default_prefill_config
 from tests.kernels.paged_inputs import DEVICE, TOLERANCES, attention_inputs, ragged_lengths
 
 on_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -104,15 +107,36 @@ def check_new_kv(q_lens, seq_lens, hq, hkv, d, block_size, dtype, seed=0, window
     torch.testing.assert_close(out, ref, atol=atol, rtol=rtol)
 
 
+@pytest.mark.parametrize("tma", [True, False], ids=["tma", "pointers"])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_prefill_reads_the_steps_own_kv(shape):
-    """Prefix hits, a decode row and a prompt without prefix, with the new tokens' K/V given apart."""
+def test_prefill_reads_the_steps_own_kv(shape, tma):
+    """Prefix hits, a decode row and a prompt without prefix, with the new tokens' K/V given apart, read through
+    TMA descriptors (where the head_dim is a power of 2) or by pointer."""
     dtype, block_size, hq, hkv, d = shape
     q_lens = [7, 1, 20, 13]
     prefix = ragged_lengths(4, 0, 30, seed=d + 1)
     prefix[3] = 0
+    config = dataclasses.replace(default_prefill_config(hq // hkv, d, torch.device(DEVICE)), tma=tma)
     check_new_kv(q_lens, [q + p for q, p in zip(q_lens, prefix)], hq, hkv, d, block_size, dtype, seed=block_size,
-                 head_major=d == 64)
+                 head_major=d == 64, config=config)
+
+
+def test_own_kv_mode_follows_layout():
+    """TMA descriptors for power-of-2 head dims with 16-byte aligned rows; pointers otherwise or when asked."""
+    from hf_paged.kernels.paged_attention import _new_kv_args
+
+    cfg = PrefillConfig(16, 16)
+    query = torch.zeros(6, 4, 64, dtype=torch.bfloat16)
+    kv = torch.zeros(6, 2, 64, dtype=torch.bfloat16)
+    assert _new_kv_args(query, None, None, cfg)[0] == 0
+    assert _new_kv_args(query, kv, kv, cfg)[0] == 2
+    assert _new_kv_args(query, kv, kv, dataclasses.replace(cfg, tma=False))[0] == 1
+    odd = torch.zeros(6, 2, 80, dtype=torch.bfloat16)
+    assert _new_kv_args(query, odd, odd, cfg)[0] == 1
+    unaligned = torch.zeros(7, 2, 64, dtype=torch.bfloat16)[1:]  # rows start 128 bytes in: still aligned
+    assert _new_kv_args(query, unaligned, unaligned, cfg)[0] == 2
+    skewed = torch.zeros(6 * 2 * 64 + 1, dtype=torch.bfloat16)[1:].view(6, 2, 64)  # base 2 bytes off
+    assert _new_kv_args(query, skewed, skewed, cfg)[0] == 1
 
 
 @pytest.mark.parametrize("window, softcap", [(1, None), (6, 5.0), (None, 2.0), (40, None)])
