@@ -63,12 +63,9 @@ def paged_attention_forward(
         raise ValueError("the 'paged' attention is for inference; it does not support attention dropout")
     meta: PagedAttentionMetadata | None = kwargs.get(METADATA_KEY)
     layer: LayerKV | None = kwargs.get(KV_POOL_KEY)
-    slots = kwargs.get(SLOTS_KEY)
-    new_k = new_v = None
+    slots = kwargs.get(SLOTS_KEY)  # the engine's compiled layers: the step's K/V is stored here, not in cache.update
     if slots is not None:
         layer = bound_pools(module)
-        new_k, new_v = token_rows(key), token_rows(value)  # (T, Hkv, D)
-        ops.write_kv(new_k, new_v, layer.key_cache, layer.value_cache, slots)
     if meta is None or layer is None:
         return _contiguous_attention(module, query, key, value, attention_mask, scaling, softcap, **kwargs)
 
@@ -76,29 +73,24 @@ def paged_attention_forward(
     scale = scaling if scaling is not None else head_dim**-0.5
     window = sliding_window if sliding_window is not None else layer.sliding_window
     flat_q = query.transpose(1, 2).reshape(batch * q_len, num_q_heads, head_dim)  # (B*Q, Hq, D)
-    packed_q = flat_q if meta.query_index is None else flat_q.index_select(0, meta.query_index)
-    # The step's own K/V for the prefill kernel (it then gathers only the earlier context through the block
-    # tables). Not for decode (the pools only), padded batches (their K/V rows are not the packed queries') or a
-    # cache of another dtype (the pool holds the cast values).
-    if meta.max_seqlen_q == 1 or meta.query_index is not None or key.dtype != layer.key_cache.dtype:
-        new_k = new_v = None
-    elif new_k is None:
-        new_k = key.transpose(1, 2).reshape(batch * q_len, key.shape[1], head_dim)  # (T, Hkv, D), a view if it can
-        new_v = value.transpose(1, 2).reshape(batch * q_len, value.shape[1], head_dim)
-    packed_out = ops.paged_attention(
-        packed_q.contiguous(),
-        layer.key_cache,
-        layer.value_cache,
-        meta.block_tables,
-        meta.seq_lens,
-        meta.cu_seqlens_q,
-        scale,
-        sliding_window=window,
-        softcap=softcap,
-        max_seqlen_q=meta.max_seqlen_q,
-        key=new_k,
-        value=new_v,
-    )  # (T, Hq, D)
+    packed_q = (flat_q if meta.query_index is None else flat_q.index_select(0, meta.query_index)).contiguous()
+    # The kernels take the step's own K/V apart where its rows are the packed queries' (no padded batch) and the
+    # pool holds the same values (its dtype): they then gather only the earlier context through the block tables.
+    # NOTE: contiguous rows: the kernels take one layout for both, and a compiled graph may lay K and V out apart.
+    own_kv = meta.query_index is None and key.dtype == layer.key_cache.dtype
+    new_k, new_v = (token_rows(key), token_rows(value)) if own_kv else (None, None)  # (T, Hkv, D)
+    tables = (meta.block_tables, meta.seq_lens, meta.cu_seqlens_q)
+    if slots is not None and own_kv:  # store and attend in one launch (Triton)
+        packed_out = ops.write_and_attend(packed_q, new_k, new_v, layer.key_cache, layer.value_cache, slots, *tables,
+                                          scale, window, softcap, meta.max_seqlen_q)  # (T, Hq, D)
+    else:
+        if slots is not None:
+            ops.write_kv(token_rows(key), token_rows(value), layer.key_cache, layer.value_cache, slots)
+        if meta.max_seqlen_q == 1:  # a decode step reads its token from the pool, where cache.update put it
+            new_k = new_v = None
+        packed_out = ops.paged_attention(packed_q, layer.key_cache, layer.value_cache, *tables, scale,
+                                         sliding_window=window, softcap=softcap, max_seqlen_q=meta.max_seqlen_q,
+                                         key=new_k, value=new_v)  # (T, Hq, D)
     if meta.query_index is None:
         out = packed_out
     else:

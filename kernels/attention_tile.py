@@ -1,8 +1,8 @@
 """The tile step the paged-attention kernels share: online softmax over K/V read through a block table.
 
 `attend` runs the query rows of one tile over a KV range ([start, full_end) unmasked, then a masked stretch);
-`attend_loop` runs one stretch; `attend_tile` one BLOCK_N-key step. kernels/paged_attention.py builds the decode
-and prefill kernels from them.
+`attend_loop` runs one stretch; `attend_tile` one BLOCK_N-key step; `attend_key` one single key.
+kernels/paged_decode.py and kernels/paged_prefill.py build the decode and prefill kernels from them.
 """
 
 import os
@@ -165,3 +165,16 @@ def attend(
                         full_end, end, qk_scale, softcap_scale, window, offs_d, d_mask,
                         BLOCK_SIZE, BLOCK_N, HEAD_PAD, HEAD_DIM, True, SLIDING, SOFTCAP, DOT_PRECISION, INTERPRET,
                         0)
+
+
+@triton.jit
+def attend_key(acc, m_i, l_i, q, k, v, qk_scale, softcap_scale, SOFTCAP: tl.constexpr):
+    """One online-softmax step of the rows of q (ROWS, HEAD_PAD) over one key k and value v (HEAD_PAD,), visible to
+    every row (a decode step's own token). Returns (acc, max, sum) as `attend_tile` does."""
+    s = row_sum(q.to(tl.float32) * k.to(tl.float32)[None, :], 1)  # (ROWS,) raw scores
+    if SOFTCAP:
+        s = tanh(s * softcap_scale)
+    m_new = tl.maximum(m_i, s * qk_scale)  # finite: the key is visible
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s * qk_scale - m_new)
+    return acc * alpha[:, None] + p[:, None] * v.to(tl.float32)[None, :], m_new, l_i * alpha + p

@@ -12,9 +12,10 @@ import triton
 @dataclass(frozen=True, slots=True)
 class DecodeConfig:
     block_n: int  # KV tokens per loop step
-    num_splits: int  # programs per (sequence, KV head); > 1 adds the reduction kernel
+    num_splits: int  # programs per (sequence, KV head); > 1 merges their partial results
     num_warps: int = 4
     num_stages: int = 3
+    fused_reduce: bool = True  # the last split to finish merges (else a second launch, `_reduce_kernel`, does)
 
 
 @dataclass(frozen=True, slots=True)

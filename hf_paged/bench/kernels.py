@@ -93,184 +93,6 @@ def measure_copy_bandwidth(timer: Timer, nbytes: int = 2 << 30) -> float:
     return 2 * nbytes / ms / 1e6
 
 
-def paged_pool(seq_lens, num_kv_heads, head_dim, block_size, dtype, device, gen):
-    """K/V of `seq_lens` tokens per sequence in shuffled blocks: key_cache, value_cache, block_tables (int32)."""
-    per_seq = [-(-n // block_size) for n in seq_lens]
-    num_blocks = sum(per_seq)
-    order = torch.randperm(num_blocks, generator=gen).to(torch.int32)
-    block_tables = torch.zeros(len(seq_lens), max(per_seq), dtype=torch.int32)
-    taken = 0
-    for s, n in enumerate(per_seq):
-        block_tables[s, :n] = order[taken : taken + n]
-        taken += n
-    shape = (num_blocks, block_size, num_kv_heads, head_dim)
-    key_cache = torch.randn(shape, dtype=dtype, device=device)
-    value_cache = torch.randn(shape, dtype=dtype, device=device)
-    return key_cache, value_cache, block_tables.to(device)
-
-
-def attention_inputs(q_lens, seq_lens, num_q_heads, num_kv_heads, head_dim, block_size, dtype, device):
-    gen = torch.Generator().manual_seed(0)
-    key_cache, value_cache, block_tables = paged_pool(seq_lens, num_kv_heads, head_dim, block_size, dtype, device,
-                                                      gen)
-    cu = torch.zeros(len(q_lens) + 1, dtype=torch.int32)
-    cu[1:] = torch.tensor(q_lens).cumsum(0)
-    return dict(
-        query=torch.randn(int(cu[-1]), num_q_heads, head_dim, dtype=dtype, device=device),  # (T, Hq, D)
-        key_cache=key_cache, value_cache=value_cache, block_tables=block_tables,
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device), cu_seqlens_q=cu.to(device),
-    )
-
-
-def attention_bytes(inputs, q_lens, seq_lens) -> int:
-    """K/V each read once per (sequence, KV head) up to its context; queries read, outputs written; tables read."""
-    kv = inputs["key_cache"]
-    per_token = kv.shape[2] * kv.shape[3] * kv.element_size()
-    q = inputs["query"]
-    return (2 * sum(seq_lens) * per_token + 2 * q.numel() * q.element_size()
-            + inputs["block_tables"].numel() * 4)
-
-
-def causal_flops(q_lens, seq_lens, num_q_heads, head_dim) -> int:
-    """2 matmuls x 2 flops per visible (query, key) pair."""
-    pairs = sum(q * (n - q) + q * (q + 1) // 2 for q, n in zip(q_lens, seq_lens))
-    return 4 * pairs * num_q_heads * head_dim
-
-
-def decode_configs():
-    from hf_paged.kernels.tuning import DecodeConfig
-
-    tiles = [(32, 4, 3), (64, 4, 2), (64, 4, 3), (64, 4, 4), (64, 8, 3), (128, 4, 2), (128, 8, 3)]
-    return [DecodeConfig(n, s, w, st) for s in (1, 2, 4) for n, w, st in tiles]
-
-
-def prefill_configs():
-    from hf_paged.kernels.tuning import PrefillConfig
-
-    return [PrefillConfig(*c) for c in [
-        (128, 32, 4, 2), (128, 32, 4, 3), (128, 32, 4, 4), (128, 32, 8, 3), (128, 64, 4, 2), (128, 64, 4, 3),
-        (128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 32, 4, 3), (64, 32, 4, 4), (64, 64, 4, 3),
-        (64, 64, 4, 4), (256, 32, 8, 3), (256, 64, 8, 2)]] + [  # the step's own K/V by pointer instead of TMA
-        PrefillConfig(*c, tma=False) for c in [(128, 32, 4, 3), (64, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3)]]
-
-
-def sweep_configs(timer, run, configs) -> dict[str, float]:
-    """ms of each config that runs (one that needs too much shared memory is left out), fastest first."""
-    times = {}
-    for cfg in configs:
-        try:
-            times[repr(cfg)] = timer.ms(lambda: run(cfg), quick=True)
-        except Exception as exc:  # noqa: BLE001 - a config the device cannot run is just left out
-            print(f"  skip {cfg}: {type(exc).__name__}: {str(exc)[:120]}", file=sys.stderr)
-    return dict(sorted(times.items(), key=lambda kv: kv[1]))
-
-
-def bench_attention(timer, kind, q_lens, seq_lens, hq, hkv, args, rows, sweep):
-    """Rows for one attention shape. Batches with prompts get two rows on a GPU: K/V read through the block tables
-    only, and the engine's way, the step's own K/V passed apart (`own K/V`: only the earlier context is gathered)."""
-    dtype, device = _DTYPES[args.dtype], timer.device
-    inputs = attention_inputs(q_lens, seq_lens, hq, hkv, args.head_dim, args.block_size, dtype, device)
-    scale = args.head_dim**-0.5
-    max_q = max(q_lens)
-    shape = f"{len(q_lens)}x(q{q_lens[0]},ctx{seq_lens[0]}) {hq}/{hkv}h d{args.head_dim} bs{args.block_size}"
-    if kind == "mixed":
-        shape = f"{len(q_lens) - 1}x(q1,ctx{seq_lens[0]})+(q{q_lens[-1]}) {hq}/{hkv}h d{args.head_dim} bs{args.block_size}"
-    nbytes = attention_bytes(inputs, q_lens, seq_lens)
-    flops = causal_flops(q_lens, seq_lens, hq, args.head_dim)
-    baseline = _sdpa_baseline(q_lens, seq_lens, hq, hkv, args.head_dim, dtype, device)
-    baseline_ms = timer.ms(baseline) if baseline is not None and kind != "mixed" else None
-    variants = [False, True] if timer.gpu and max_q > 1 else [False]
-    for own_kv in variants:
-        new_kv = {}
-        if own_kv:
-            tokens = inputs["query"].shape[0]
-            new_kv = {name: torch.randn(tokens, hkv, args.head_dim, dtype=dtype, device=device)  # (T, Hkv, D)
-                      for name in ("key", "value")}
-        if timer.gpu:
-            from hf_paged.kernels.paged_attention import paged_attention
-
-            def run(cfg=None, new_kv=new_kv):
-                return paged_attention(**inputs, **new_kv, scale=scale, max_seqlen_q=max_q, config=cfg)
-
-            name = f"paged_attention[{kind}]" + (" own K/V" if own_kv else "")
-        else:
-            def run(cfg=None):
-                return reference.paged_attention(**inputs, scale=scale)
-
-            name = f"reference.paged_attention[{kind}]"
-        timer.ms(run, quick=True)  # NOTE: discarded; a first timing on a new shape once read 40% slow
-        ms = timer.ms(run)
-        row = Row(name, shape, ms, *timer.frac(nbytes, ms), tflops=flops / ms / 1e9)
-        if kind == "mixed" and timer.gpu:
-            # The same batch as two launches: the decode kernel over the one-token rows, the prefill kernel over
-            # the rest.
-            row.baseline = "split: decode kernel + prefill kernel"
-            row.baseline_ms = timer.ms(_split_launch(inputs, q_lens, scale, new_kv))
-            row.baseline_frac_copy = timer.frac(nbytes, row.baseline_ms)[1]
-            row.vs_baseline = ms / row.baseline_ms
-        elif baseline_ms is not None:
-            row.baseline = "torch sdpa, contiguous KV" + (", causal" if max_q > 1 else "")
-            row.baseline_ms = baseline_ms
-            row.baseline_frac_copy = timer.frac(nbytes, baseline_ms)[1]
-            row.vs_baseline = ms / baseline_ms
-            if timer.gpu and max_q > 1 and not own_kv:
-                row.detail = {"sdpa_backends_ms": _sdpa_backends(timer, baseline)}
-        rows.append(row)
-        if sweep and timer.gpu and kind in ("decode", "prefill"):
-            times = sweep_configs(timer, run, decode_configs() if max_q == 1 else prefill_configs())
-            cfg, best_ms = next(iter(times.items()))
-            rows.append(Row(name + " best of sweep", shape, best_ms, *timer.frac(nbytes, best_ms),
-                            tflops=flops / best_ms / 1e9, config=cfg, detail={"sweep_ms": times},
-                            baseline=row.baseline, baseline_ms=row.baseline_ms, vs_baseline=(
-                                best_ms / row.baseline_ms if row.baseline_ms else None)))
-    del inputs
-
-
-def _split_launch(inputs, q_lens, scale, new_kv=None):
-    """A mixed batch (decodes first, then prefills) as a decode launch and a prefill launch on its two parts."""
-    from hf_paged.kernels.paged_attention import paged_attention
-
-    nd = next((i for i, q in enumerate(q_lens) if q != 1), len(q_lens))
-    cu = inputs["cu_seqlens_q"]
-    decode = dict(inputs, query=inputs["query"][:nd], block_tables=inputs["block_tables"][:nd],
-                  seq_lens=inputs["seq_lens"][:nd], cu_seqlens_q=cu[: nd + 1])
-    prefill = dict(inputs, query=inputs["query"][nd:], block_tables=inputs["block_tables"][nd:],
-                   seq_lens=inputs["seq_lens"][nd:], cu_seqlens_q=cu[nd:] - nd,
-                   **{name: t[nd:] for name, t in (new_kv or {}).items()})
-    max_q = max(q_lens[nd:])
-
-    def run():
-        return torch.cat([paged_attention(**decode, scale=scale, max_seqlen_q=1),
-                          paged_attention(**prefill, scale=scale, max_seqlen_q=max_q)])
-
-    return run
-
-
-def _sdpa_baseline(q_lens, seq_lens, hq, hkv, head_dim, dtype, device):
-    """sdpa over contiguous [B, H, L, D] K/V when every sequence has the same shape (without a cached prefix)."""
-    if len(set(q_lens)) != 1 or len(set(seq_lens)) != 1 or (q_lens[0] > 1 and q_lens[0] != seq_lens[0]):
-        return None
-    batch, q_len, ctx = len(q_lens), q_lens[0], seq_lens[0]
-    q = torch.randn(batch, hq, q_len, head_dim, dtype=dtype, device=device)
-    k = torch.randn(batch, hkv, ctx, head_dim, dtype=dtype, device=device)
-    v = torch.randn(batch, hkv, ctx, head_dim, dtype=dtype, device=device)
-    return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=q_len > 1, enable_gqa=hq != hkv)
-
-
-def _sdpa_backends(timer, baseline) -> dict[str, float | None]:
-    """ms of the sdpa baseline forced onto each fused backend (None: the backend refused the shape)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    times = {}
-    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
-        try:
-            with sdpa_kernel(backend):
-                times[backend.name] = timer.ms(baseline, quick=True)
-        except RuntimeError:
-            times[backend.name] = None
-    return times
-
-
 def bench_gemm(timer, m: int, hidden: int, intermediate: int, kv_dim: int, args, rows):
     """A decode step's projections at `m` rows: the rate they read the weights at, each group as separate matmuls
     (as HF models run them) and as one matmul over the concatenated weights (as the engine runs them,
@@ -371,6 +193,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE, help="tokens per KV block")
     parser.add_argument("--prefill", default="8x1024", help="SEQSxTOKENS of the prefill rows")
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default="bfloat16")
+    parser.add_argument("--step-batches", default="1,16,64",
+                        help="batches of the 'decode layer' rows (GPU only; '' for none): one layer of a decode step "
+                             "as the engine's CUDA graphs run it, KV write folded in, against the launches apart")
+    parser.add_argument("--step-context", type=int, default=512, help="context of the 'decode layer' rows")
     parser.add_argument("--sweep", action="store_true", help="also time alternative tile configs, report the best")
     parser.add_argument("--only", choices=("attention", "gemm"), help="run only the attention + KV rows or the matmul rows")
     parser.add_argument("--gemm-rows", default="1,16,128",
@@ -407,7 +233,13 @@ def main(argv: list[str] | None = None) -> int:
 
     rows: list[Row] = []
     if args.only != "gemm":
+        from hf_paged.bench.attention_rows import bench_attention_rows
+
         bench_attention_rows(timer, heads, prefill_seqs, prefill_len, args, rows)
+        hkv = heads[0][1]
+        bench_write_kv(timer, args.batch, hkv, args, rows)
+        bench_write_kv(timer, prefill_seqs * prefill_len, hkv, args, rows)
+        bench_copy_blocks(timer, 64 if args.tiny else 2048, hkv, args, rows)
     hidden, intermediate, kv_dim = (int(x) for x in args.gemm_shape.split(","))
     for m in [int(x) for x in args.gemm_rows.split(",") if x] if args.only != "attention" else []:
         bench_gemm(timer, m, hidden, intermediate, kv_dim, args, rows)
@@ -418,25 +250,6 @@ def main(argv: list[str] | None = None) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({**facts, "rows": [asdict(r) for r in rows]}, indent=2))
     return 0
-
-
-def bench_attention_rows(timer, heads, prefill_seqs, prefill_len, args, rows):
-    for hq, hkv in heads:
-        for ctx in args.contexts:
-            bench_attention(timer, "decode", [1] * args.batch, [ctx] * args.batch, hq, hkv, args, rows, args.sweep)
-        q_lens = [prefill_len] * prefill_seqs
-        bench_attention(timer, "prefill", q_lens, q_lens, hq, hkv, args, rows, args.sweep)
-        # Chunked prefill / prefix-cache hit: the last half of each prompt over its cached first half (no sdpa twin).
-        half = [prefill_len // 2] * prefill_seqs
-        bench_attention(timer, "prefill+prefix", half, q_lens, hq, hkv, args, rows, sweep=False)
-        # A continuous-batching step: the decodes of a running batch and one new prompt in one launch.
-        ctx = args.contexts[0]
-        bench_attention(timer, "mixed", [1] * args.batch + [prefill_len], [ctx] * args.batch + [prefill_len], hq,
-                        hkv, args, rows, sweep=False)
-    hkv = heads[0][1]
-    bench_write_kv(timer, args.batch, hkv, args, rows)
-    bench_write_kv(timer, prefill_seqs * prefill_len, hkv, args, rows)
-    bench_copy_blocks(timer, 64 if args.tiny else 2048, hkv, args, rows)
 
 
 if __name__ == "__main__":

@@ -80,7 +80,8 @@ def test_compiled_decode_forward_matches_eager(make_llm, monkeypatch, arch):
 
 
 def test_compiled_code_writes_the_pools_in_place(make_llm):
-    """The KV write mutates the pools in place: no clone of a pool, no copy back into it (a 7B pool is GBs)."""
+    """The KV write (folded into the attention op) mutates the pools in place: no clone of a pool, no copy back into
+    it (a 7B pool is GBs)."""
     from torch._inductor.utils import run_and_get_code
 
     llm = make_llm(compile_model=True)
@@ -97,7 +98,8 @@ def test_compiled_code_writes_the_pools_in_place(make_llm):
     runner.compiled_call = keep_code
     llm.generate([[5, 6, 7, 8, 9], [10, 11]], SamplingParams(temperature=0, max_tokens=3), use_tqdm=False)
     code = "\n".join(codes)
-    assert "torch.ops.hf_paged.write_kv.default(" in code and "torch.ops.hf_paged.paged_attention.default(" in code
+    assert "torch.ops.hf_paged.write_and_attend.default(" in code
+    assert "torch.ops.hf_paged.write_kv" not in code and "torch.ops.hf_paged.paged_attention" not in code
     assert "clone" not in code and "auto_functionalized" not in code and ".copy_(" not in code
 
 

@@ -15,13 +15,13 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from hf_paged.kernels import kv_write
-from hf_paged.kernels import paged_attention as pa
+from hf_paged.kernels import kv_write, paged_decode, paged_prefill, tuning
 
 HOPPER = GPUTarget("cuda", 90, 32)
 POINTERS = {"out": "*bf16", "query": "*bf16", "k_cache": "*bf16", "v_cache": "*bf16", "key": "*bf16",
             "value": "*bf16", "key_cache": "*bf16", "value_cache": "*bf16", "part_acc": "*fp32", "part_ml": "*fp32",
-            "new_k": "*bf16", "new_v": "*bf16", "block_tables": "*i32", "seq_lens": "*i32", "cu_seqlens_q": "*i32", "slot_mapping": "*i64",
+            "new_k": "*bf16", "new_v": "*bf16", "key_rows": "*bf16", "value_rows": "*bf16", "counters": "*i32",
+            "block_tables": "*i32", "seq_lens": "*i32", "cu_seqlens_q": "*i32", "slot_mapping": "*i64",
             "qk_scale": "fp32", "softcap_scale": "fp32"}
 COMMON = dict(HEAD_DIM=128, HEAD_PAD=128, BLOCK_SIZE=16, SLIDING=False, SOFTCAP=False, DOT_PRECISION="tf32",
               INTERPRET=False)
@@ -34,6 +34,9 @@ def compile_for_hopper(kernel, constants: dict, num_warps: int, num_stages: int,
     compiled = triton.compile(source, target=HOPPER, options={"num_warps": num_warps, "num_stages": num_stages})
     return {"shared": compiled.metadata.shared, "wgmma": "wgmma" in compiled.asm["ptx"],
             "tma": "cp.async.bulk.tensor" in compiled.asm["ptx"],
+            "atomics": sorted(set(re.findall(r"\batom\.[\w.]+", compiled.asm["ptx"]))),
+            "l2_loads": "ld.global.cg" in compiled.asm["ptx"] or "ld.global.L1::no_allocate" in compiled.asm["ptx"],
+            "barriers": compiled.asm["ptx"].count("bar.sync"),
             **registers(compiled.asm["ptx"])}
 
 
@@ -56,20 +59,28 @@ def registers(ptx: str) -> dict:
 def main() -> dict:
     report = {}
     for group in (4, 1):  # GQA 4 (llama3-8b), MHA (llama2-7b)
-        cfg = pa.default_prefill_config(group, 128, torch.device("cuda"))  # the tuned config; no GPU is touched
-        # K/V all through the block tables; the step's own K/V apart (the engine's), by pointer and through TMA
-        for suffix, new_kv in (("", 0), ("_own_kv", 1), ("_own_kv_tma", 2)):
+        cfg = tuning.default_prefill_config(group, 128, torch.device("cuda"))  # the tuned config; no GPU is touched
+        block_q = cfg.block_m // group
+        # K/V all through the block tables; the step's own K/V apart, by pointer and through TMA, and stored into
+        # its slots as the engine's forwards do (_write)
+        for suffix, new_kv, write in (("", 0, False), ("_own_kv", 1, False), ("_own_kv_tma", 2, False),
+                                      ("_own_kv_tma_write", 2, True)):
             types = {"new_k": f"tensordesc<bf16[{cfg.block_n}, 1, 128]>", "new_v": f"tensordesc<bf16[{cfg.block_n}, 1, "
                      "128]>"} if new_kv == 2 else {}
             report[f"prefill_group{group}{suffix}"] = compile_for_hopper(
-                pa._prefill_kernel, dict(COMMON, GROUP=group, BLOCK_M=cfg.block_m, BLOCK_Q=cfg.block_m // group,
-                                         BLOCK_N=cfg.block_n, NEW_KV=new_kv), cfg.num_warps, cfg.num_stages, types)
-    for splits, special in ((1, False), (4, True)):
-        report[f"decode_splits{splits}"] = compile_for_hopper(
-            pa._decode_kernel, dict(COMMON, GROUP=4, BLOCK_H=16, BLOCK_N=64, NUM_SPLITS=splits, SLIDING=special,
-                                    SOFTCAP=special), 4, 3)
-    report["reduce"] = compile_for_hopper(pa._reduce_kernel, dict(NUM_SPLITS=4, SPLITS_PAD=4, HEAD_DIM=128,
-                                                                   HEAD_PAD=128), 4, 1)
+                paged_prefill._prefill_kernel, dict(COMMON, GROUP=group, BLOCK_M=cfg.block_m, BLOCK_Q=block_q,
+                                                    BLOCK_N=cfg.block_n, NEW_KV=new_kv, WRITE=write,
+                                                    WRITE_Q=min(16, triton.next_power_of_2(block_q))),
+                cfg.num_warps, cfg.num_stages, types)
+    # one split; four merged by a second launch; four merged by the last split, with the step's own K/V stored
+    for name, splits, special, fused in (("decode_splits1", 1, False, False), ("decode_splits4", 4, True, False),
+                                         ("decode_splits4_fused_write", 4, False, True)):
+        report[name] = compile_for_hopper(
+            paged_decode._decode_kernel, dict(COMMON, GROUP=4, BLOCK_H=16, BLOCK_N=64, NUM_SPLITS=splits,
+                                              SLIDING=special, SOFTCAP=special, NEW_KV=fused, WRITE=fused,
+                                              FUSED_REDUCE=fused), 4, 3)
+    report["reduce"] = compile_for_hopper(paged_decode._reduce_kernel, dict(NUM_SPLITS=4, SPLITS_PAD=4, HEAD_DIM=128,
+                                                                             HEAD_PAD=128), 4, 1)
     report["write_kv"] = compile_for_hopper(kv_write._write_kv_kernel, dict(NUM_HEADS=8, HEAD_DIM=128, BLOCK_H=8,
                                                                            HEAD_PAD=128, BLOCK_SIZE=16), 4, 1)
     return report

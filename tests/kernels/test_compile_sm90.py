@@ -21,10 +21,16 @@ def test_kernels_compile_for_hopper():
     done = subprocess.run([sys.executable, "-P", str(script)], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
-    prefill = [f"prefill_group{g}{suffix}" for g in (4, 1) for suffix in ("", "_own_kv", "_own_kv_tma")]
-    assert set(report) == {*prefill, "decode_splits1", "decode_splits4", "reduce", "write_kv"}
+    prefill = [f"prefill_group{g}{suffix}" for g in (4, 1)
+               for suffix in ("", "_own_kv", "_own_kv_tma", "_own_kv_tma_write")]
+    decode = ["decode_splits1", "decode_splits4", "decode_splits4_fused_write"]
+    assert set(report) == {*prefill, *decode, "reduce", "write_kv"}
     for name, kernel in report.items():
         assert kernel["shared"] <= SHARED_MEMORY, (name, kernel)
     for name in prefill:
         assert report[name]["wgmma"], name  # Hopper's tensor-core MMA
-        assert report[name]["tma"] == name.endswith("_tma"), name  # the descriptors' loads are bulk tensor copies
+        assert report[name]["tma"] == ("_tma" in name), name  # the descriptors' loads are bulk tensor copies
+    # the last split's merge: an acquire-release atomic on the arrival counter, then the partials read from L2
+    fused = report["decode_splits4_fused_write"]
+    assert any(".acq_rel." in atom and ".add." in atom for atom in fused["atomics"]) and fused["l2_loads"], fused
+    assert not report["decode_splits4"]["atomics"], report["decode_splits4"]

@@ -91,3 +91,66 @@ def test_engine_prefill_hands_the_kernel_its_own_kv(monkeypatch):
         assert llm.get_stats().prefix_cache_hits > 0
     assert outs["triton"] == outs["reference"]
     assert any(given) and not all(given)  # prefill steps passed it, decode steps did not
+
+
+def test_write_and_attend_matches_write_then_attend(monkeypatch):
+    """ops.write_and_attend = write_kv + paged_attention, on the torch path and through the (interpreted) Triton
+    kernels, which store the step's K/V themselves; under torch.compile it mutates the caches it is given."""
+    q_lens, seq_lens = [3, 1, 4], [5, 9, 4]
+    results = {}
+    for mode in ("reference", "triton", "compiled"):
+        monkeypatch.setenv("HF_PAGED_KERNELS", "reference" if mode == "reference" else "triton")
+        inputs = attention_inputs(q_lens, seq_lens, 4, 2, 64, 8, torch.float32, seed=5)
+        gen = torch.Generator().manual_seed(1)
+        key, value = (torch.randn(8, 2, 64, generator=gen).to(DEVICE) for _ in range(2))  # (T, Hkv, D)
+        tables = inputs["block_tables"].tolist()
+        slots = torch.tensor([tables[s][p // 8] * 8 + p % 8 for s, (q, n) in enumerate(zip(q_lens, seq_lens))
+                              for p in range(n - q, n)], device=DEVICE)  # the new tokens' slots (T,)
+        call = torch.compile(ops.write_and_attend, fullgraph=True) if mode == "compiled" else ops.write_and_attend
+        out = call(inputs["query"], key, value, inputs["key_cache"], inputs["value_cache"], slots,
+                   inputs["block_tables"], inputs["seq_lens"], inputs["cu_seqlens_q"], 0.125, None, None, 4)
+        results[mode] = (out, inputs["key_cache"], inputs["value_cache"])
+    expected = attention_inputs(q_lens, seq_lens, 4, 2, 64, 8, torch.float32, seed=5)
+    ops.write_kv(key, value, expected["key_cache"], expected["value_cache"], slots)
+    for mode, (out, key_cache, value_cache) in results.items():
+        torch.testing.assert_close(key_cache, expected["key_cache"], atol=0, rtol=0, msg=mode)
+        torch.testing.assert_close(value_cache, expected["value_cache"], atol=0, rtol=0, msg=mode)
+        torch.testing.assert_close(out, results["reference"][0], atol=1e-4, rtol=1e-4, msg=mode)
+
+
+def test_compiled_engine_writes_and_attends_in_one_call(monkeypatch):
+    """The engine's compiled layers store the step's K/V from inside the attention: every prefill and decode
+    forward reaches the Triton kernels (interpreted here) with its slots, no write_kv runs apart, and the tokens
+    are the reference kernels'."""
+    import hf_paged
+    import hf_paged.kernels.kv_write as triton_kv_write
+    import hf_paged.kernels.paged_attention as triton_attention
+    from tests.tiny import tiny_model
+
+    model = tiny_model("llama")
+    prompts = [list(range(3, 30)), list(range(3, 22)) + [40, 41], [7, 8, 9]]  # the second shares 16 tokens
+    params = hf_paged.SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    seen = []
+    real_attention, real_write = triton_attention.paged_attention, triton_kv_write.write_kv
+
+    def spy_attention(*args, **kwargs):
+        q_len = args[9] if len(args) > 9 else kwargs.get("max_seqlen_q")
+        slots = args[12] if len(args) > 12 else kwargs.get("slot_mapping")
+        seen.append(("decode" if q_len == 1 else "prefill", slots is not None))
+        return real_attention(*args, **kwargs)
+
+    def spy_write(*args, **kwargs):
+        seen.append(("write_kv", True))
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(triton_attention, "paged_attention", spy_attention)
+    monkeypatch.setattr(triton_kv_write, "write_kv", spy_write)
+    outs = {}
+    for mode in ("reference", "triton"):
+        monkeypatch.setenv("HF_PAGED_KERNELS", mode)
+        llm = hf_paged.LLM(model, num_blocks=64, block_size=8, max_num_batched_tokens=20, compile_model=True)
+        seen.clear()  # the warm-up's first forward runs eagerly (it allocates the pools)
+        outs[mode] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        assert llm.get_stats().prefix_cache_hits > 0
+    assert outs["triton"] == outs["reference"]
+    assert {kind for kind, _ in seen} == {"decode", "prefill"} and all(slots for _, slots in seen), seen

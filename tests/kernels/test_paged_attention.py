@@ -43,12 +43,13 @@ def test_decode_matches_reference(shape):
     check([1] * len(seq_lens), seq_lens, hq, hkv, d, block_size, dtype, seed=d, max_seqlen_q=1)
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "two_launches"])
 @pytest.mark.parametrize("num_splits", [2, 3, 4])
-def test_decode_split_k_matches_reference(num_splits):
+def test_decode_split_k_matches_reference(num_splits, fused):
     # 1..80 tokens over splits of 16-token tiles: some splits are empty, some end mid-tile.
     seq_lens = [1, 9, 16, 17, 50, 80]
     check([1] * 6, seq_lens, 8, 2, 64, 16, torch.float32, seed=num_splits,
-          config=DecodeConfig(block_n=16, num_splits=num_splits, num_warps=1, num_stages=1))
+          config=DecodeConfig(block_n=16, num_splits=num_splits, num_warps=1, num_stages=1, fused_reduce=fused))
 
 
 @pytest.mark.parametrize("window, softcap", [(1, None), (5, None), (24, 2.0), (None, 1.5), (100, 30.0)])
@@ -82,29 +83,105 @@ def test_prefill_sliding_window_and_softcap(window, softcap):
 
 
 def check_new_kv(q_lens, seq_lens, hq, hkv, d, block_size, dtype, seed=0, window=None, softcap=None,
-                 head_major=False, config=None):
+                 head_major=False, config=None, write=False, skip=()):
     """The step's own K/V passed apart: the kernel must read the new tokens there, not in the caches, whose new
-    slots are poisoned with NaN here; the result is the reference's on the intact caches."""
+    slots are poisoned with NaN here; the result is the reference's on the intact caches. `write`: the kernel also
+    stores them (slot_mapping), after which the caches must equal the intact ones, but for the tokens in `skip`
+    (slot -1), whose slots must stay poisoned."""
     inputs = attention_inputs(q_lens, seq_lens, hq, hkv, d, block_size, dtype, seed)
     scale = d**-0.5
     ref = reference.paged_attention(**inputs, scale=scale, sliding_window=window, softcap=softcap)
     rows = {"key": [], "value": []}
     poisoned = {name: inputs[name].clone() for name in ("key_cache", "value_cache")}
+    slots = []
     for s, (q_len, seq_len) in enumerate(zip(q_lens, seq_lens)):
         table = inputs["block_tables"][s]
         for name, cache in (("key", inputs["key_cache"]), ("value", inputs["value_cache"])):
             rows[name].append(reference.gather_kv(cache, table, seq_len)[seq_len - q_len :])  # (q_len, Hkv, D)
         for pos in range(seq_len - q_len, seq_len):
             block, offset = int(table[pos // block_size]), pos % block_size
+            slots.append(block * block_size + offset)
             for name in poisoned:
                 poisoned[name][block, offset] = float("nan")
     new = {name: torch.cat(parts) for name, parts in rows.items()}  # (T, Hkv, D)
     if head_major:  # HF's layout: [Hkv, T, D] in memory, seen as [T, Hkv, D]
         new = {name: t.transpose(0, 1).contiguous().transpose(0, 1) for name, t in new.items()}
+    slot_mapping = None
+    if write:
+        slot_mapping = torch.tensor([-1 if t in skip else slot for t, slot in enumerate(slots)], device=DEVICE)
     out = paged_attention(**{**inputs, **poisoned}, scale=scale, sliding_window=window, softcap=softcap,
-                          max_seqlen_q=max(q_lens), key=new["key"], value=new["value"], config=config)
+                          max_seqlen_q=max(q_lens), key=new["key"], value=new["value"], slot_mapping=slot_mapping,
+                          config=config)
     atol, rtol = TOLERANCES[dtype]
     torch.testing.assert_close(out, ref, atol=atol, rtol=rtol)
+    if write:
+        for name in poisoned:
+            expected = inputs[name].clone().view(-1, hkv, d)  # (slots, Hkv, D)
+            expected[[slots[t] for t in skip]] = float("nan")
+            torch.testing.assert_close(poisoned[name].view(-1, hkv, d), expected, atol=0, rtol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("write", [False, True], ids=["read", "write"])
+@pytest.mark.parametrize("splits, fused", [(1, True), (3, True), (3, False)], ids=["one", "fused", "two_launches"])
+@pytest.mark.parametrize("shape", SHAPES[:4] + SHAPES[6:], ids=str)
+def test_decode_reads_the_steps_own_kv(shape, splits, fused, write):
+    """A decode step's own token read from the packed K/V (its slot poisoned in the caches) and, with slots, stored
+    there too; the splits merged by the last one to finish or by the reduction kernel."""
+    dtype, block_size, hq, hkv, d = shape
+    seq_lens = [1, 2, 9, 17, 40]  # a first token (nothing cached), tiles and splits ending mid-way
+    config = DecodeConfig(block_n=16, num_splits=splits, num_warps=1, num_stages=1, fused_reduce=fused)
+    check_new_kv([1] * 5, seq_lens, hq, hkv, d, block_size, dtype, seed=d, head_major=d == 64, config=config,
+                 write=write)
+
+
+@pytest.mark.parametrize("window, softcap", [(1, None), (5, 2.0), (None, 1.5)])
+def test_decode_own_kv_sliding_window_and_softcap(window, softcap):
+    config = DecodeConfig(block_n=16, num_splits=2, num_warps=1, num_stages=1)
+    check_new_kv([1] * 4, [3, 23, 40, 61], 4, 2, 64, 8, torch.float32, seed=7, window=window, softcap=softcap,
+                 config=config, write=True)
+
+
+@pytest.mark.parametrize("tma", [True, False], ids=["tma", "pointers"])
+@pytest.mark.parametrize("shape", SHAPES[:4] + SHAPES[6:], ids=str)
+def test_prefill_writes_the_steps_own_kv(shape, tma):
+    """The prefill kernel stores its tiles' new tokens (each once) while it attends; slot -1 stores nothing."""
+    dtype, block_size, hq, hkv, d = shape
+    q_lens = [7, 1, 20, 13]
+    prefix = ragged_lengths(4, 0, 30, seed=d + 2)
+    config = dataclasses.replace(default_prefill_config(hq // hkv, d, torch.device(DEVICE)), tma=tma)
+    check_new_kv(q_lens, [q + p for q, p in zip(q_lens, prefix)], hq, hkv, d, block_size, dtype, seed=block_size,
+                 head_major=d == 64, config=config, write=True, skip=(3, 7))
+
+
+def test_decode_write_skips_padding_slots():
+    """Slot -1 (a CUDA-graph padding row, say) stores nothing; the row still gets its attention."""
+    check_new_kv([1] * 4, [5, 9, 33, 2], 4, 2, 64, 16, torch.float32, seed=3, write=True, skip=(1, 3),
+                 config=DecodeConfig(block_n=16, num_splits=2, num_warps=1, num_stages=1))
+
+
+def test_fused_reduce_leaves_the_counters_zero():
+    """The last split of each (sequence, KV head) resets its arrival counter: a second launch (a graph replay)
+    finds them zero and merges the same way."""
+    from hf_paged.kernels import paged_decode
+
+    inputs = attention_inputs([1] * 3, [30, 7, 52], 8, 2, 64, 8, torch.float32, seed=4)
+    config = DecodeConfig(block_n=16, num_splits=4, num_warps=1, num_stages=1)
+    first = paged_attention(**inputs, scale=0.125, max_seqlen_q=1, config=config)
+    counters = paged_decode.arrival_counters(first.device, 6)
+    assert counters.numel() >= 6 and not counters.any()
+    torch.testing.assert_close(paged_attention(**inputs, scale=0.125, max_seqlen_q=1, config=config), first,
+                               atol=0, rtol=0)
+
+
+def test_arrival_counters_grow_and_keep_the_old_buffer():
+    from hf_paged.kernels import paged_decode
+
+    device = torch.device(DEVICE)
+    small = paged_decode.arrival_counters(device, 10)
+    assert paged_decode.arrival_counters(device, small.numel()) is small
+    large = paged_decode.arrival_counters(device, small.numel() + 1)
+    assert large.numel() > small.numel() and not large.any()
+    assert any(buffer is small for buffer in paged_decode._COUNTERS[device])  # graphs may still point at it
 
 
 @pytest.mark.parametrize("tma", [True, False], ids=["tma", "pointers"])
@@ -123,7 +200,7 @@ def test_prefill_reads_the_steps_own_kv(shape, tma):
 
 def test_own_kv_mode_follows_layout():
     """TMA descriptors for power-of-2 head dims with 16-byte aligned rows; pointers otherwise or when asked."""
-    from hf_paged.kernels.paged_attention import _new_kv_args
+    from hf_paged.kernels.paged_prefill import new_kv_args as _new_kv_args
 
     cfg = PrefillConfig(16, 16)
     query = torch.zeros(6, 4, 64, dtype=torch.bfloat16)
@@ -157,6 +234,14 @@ def test_own_kv_must_match_the_query():
         paged_attention(**inputs, scale=0.1, max_seqlen_q=3, key=key, value=key)
     with pytest.raises(ValueError, match="both"):
         paged_attention(**inputs, scale=0.1, max_seqlen_q=3, key=key[:5])
+    slots = torch.arange(5, device=DEVICE)
+    with pytest.raises(ValueError, match="give key and value"):
+        paged_attention(**inputs, scale=0.1, max_seqlen_q=3, slot_mapping=slots)
+    key = torch.zeros(5, 2, 64, device=DEVICE)
+    with pytest.raises(ValueError, match="slot_mapping"):
+        paged_attention(**inputs, scale=0.1, max_seqlen_q=3, key=key, value=key, slot_mapping=slots[:4])
+    with pytest.raises(ValueError, match="slot_mapping"):
+        paged_attention(**inputs, scale=0.1, max_seqlen_q=3, key=key, value=key, slot_mapping=slots.float())
 
 
 @pytest.mark.parametrize("block_m, group", [(16, 1), (16, 4), (32, 2), (16, 16)])
@@ -212,6 +297,49 @@ def test_gpu_decode_shapes(shape, num_seqs):
 
 @pytest.mark.cuda
 @on_gpu
+@pytest.mark.parametrize("num_seqs", [1, 3, 200])  # 16 splits merged by the last to finish; 4; none
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_gpu_decode_writes_the_steps_own_kv(shape, num_seqs):
+    """The engine's decode: one launch stores the new token, attends, and merges the splits."""
+    dtype, block_size, hq, hkv, d = shape
+    check_new_kv([1] * num_seqs, ragged_lengths(num_seqs, 1, 3000, seed=d + 1), hq, hkv, d, block_size, dtype,
+                 seed=d, head_major=d == 64, write=True, skip=(0,) if num_seqs > 1 else ())
+
+
+@pytest.mark.cuda
+@on_gpu
+def test_gpu_fused_reduce_in_a_cuda_graph():
+    """Replays of one captured decode launch (16 splits, the last one merging) on new K/V each time: every replay
+    matches the reference, so the arrival counters come back to zero inside the graph."""
+    inputs = attention_inputs([1] * 2, [2000, 37], 32, 8, 128, 16, torch.bfloat16, seed=3)
+    key, value = (torch.zeros(2, 8, 128, dtype=torch.bfloat16, device="cuda") for _ in range(2))  # (T, Hkv, D)
+    slots = torch.tensor([-1, -1], device="cuda")  # nothing stored: the caches stay the reference's context
+    config = DecodeConfig(block_n=64, num_splits=16)
+
+    def launch():
+        return paged_attention(**inputs, scale=128**-0.5, max_seqlen_q=1, key=key, value=value, slot_mapping=slots,
+                               config=config)
+
+    launch()  # compiles, and allocates the counters outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = launch()
+    for seed in range(5):
+        gen = torch.Generator(device="cuda").manual_seed(seed)
+        for t in (key, value, inputs["query"]):
+            t.copy_(torch.randn(t.shape, generator=gen, device="cuda"))
+        graph.replay()
+        k_cache, v_cache = inputs["key_cache"].clone(), inputs["value_cache"].clone()
+        for s, n in enumerate([2000, 37]):  # the reference reads the new token from the caches
+            block, offset = int(inputs["block_tables"][s][(n - 1) // 16]), (n - 1) % 16
+            k_cache[block, offset], v_cache[block, offset] = key[s], value[s]
+        ref = reference.paged_attention(**{**inputs, "key_cache": k_cache, "value_cache": v_cache},
+                                        scale=128**-0.5)
+        torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.cuda
+@on_gpu
 @pytest.mark.parametrize("window, softcap", [(4096, None), (255, 50.0), (None, 30.0), (1, None)])
 @pytest.mark.parametrize("num_seqs", [2, 64])
 def test_gpu_decode_window_softcap(window, softcap, num_seqs):
@@ -221,14 +349,15 @@ def test_gpu_decode_window_softcap(window, softcap, num_seqs):
 
 @pytest.mark.cuda
 @on_gpu
-@pytest.mark.parametrize("own_kv", [False, True], ids=["paged", "own_kv"])  # own_kv: the engine's prefill path
+@pytest.mark.parametrize("own_kv", ["paged", "own_kv", "own_kv_write"])  # own_kv_write: the engine's prefill
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_gpu_prefill_shapes(shape, own_kv):
     dtype, block_size, hq, hkv, d = shape
     q_lens = [1000, 1, 333, 64, 1]
     seq_lens = [q + p for q, p in zip(q_lens, [0, 700, 1029, 5, 1])]
-    if own_kv:
-        check_new_kv(q_lens, seq_lens, hq, hkv, d, block_size, dtype, seed=d, head_major=True)
+    if own_kv != "paged":
+        check_new_kv(q_lens, seq_lens, hq, hkv, d, block_size, dtype, seed=d, head_major=True,
+                     write=own_kv == "own_kv_write", skip=(5, 1001))
     else:
         check(q_lens, seq_lens, hq, hkv, d, block_size, dtype, seed=d)
 
@@ -258,7 +387,7 @@ def test_gpu_prefill_own_kv_window_softcap(window, softcap):
 
 def test_mixed_batch_split_launch_matches_reference():
     """The kernel bench's split baseline for a mixed step (decodes, then a prompt) computes the same attention."""
-    from hf_paged.bench.kernels import _split_launch, attention_inputs
+    from hf_paged.bench.attention_rows import _split_launch, attention_inputs
 
     q_lens, seq_lens = [1, 1, 1, 9], [13, 5, 21, 9]
     inputs = attention_inputs(q_lens, seq_lens, 4, 2, 16, 4, torch.float32, "cpu")
