@@ -25,7 +25,8 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from hf_paged.bench.roofline import ModelFacts
 from hf_paged.blocks import DEFAULT_BLOCK_SIZE
-from hf_paged.bench.throughput import DTYPES, drive_engine
+from hf_paged.bench.systems import drive_engine
+from hf_paged.bench.throughput import DTYPES
 from hf_paged.bench.workloads import MODEL_SHAPES, build_model, make_requests
 
 MODES = ("beam", "parallel")
