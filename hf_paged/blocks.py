@@ -231,6 +231,11 @@ class BlockManager:
         Raises BlockPoolExhausted (and changes nothing) if the pool cannot supply the blocks.
         """
         bs = self.block_size
+        if num_new_tokens == 1 and table.num_tokens % bs and self.pool.ref_cnt(table.block_ids[-1]) == 1:
+            # A decode step into the room left in its own last block: nothing to allocate or copy.
+            slot = table.slot(table.num_tokens)
+            table.num_tokens += 1
+            return AppendResult([slot], [])
         needed = self.blocks_needed(table, num_new_tokens)
         if needed > self.pool.num_free_blocks:
             raise BlockPoolExhausted(needed, self.pool.num_free_blocks, self.pool.num_blocks)

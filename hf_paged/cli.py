@@ -136,6 +136,7 @@ def _add_bench_parser(subparsers) -> None:
         "throughput": "HF generate vs HF continuous batching vs hf_paged, one workload (--help for options)",
         "memory": "KV bytes of beam search and parallel sampling vs DynamicCache (--help for options)",
         "steps": "where an engine decode step's time goes: wall, kernels, host (--help for options)",
+        "host": "the engine's host work per decode step, the model forward taken out (--help for options)",
     }
     for name, text in helps.items():
         bench = benches.add_parser(name, add_help=False, help=text)

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from hf_paged.bench.roofline import ModelFacts
 from hf_paged.bench.workloads import Request, make_requests
+from hf_paged.engine.collector import frozen_heap
 
 SYSTEMS = {
     "a": "HF generate, static batches, DynamicCache",
@@ -182,6 +183,14 @@ def drive_engine(llm, prompts: list[list[int]], params: list, desc: str = "") ->
     start = time.perf_counter()
     for i, (prompt, p) in enumerate(zip(prompts, params)):
         engine.add_request(f"bench-{i}", prompt, p)
+    with frozen_heap():
+        _steps(llm, run, bar, start)
+    bar.close()
+    return run
+
+
+def _steps(llm, run: EngineRun, bar, start: float) -> None:
+    engine = llm.engine
     while engine.has_unfinished_requests():
         computed, running, began = engine.computed_tokens, engine.scheduler.num_running_seqs(), time.perf_counter()
         outputs = engine.step(only_finished=True)
@@ -197,8 +206,6 @@ def drive_engine(llm, prompts: list[list[int]], params: list, desc: str = "") ->
         if blocks > run.peak_blocks:
             run.peak_blocks = blocks
             run.held_at_peak = sum(s.num_computed_tokens for r in engine.requests.values() for s in r.sequences)
-    bar.close()
-    return run
 
 
 def run_engine(model, requests: list[Request], args, result: SystemResult, kv_budget: int | None) -> list:

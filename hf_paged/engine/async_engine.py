@@ -10,6 +10,7 @@ import asyncio
 import itertools
 from collections.abc import AsyncIterator
 
+from hf_paged.engine.collector import frozen_heap
 from hf_paged.engine.config import EngineStats, StepError
 from hf_paged.engine.engine import LLMEngine
 from hf_paged.engine.params import BeamSearchParams, SamplingParams
@@ -79,7 +80,7 @@ class AsyncLLMEngine:
 
     async def _loop(self) -> None:
         # The engine owns the model while it serves: switch its attention once, not at every step.
-        with paged_attention(self.engine.model):
+        with paged_attention(self.engine.model), frozen_heap():
             await self._serve()
 
     async def _serve(self) -> None:

@@ -10,6 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from hf_paged.blocks import DEFAULT_BLOCK_SIZE
+from hf_paged.engine.collector import frozen_heap
 from hf_paged.engine.compiled import on_one_device
 from hf_paged.engine.config import EngineConfig, EngineStats
 from hf_paged.engine.engine import LLMEngine, RequestError
@@ -183,7 +184,7 @@ class LLM:
         finished: dict[str, RequestOutput] = {}
         # One attention switch for the whole batch (switching walks every module: too slow to do per step).
         bar = tqdm(total=len(ids), desc="Processed prompts", disable=None if use_tqdm else True, unit="req")
-        with bar, paged_attention(self.engine.model):
+        with bar, paged_attention(self.engine.model), frozen_heap():
             while self.engine.has_unfinished_requests():
                 for output in self.engine.step(only_finished=True):
                     if output.finished:

@@ -19,9 +19,11 @@ class SequenceStatus(enum.Enum):
     FINISHED_LENGTH = "length"
     FINISHED_ABORTED = "abort"
 
-    @property
-    def finished(self) -> bool:
-        return self in (SequenceStatus.FINISHED_STOPPED, SequenceStatus.FINISHED_LENGTH, SequenceStatus.FINISHED_ABORTED)
+    finished: bool  # set on each member below: read for every sequence at every step, so a plain attribute
+
+
+for _status in SequenceStatus:
+    _status.finished = _status.name.startswith("FINISHED_")
 
 
 @dataclass(slots=True, eq=False)

@@ -78,11 +78,12 @@ class Scheduler:
     def remove(self, seq: Sequence) -> None:
         """Take a finished or aborted sequence out of the queues and free its blocks."""
         for queue in (self.running, self.waiting):
-            for group in list(queue):
-                if seq in group:
-                    group.remove(seq)
-                    if not group:
-                        queue.remove(group)
+            group = next((g for g in queue if seq in g), None)  # NOTE: a sequence is in one group at most
+            if group is not None:
+                group.remove(seq)
+                if not group:
+                    queue.remove(group)
+                break
         self._release(seq)
 
     def _release(self, seq: Sequence) -> None:
@@ -134,6 +135,12 @@ class Scheduler:
     # ------------------------------------------------------------------------------------------ the step
     def _chunks(self, group: list[Sequence], budget: int) -> list[int] | None:
         """Tokens each sequence of `group` computes this step within `budget` (None: nothing fits)."""
+        if len(group) == 1:  # the common case, kept cheap: it runs for every running sequence at every step
+            seq = group[0]
+            want = 0 if seq.stops_at_pending else seq.num_uncomputed
+            if want > budget and not self.config.enable_chunked_prefill:
+                return None
+            return [min(want, budget)]
         per_seq = budget // len(group)
         if per_seq < 1:
             return None
@@ -148,6 +155,8 @@ class Scheduler:
         return chunks
 
     def _blocks_needed(self, group: list[Sequence], chunks: list[int]) -> int:
+        if len(group) == 1:
+            return self.manager.blocks_needed(group[0].table, chunks[0])
         return sum(self.manager.blocks_needed(seq.table, n) for seq, n in zip(group, chunks))
 
     def _commit(self, group, chunks, out: SchedulerOutput) -> None:

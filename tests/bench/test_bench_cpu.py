@@ -213,3 +213,21 @@ def test_kernel_bench_tiny_rows(tmp_path):
         apart = next(r for r in matmuls if r["kernel"] == fused["kernel"].replace(" fused", "")
                      and r["shape"] == fused["shape"])
         assert fused["baseline_ms"] == apart["ms"] and fused["vs_baseline"] == pytest.approx(fused["ms"] / apart["ms"])
+
+
+def test_host_bench_steps_every_request_to_its_end(tmp_path):
+    """`hf-paged bench host`: the forward taken out, every request still gets all its steps, each step is timed."""
+    from hf_paged.bench import host
+
+    out = tmp_path / "host.json"
+    assert host.main(["--batch", "3,5", "--prompt-len", "12", "--output-len", "4-7", "--repeats", "1",
+                      "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["freeze"] is True and [row["batch"] for row in report["rows"]] == [3, 5]
+    for row in report["rows"]:
+        (run,) = row["runs"]
+        # one prefill step (all prompts fit the token budget), then one decode step per token after the first
+        assert 4 <= run["steps"] <= 7 + 1
+        assert 0 < run["median_step_ms"] <= run["slowest_step_ms"] <= run["total_ms"]
+    with pytest.raises(SystemExit):
+        host.main(["--output-len", "9-3"])

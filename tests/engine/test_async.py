@@ -1,6 +1,7 @@
 """The asyncio front: streaming outputs, concurrent requests, cancellation returning blocks."""
 
 import asyncio
+import gc
 
 import pytest
 
@@ -9,9 +10,12 @@ from tests.engine.test_engine import GREEDY, _hf_greedy, _prompts
 from tests.tiny import tiny_model
 
 
-def test_streams_and_matches_batch_generate(make_llm):
+def test_streams_and_matches_batch_generate(make_llm, monkeypatch):
     llm = make_llm()
     prompts = _prompts(5, seed=20)
+    frozen = []  # the serving loop steps with the heap frozen (engine/collector.py)
+    step = llm.engine.step
+    monkeypatch.setattr(llm.engine, "step", lambda *a, **k: frozen.append(gc.get_freeze_count() > 0) or step(*a, **k))
 
     async def main():
         front = AsyncLLMEngine(llm.engine)
@@ -29,6 +33,7 @@ def test_streams_and_matches_batch_generate(make_llm):
         # Token ids grow one per step.
         assert [len(s.outputs[0].token_ids) for s in steps] == list(range(1, 13))
         assert steps[-1].outputs[0].token_ids == _hf_greedy(model, prompt, 12)
+    assert frozen and all(frozen)
 
 
 def test_cancelled_stream_aborts_and_frees_blocks(make_llm):
