@@ -76,8 +76,10 @@ def paged_attention_forward(
     packed_q = (flat_q if meta.query_index is None else flat_q.index_select(0, meta.query_index)).contiguous()
     # The kernels take the step's own K/V apart where its rows are the packed queries' (no padded batch) and the
     # pool holds the same values (its dtype): they then gather only the earlier context through the block tables.
+    # A decode step without slots (generate: cache.update has stored its token) reads everything from the pool.
     # NOTE: contiguous rows: the kernels take one layout for both, and a compiled graph may lay K and V out apart.
-    own_kv = meta.query_index is None and key.dtype == layer.key_cache.dtype
+    own_kv = (meta.query_index is None and key.dtype == layer.key_cache.dtype
+              and (slots is not None or meta.max_seqlen_q != 1))
     new_k, new_v = (token_rows(key), token_rows(value)) if own_kv else (None, None)  # (T, Hkv, D)
     tables = (meta.block_tables, meta.seq_lens, meta.cu_seqlens_q)
     if slots is not None and own_kv:  # store and attend in one launch (Triton)
@@ -86,8 +88,6 @@ def paged_attention_forward(
     else:
         if slots is not None:
             ops.write_kv(token_rows(key), token_rows(value), layer.key_cache, layer.value_cache, slots)
-        if meta.max_seqlen_q == 1:  # a decode step reads its token from the pool, where cache.update put it
-            new_k = new_v = None
         packed_out = ops.paged_attention(packed_q, layer.key_cache, layer.value_cache, *tables, scale,
                                          sliding_window=window, softcap=softcap, max_seqlen_q=meta.max_seqlen_q,
                                          key=new_k, value=new_v)  # (T, Hq, D)
