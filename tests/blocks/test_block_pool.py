@@ -41,9 +41,10 @@ def test_fork_shares_blocks_and_copy_on_write_of_partial_block():
     assert result.copies == [(1, 2)]
     assert child.block_ids == [0, 2] and result.slots == [2 * 4 + 2]
     assert [pool.ref_cnt(b) for b in (0, 1, 2)] == [2, 1, 1]
-    # The parent now owns block 1 alone: no copy.
-    assert mgr.append(parent, 1).copies == []
-    assert parent.block_ids == [0, 1]
+    # The parent now owns block 1 alone: no copy (a decode token's short way), the slot after its 6 tokens.
+    result = mgr.append(parent, 1)
+    assert result.copies == [] and result.slots == [1 * 4 + 2]
+    assert parent.block_ids == [0, 1] and parent.num_tokens == 7
 
 
 def test_full_shared_block_is_not_copied():
