@@ -220,18 +220,11 @@ def launch(logits: torch.Tensor, states: list[SamplingState], agree=None) -> Sam
         agree: optional in-place hook on the (S,) device tokens before they are read back (tensor parallelism:
             every rank takes rank 0's tokens).
     """
-    processed = process_logits(logits, states)  # (S, V) float32
     raw_logprobs = torch.log_softmax(logits.float(), dim=-1)  # (S, V)
-    tokens = torch.empty(len(states), dtype=torch.long, device=logits.device)
-    greedy = [i for i, s in enumerate(states) if s.params.greedy]
-    if greedy:
-        index = _index(processed, greedy)
-        tokens[index] = processed[index].argmax(dim=-1)
-    rows = [i for i, s in enumerate(states) if not s.params.greedy]
-    if rows:
-        index = _index(processed, rows)
-        probs = processed[index].softmax(dim=-1)  # (R, V)
-        tokens[index] = _draw(probs, [states[i].generator for i in rows])
+    if all(_plain_greedy(s) for s in states):  # the common case: no copy of the logits, one argmax
+        tokens = logits.argmax(dim=-1)  # (S,)
+    else:
+        tokens = _choose(logits, states)
     if agree is not None:
         agree(tokens)
     chosen = raw_logprobs.gather(1, tokens[:, None])[:, 0]  # (S,)
@@ -248,6 +241,29 @@ def launch(logits: torch.Tensor, states: list[SamplingState], agree=None) -> Sam
         event = torch.cuda.Event()
         event.record()
     return SampledBatch(tokens, host, event, wanted)
+
+
+def _plain_greedy(state: SamplingState) -> bool:
+    """Greedy, and nothing of steps 1-3 applies: the token is the raw logits' argmax."""
+    params = state.params
+    return (params.greedy and params.repetition_penalty == 1.0 and params.presence_penalty == 0.0
+            and params.frequency_penalty == 0.0 and len(state.output_ids) >= params.min_tokens)
+
+
+def _choose(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
+    """Each row's token after steps 1-4 (module docstring). Returns (S,) int64 on the logits' device."""
+    processed = process_logits(logits, states)  # (S, V) float32
+    tokens = torch.empty(len(states), dtype=torch.long, device=logits.device)
+    greedy = [i for i, s in enumerate(states) if s.params.greedy]
+    if greedy:
+        index = _index(processed, greedy)
+        tokens[index] = processed[index].argmax(dim=-1)
+    rows = [i for i, s in enumerate(states) if not s.params.greedy]
+    if rows:
+        index = _index(processed, rows)
+        probs = processed[index].softmax(dim=-1)  # (R, V)
+        tokens[index] = _draw(probs, [states[i].generator for i in rows])
+    return tokens
 
 
 def sample(logits: torch.Tensor, states: list[SamplingState]) -> list[SampleResult]:

@@ -207,6 +207,28 @@ def test_greedy_is_argmax_of_penalised_logits():
     assert tokens[5] == int(logits[5].topk(2).indices[1])
 
 
+def test_plain_greedy_batch_takes_the_raw_argmax_without_processing(monkeypatch):
+    """A batch of plain greedy rows (no penalty, min_tokens met) skips the logits' processing: the same tokens and
+    log-probabilities as the processed path, ties going to the first index both ways."""
+    import hf_paged.engine.sampler as sampler
+
+    gen = seeded(6)
+    logits = tied_logits(4)
+    logits[1] = torch.randn(V, generator=gen)
+    states = [state(temperature=0), state(temperature=0, min_tokens=1, output=[4]), state(temperature=0),
+              state(temperature=0, logprobs=2)]
+    fast = sample(logits, states)
+    processed = []
+    monkeypatch.setattr(sampler, "process_logits", lambda *a: processed.append(1) or process_logits(*a))
+    sample(logits, states)
+    assert not processed  # the fast path ran
+    monkeypatch.setattr(sampler, "_plain_greedy", lambda s: False)
+    slow = sample(logits, states)
+    assert processed and [(r.token, r.logprob, r.top_logprobs) for r in fast] == [
+        (r.token, r.logprob, r.top_logprobs) for r in slow]
+    assert [r.token for r in fast] == logits.argmax(-1).tolist()
+
+
 def test_seeded_row_is_independent_of_batch_composition():
     logits = tied_logits(1, vocab=200, seed=6)[0] / 3  # flat enough that draws vary
     target = dict(temperature=0.9, top_p=0.95)
