@@ -19,6 +19,7 @@ from hf_paged.engine.runner import ModelRunner
 from hf_paged.engine.sampler import SampledBatch, SamplingState
 from hf_paged.engine.sampler import launch as launch_sampling
 from hf_paged.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from hf_paged.engine.stopping import check_stop, eos_token_ids
 from hf_paged.patches.generate import reject_prompt_learning
 
 
@@ -77,7 +78,7 @@ class LLMEngine:
                                   max_batch=min(config.max_num_seqs, MAX_GRAPH_BATCH),
                                   max_blocks_per_seq=-(-self.max_model_len // config.block_size))
         self.requests: dict[str, Request] = {}
-        self.eos_token_ids = _eos_ids(model, tokenizer)
+        self.eos_token_ids = eos_token_ids(model, tokenizer)
         self._seq_ids = itertools.count()
         self._inflight: _InFlight | None = None
         self.num_preemptions = self.prompt_tokens = self.generation_tokens = self.computed_tokens = 0
@@ -331,26 +332,7 @@ class LLMEngine:
         self._check_stop(seq, result.token)
 
     def _check_stop(self, seq: Sequence, token: int) -> None:
-        params = seq.params
-        if len(seq.output_ids) >= params.min_tokens:
-            if token in self.eos_token_ids and not params.ignore_eos:
-                seq.status = SequenceStatus.FINISHED_STOPPED
-            elif token in params.stop_token_ids:
-                seq.status, seq.stop_reason = SequenceStatus.FINISHED_STOPPED, token
-            elif params.stop and self.tokenizer is not None:
-                text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=seq.params.skip_special_tokens)
-                for stop in params.stop:
-                    at = text.find(stop)
-                    if at >= 0:
-                        seq.status, seq.stop_reason = SequenceStatus.FINISHED_STOPPED, stop
-                        seq.text = text[: at + (len(stop) if params.include_stop_str_in_output else 0)]
-                        break
-        if not seq.status.finished and (
-            len(seq.output_ids) >= params.max_tokens or len(seq.prompt_ids) + len(seq.output_ids) >= self.max_model_len
-        ):
-            seq.status = SequenceStatus.FINISHED_LENGTH
-        if seq.status.finished:
-            seq.finish_reason = seq.status.value
+        if check_stop(seq, token, self.eos_token_ids, self.tokenizer, self.max_model_len):
             self.scheduler.remove(seq)
 
     def _beam_step(self, request: Request, group: list[Sequence], logits: torch.Tensor) -> None:
@@ -404,12 +386,3 @@ def _agree_across_ranks(tokens: torch.Tensor) -> None:
     if torch.distributed.get_world_size() == 1:
         return
     torch.distributed.broadcast(tokens, src=0)
-
-
-def _eos_ids(model, tokenizer) -> tuple[int, ...]:
-    eos = getattr(model.generation_config, "eos_token_id", None)
-    if eos is None and tokenizer is not None:
-        eos = tokenizer.eos_token_id
-    if eos is None:
-        return ()
-    return tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
