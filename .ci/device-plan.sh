@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements, one step a device call (each call is capped at 10 minutes), from the repo root:
 #   run(command="bash .ci/device-plan.sh STEP", carry=[".whl"])      (../shared/device/prepare-wheels first, here)
-# STEP: tests | kernels | steps | throughput | lognormal | thousand | memory. Results go to $OUT (the device tool's
+# STEP: tests | kernels | sweep | steps | throughput | lognormal | thousand | memory. Results go to $OUT (the device tool's
 # folder that comes back) or /tmp/out; record them in docs/benchmarks.md and docs/kernels.md with the command.
 set -euo pipefail
 . .ci/device-env.sh
@@ -9,9 +9,11 @@ out=${OUT:-/tmp/out}
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader || true
 tp="python3 -P -m hf_paged.bench.throughput --model llama2-7b"
-case "${1:?STEP: tests | kernels | steps | throughput | lognormal | thousand | memory}" in
+case "${1:?STEP: tests | kernels | sweep | steps | throughput | lognormal | thousand | memory}" in
   tests) python3 -P -m pytest -m cuda -q -rs tests/kernels tests/hf/test_cuda.py tests/engine tests/integrations ;;
-  kernels) python3 -P -m hf_paged.bench.kernels --sweep --out "$out/kernels.json" ;;
+  kernels) python3 -P -m hf_paged.bench.kernels --out "$out/kernels.json" ;;
+  sweep) python3 -P -m hf_paged.bench.kernels --only attention --sweep --heads 32/8,32/32 --contexts 1024 \
+             --step-batches 1,16 --out "$out/kernels_sweep.json" ;;
   steps) python3 -P -m hf_paged.bench.steps --model llama2-7b --batch 1,16,128 --context 512 --out "$out/steps.json" ;;
   throughput) $tp --workload sharegpt --num-requests 128 --time-budget 1 --systems d,b,a \
                   --out "$out/tp_sharegpt.json" --plot "$out/tp_sharegpt.png" ;;

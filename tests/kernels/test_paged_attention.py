@@ -393,3 +393,23 @@ def test_mixed_batch_split_launch_matches_reference():
     inputs = attention_inputs(q_lens, seq_lens, 4, 2, 16, 4, torch.float32, "cpu")
     ref = reference.paged_attention(**inputs, scale=0.25)
     torch.testing.assert_close(_split_launch(inputs, q_lens, 0.25)(), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_bench_decode_layer_row_compares_one_launch_with_three(monkeypatch):
+    """The kernel bench's `decode layer` row (CUDA graphs on a GPU; here each 'graph' is one call on the
+    interpreter): it times the fused launch against write_kv + decode + reduce apart, and both store the token."""
+    import argparse
+
+    from hf_paged.bench import attention_rows
+    from hf_paged.bench.kernels import Timer
+
+    calls = []
+    monkeypatch.setattr(attention_rows, "_graphed", lambda fn, times: lambda: calls.append(fn()))
+    rows = []
+    args = argparse.Namespace(dtype="float32", head_dim=64, block_size=8)
+    attention_rows.bench_decode_step(Timer(gpu=False), 3, 20, 4, 2, args, rows)
+    (row,) = rows
+    assert row.kernel.startswith("decode layer") and row.vs_baseline == pytest.approx(row.ms / row.baseline_ms)
+    assert "write_kv + decode" in row.baseline and "3x(q1,ctx20)" in row.shape
+    fused, apart = calls[0], calls[-1]  # the first call times the fused launch, the last the launches apart
+    torch.testing.assert_close(fused, apart, atol=1e-4, rtol=1e-4)
