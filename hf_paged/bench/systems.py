@@ -184,28 +184,23 @@ def drive_engine(llm, prompts: list[list[int]], params: list, desc: str = "") ->
     for i, (prompt, p) in enumerate(zip(prompts, params)):
         engine.add_request(f"bench-{i}", prompt, p)
     with frozen_heap():
-        _steps(llm, run, bar, start)
+        while engine.has_unfinished_requests():
+            computed, running, began = engine.computed_tokens, engine.scheduler.num_running_seqs(), time.perf_counter()
+            outputs = engine.step(only_finished=True)
+            # A decode-only step computes at most one token per sequence that was running.
+            kind = run.decode_steps if engine.computed_tokens - computed <= running else run.other_steps
+            kind.append(time.perf_counter() - began)
+            for out in outputs:
+                if out.finished:
+                    i = int(out.request_id.removeprefix("bench-"))
+                    run.finish[i], run.produced[i] = time.perf_counter() - start, len(out.outputs[0].token_ids)
+                    bar.update(1)
+            blocks = llm.get_stats().blocks_in_use
+            if blocks > run.peak_blocks:
+                run.peak_blocks = blocks
+                run.held_at_peak = sum(s.num_computed_tokens for r in engine.requests.values() for s in r.sequences)
     bar.close()
     return run
-
-
-def _steps(llm, run: EngineRun, bar, start: float) -> None:
-    engine = llm.engine
-    while engine.has_unfinished_requests():
-        computed, running, began = engine.computed_tokens, engine.scheduler.num_running_seqs(), time.perf_counter()
-        outputs = engine.step(only_finished=True)
-        # A decode-only step computes at most one token per sequence that was running.
-        kind = run.decode_steps if engine.computed_tokens - computed <= running else run.other_steps
-        kind.append(time.perf_counter() - began)
-        for out in outputs:
-            if out.finished:
-                i = int(out.request_id.removeprefix("bench-"))
-                run.finish[i], run.produced[i] = time.perf_counter() - start, len(out.outputs[0].token_ids)
-                bar.update(1)
-        blocks = llm.get_stats().blocks_in_use
-        if blocks > run.peak_blocks:
-            run.peak_blocks = blocks
-            run.held_at_peak = sum(s.num_computed_tokens for r in engine.requests.values() for s in r.sequences)
 
 
 def run_engine(model, requests: list[Request], args, result: SystemResult, kv_budget: int | None) -> list:

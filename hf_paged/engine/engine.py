@@ -248,9 +248,7 @@ class LLMEngine:
             request is not None
             and request.beam is None
             and not (params.n > 1 and not seq.output_ids and len(request.sequences) == 1)  # forks at its 1st token
-            and params.repetition_penalty == 1.0
-            and params.presence_penalty == 0.0
-            and params.frequency_penalty == 0.0
+            and not params.penalized
             # The next step's sampler counts the outputs without this step's token: min_tokens must be met already.
             and len(seq.output_ids) + seq.num_pending >= params.min_tokens
         )

@@ -138,6 +138,11 @@ class SamplingParams:
         """True when the output is the argmax: temperature 0 or top_k 1."""
         return self.temperature == 0.0 or self.top_k == 1
 
+    @property
+    def penalized(self) -> bool:
+        """True when a repetition, presence or frequency penalty changes the logits (they need the output tokens)."""
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
 
 @dataclass(slots=True)
 class BeamSearchParams:

@@ -246,8 +246,7 @@ def launch(logits: torch.Tensor, states: list[SamplingState], agree=None) -> Sam
 def _plain_greedy(state: SamplingState) -> bool:
     """Greedy, and nothing of steps 1-3 applies: the token is the raw logits' argmax."""
     params = state.params
-    return (params.greedy and params.repetition_penalty == 1.0 and params.presence_penalty == 0.0
-            and params.frequency_penalty == 0.0 and len(state.output_ids) >= params.min_tokens)
+    return params.greedy and not params.penalized and len(state.output_ids) >= params.min_tokens
 
 
 def _choose(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
