@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
 # The GPU measurements, one step a device call (each call is capped at 10 minutes), from the repo root:
 #   run(command="bash .ci/device-plan.sh STEP", carry=[".whl"])      (../shared/device/prepare-wheels first, here)
-# STEP: tests | kernels | sweep | steps | throughput | lognormal | thousand | memory. Results go to $OUT (the device tool's
-# folder that comes back) or /tmp/out; record them in docs/benchmarks.md and docs/kernels.md with the command.
+# STEP: tests-kernels | tests-models | kernels | sweep | steps | throughput | lognormal | thousand | memory. Results go
+# to $OUT (the device tool's folder that comes back) or /tmp/out, logs as they are written (a call cut off at its
+# limit still brings them back); record them in docs/benchmarks.md and docs/kernels.md with the command.
+# On a fresh H200 the two test steps take about 4-6 minutes each (most of it Triton and inductor compiling).
 set -euo pipefail
 . .ci/device-env.sh
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader || true
 tp="python3 -P -m hf_paged.bench.throughput --model llama2-7b"
-case "${1:?STEP: tests | kernels | sweep | steps | throughput | lognormal | thousand | memory}" in
-  tests) python3 -P -m pytest -m cuda -q -rs tests/kernels tests/hf/test_cuda.py tests/engine tests/integrations ;;
+pytest="python3 -P -m pytest -m cuda -q -rs -p no:cacheprovider --durations=10"
+case "${1:?STEP: tests-kernels | tests-models | kernels | sweep | steps | throughput | lognormal | thousand | memory}" in
+  tests-kernels) $pytest tests/kernels 2>&1 | tee "$out/tests_kernels.log" ;;
+  tests-models) $pytest tests/hf/test_cuda.py tests/engine tests/integrations 2>&1 | tee "$out/tests_models.log" ;;
   kernels) python3 -P -m hf_paged.bench.kernels --out "$out/kernels.json" ;;
   sweep) python3 -P -m hf_paged.bench.kernels --only attention --sweep --heads 32/8,32/32 --contexts 1024 \
              --step-batches 1,16 --out "$out/kernels_sweep.json" ;;

@@ -81,7 +81,8 @@ def _check_new_kv(query, key_cache, key, value, slot_mapping):
             raise ValueError(f"{name} must be [num_tokens, num_kv_heads, head_dim] = {shape}, got {tuple(t.shape)}")
         if t.dtype != key_cache.dtype or t.device != query.device:
             raise TypeError(f"{name} is {t.dtype} on {t.device}; the caches are {key_cache.dtype} on {query.device}")
-    if key.stride(-1) != 1 or key.stride() != value.stride():
+    # NOTE: one token's rows may carry any stride along the token axis (torch calls them contiguous either way)
+    if key.stride(-1) != 1 or any(a != b for a, b, n in zip(key.stride(), value.stride(), key.shape) if n > 1):
         raise ValueError(f"key and value need one layout with head_dim contiguous, strides {key.stride()} and "
                          f"{value.stride()}")
     if slot_mapping is not None:
@@ -160,7 +161,7 @@ def paged_attention(
         launch_decode(out, args, common, cfg, num_seqs, num_kv_heads, num_q_heads, head_dim, key, value,
                       slot_mapping)
     else:
-        cfg = config or default_prefill_config(group, head_dim, query.device)
+        cfg = config or default_prefill_config(group, head_dim, query.device, own_kv=key is not None)
         if not isinstance(cfg, PrefillConfig):
             raise TypeError(f"a prefill batch (max_seqlen_q > 1) needs a PrefillConfig, got {cfg!r}")
         launch_prefill(out, args, common, cfg, num_seqs, num_kv_heads, query, key, value, slot_mapping)

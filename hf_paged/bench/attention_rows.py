@@ -5,6 +5,7 @@ as separate launches); `--sweep` adds the tile-config sweeps."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 
 import torch
@@ -28,7 +29,7 @@ def bench_attention_rows(timer, heads, prefill_seqs, prefill_len, args, rows):
         bench_attention(timer, "mixed", [1] * args.batch + [prefill_len], [ctx] * args.batch + [prefill_len], hq,
                         hkv, args, rows, sweep=False)
         for batch in [int(x) for x in args.step_batches.split(",") if x] if timer.gpu else []:
-            bench_decode_step(timer, batch, args.step_context, hq, hkv, args, rows)
+            bench_decode_step(timer, batch, args.step_context, hq, hkv, args, rows, args.sweep)
 
 
 def bench_attention(timer, kind, q_lens, seq_lens, hq, hkv, args, rows, sweep):
@@ -91,11 +92,11 @@ def bench_attention(timer, kind, q_lens, seq_lens, hq, hkv, args, rows, sweep):
                                 best_ms / row.baseline_ms if row.baseline_ms else None)))
     del inputs
 
-def bench_decode_step(timer, batch, ctx, hq, hkv, args, rows):
+def bench_decode_step(timer, batch, ctx, hq, hkv, args, rows, sweep=False):
     """One layer's attention in a decode step as the engine's graphs run it: the step's K/V stored and attended in
-    one launch (the splits merged by the last one to finish), against `write_kv`, then the decode kernel, then the
+    one launch (two where a second merges the splits), against `write_kv`, then the decode kernel, then the
     reduction kernel, apart. Each is timed as 32 layers replayed from one CUDA graph, per layer: at small batches
-    the launches, not the bytes, set the time."""
+    the launches, not the bytes, set the time. `sweep`: also every split count with either merge."""
     from hf_paged.kernels.kv_write import write_kv
     from hf_paged.kernels.paged_attention import paged_attention
     from hf_paged.kernels.tuning import default_decode_config
@@ -109,9 +110,9 @@ def bench_decode_step(timer, batch, ctx, hq, hkv, args, rows):
     config = default_decode_config(batch, hkv, d, torch.device(device))
     apart_config = dataclasses.replace(config, fused_reduce=False)
 
-    def fused():
+    def fused(cfg=config):
         return paged_attention(**inputs, scale=scale, max_seqlen_q=1, key=key, value=value, slot_mapping=slots,
-                               config=config)
+                               config=cfg)
 
     def apart():
         write_kv(key, value, inputs["key_cache"], inputs["value_cache"], slots)
@@ -126,6 +127,14 @@ def bench_decode_step(timer, batch, ctx, hq, hkv, args, rows):
                     baseline="write_kv + decode" + (" + reduce" if config.num_splits > 1 else "") + ", apart",
                     baseline_ms=base_ms, baseline_frac_copy=timer.frac(nbytes, base_ms)[1],
                     vs_baseline=ms / base_ms))
+    if sweep:
+        configs = [dataclasses.replace(config, num_splits=s, fused_reduce=f) for s in (1, 2, 4, 8, 16)
+                   for f in ((True,) if s == 1 else (True, False))]
+        times = {repr(c): timer.ms(_graphed(functools.partial(fused, c), layers)) / layers for c in configs}
+        best, best_ms = min(times.items(), key=lambda kv: kv[1])
+        rows.append(Row("decode layer: write+attend best of sweep", shape, best_ms, *timer.frac(nbytes, best_ms),
+                        config=best, detail={"sweep_ms": dict(sorted(times.items(), key=lambda kv: kv[1]))},
+                        baseline=rows[-1].baseline, baseline_ms=base_ms, vs_baseline=best_ms / base_ms))
 
 def paged_pool(seq_lens, num_kv_heads, head_dim, block_size, dtype, device, gen):
     """K/V of `seq_lens` tokens per sequence in shuffled blocks: key_cache, value_cache, block_tables (int32)."""

@@ -121,7 +121,8 @@ def test_write_and_attend_matches_write_then_attend(monkeypatch):
 def test_compiled_engine_writes_and_attends_in_one_call(monkeypatch):
     """The engine's compiled layers store the step's K/V from inside the attention: every prefill and decode
     forward reaches the Triton kernels (interpreted here) with its slots, no write_kv runs apart, and the tokens
-    are the reference kernels'."""
+    are the reference kernels', with the projections fused (V a slice of the q/k/v matmul's output) and for a
+    sequence decoding alone."""
     import hf_paged
     import hf_paged.kernels.kv_write as triton_kv_write
     import hf_paged.kernels.paged_attention as triton_attention
@@ -148,9 +149,11 @@ def test_compiled_engine_writes_and_attends_in_one_call(monkeypatch):
     outs = {}
     for mode in ("reference", "triton"):
         monkeypatch.setenv("HF_PAGED_KERNELS", mode)
-        llm = hf_paged.LLM(model, num_blocks=64, block_size=8, max_num_batched_tokens=20, compile_model=True)
+        llm = hf_paged.LLM(model, num_blocks=64, block_size=8, max_num_batched_tokens=20, compile_model=True,
+                           fuse_projections=True)
         seen.clear()  # the warm-up's first forward runs eagerly (it allocates the pools)
         outs[mode] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        outs[mode] += [o.outputs[0].token_ids for o in llm.generate(prompts[2:], params, use_tqdm=False)]
         assert llm.get_stats().prefix_cache_hits > 0
     assert outs["triton"] == outs["reference"]
     assert {kind for kind, _ in seen} == {"decode", "prefill"} and all(slots for _, slots in seen), seen

@@ -83,11 +83,12 @@ def test_prefill_sliding_window_and_softcap(window, softcap):
 
 
 def check_new_kv(q_lens, seq_lens, hq, hkv, d, block_size, dtype, seed=0, window=None, softcap=None,
-                 head_major=False, config=None, write=False, skip=()):
+                 head_major=False, config=None, write=False, skip=(), wide_value=False):
     """The step's own K/V passed apart: the kernel must read the new tokens there, not in the caches, whose new
     slots are poisoned with NaN here; the result is the reference's on the intact caches. `write`: the kernel also
     stores them (slot_mapping), after which the caches must equal the intact ones, but for the tokens in `skip`
-    (slot -1), whose slots must stay poisoned."""
+    (slot -1), whose slots must stay poisoned. `wide_value`: V a slice of a 3x wider row (a fused q/k/v
+    projection's), K packed."""
     inputs = attention_inputs(q_lens, seq_lens, hq, hkv, d, block_size, dtype, seed)
     scale = d**-0.5
     ref = reference.paged_attention(**inputs, scale=scale, sliding_window=window, softcap=softcap)
@@ -106,6 +107,8 @@ def check_new_kv(q_lens, seq_lens, hq, hkv, d, block_size, dtype, seed=0, window
     new = {name: torch.cat(parts) for name, parts in rows.items()}  # (T, Hkv, D)
     if head_major:  # HF's layout: [Hkv, T, D] in memory, seen as [T, Hkv, D]
         new = {name: t.transpose(0, 1).contiguous().transpose(0, 1) for name, t in new.items()}
+    if wide_value:
+        new["value"] = torch.cat([new["value"]] * 3, dim=1)[:, :hkv]  # (T, Hkv, D), token stride 3 * Hkv * D
     slot_mapping = None
     if write:
         slot_mapping = torch.tensor([-1 if t in skip else slot for t, slot in enumerate(slots)], device=DEVICE)
@@ -151,6 +154,22 @@ def test_prefill_writes_the_steps_own_kv(shape, tma):
     config = dataclasses.replace(default_prefill_config(hq // hkv, d, torch.device(DEVICE)), tma=tma)
     check_new_kv(q_lens, [q + p for q, p in zip(q_lens, prefix)], hq, hkv, d, block_size, dtype, seed=block_size,
                  head_major=d == 64, config=config, write=True, skip=(3, 7))
+
+
+@pytest.mark.parametrize("splits", [1, 2])
+def test_decode_of_one_sequence_takes_any_token_stride(splits):
+    """One token's K and V rows may differ in their (unused) token stride: a packed key after rotary and a value
+    sliced from the fused q/k/v projection, as an eager engine step with one sequence has them."""
+    config = DecodeConfig(block_n=16, num_splits=splits, num_warps=1, num_stages=1)
+    check_new_kv([1], [21], 4, 2, 64, 8, torch.float32, seed=5, config=config, write=True, wide_value=True)
+
+
+def test_own_kv_rows_of_several_tokens_need_one_layout():
+    inputs = attention_inputs([1, 1], [4, 6], 4, 2, 64, 8, torch.float32)
+    key = torch.zeros(2, 2, 64, device=DEVICE)
+    value = torch.zeros(2, 6, 64, device=DEVICE)[:, :2]
+    with pytest.raises(ValueError, match="one layout"):
+        paged_attention(**inputs, scale=0.1, max_seqlen_q=1, key=key, value=value)
 
 
 def test_decode_write_skips_padding_slots():
@@ -407,9 +426,24 @@ def test_bench_decode_layer_row_compares_one_launch_with_three(monkeypatch):
     monkeypatch.setattr(attention_rows, "_graphed", lambda fn, times: lambda: calls.append(fn()))
     rows = []
     args = argparse.Namespace(dtype="float32", head_dim=64, block_size=8)
-    attention_rows.bench_decode_step(Timer(gpu=False), 3, 20, 4, 2, args, rows)
-    (row,) = rows
+    attention_rows.bench_decode_step(Timer(gpu=False), 3, 20, 4, 2, args, rows, sweep=True)
+    row, best = rows
     assert row.kernel.startswith("decode layer") and row.vs_baseline == pytest.approx(row.ms / row.baseline_ms)
     assert "write_kv + decode" in row.baseline and "3x(q1,ctx20)" in row.shape
-    fused, apart = calls[0], calls[-1]  # the first call times the fused launch, the last the launches apart
-    torch.testing.assert_close(fused, apart, atol=1e-4, rtol=1e-4)
+    # the sweep: 1 split, then 2-16 merged by the last split or by a second launch; the best is the fastest
+    assert len(best.detail["sweep_ms"]) == 9 and best.ms == min(best.detail["sweep_ms"].values())
+    fused, apart, *swept = calls  # the default config in one launch, the launches apart, then the sweep's
+    for out in [fused, *swept]:
+        torch.testing.assert_close(out, apart, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("num_seqs, num_kv_heads, splits", [(1, 8, 16), (4, 8, 8), (16, 8, 2), (4, 32, 2),
+                                                             (16, 32, 1), (64, 8, 1)])
+def test_default_decode_split_rule(monkeypatch, num_seqs, num_kv_heads, splits):
+    """About one program per SM (132 here), at most 16 splits; the last split merges only two (measured on an H200,
+    docs/kernels.md), a second launch merges more."""
+    from hf_paged.kernels import tuning
+
+    monkeypatch.setattr(tuning, "_num_sms", lambda device: 132)
+    cfg = tuning.default_decode_config(num_seqs, num_kv_heads, 128, torch.device("cuda"))
+    assert (cfg.num_splits, cfg.fused_reduce) == (splits, splits <= 2)
