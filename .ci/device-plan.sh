@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements, one step a device call (each call is capped at 10 minutes), from the repo root:
 #   run(command="bash .ci/device-plan.sh STEP", carry=[".whl"])      (../shared/device/prepare-wheels first, here)
-# STEP: tests-kernels | tests-models | kernels | sweep | steps | throughput | lognormal | thousand | memory. Results go
+# STEP: tests-kernels | tests-models | kernels | sweep | decode-tiles | steps | pdl | throughput | lognormal | thousand | memory. Results go
 # to $OUT (the device tool's folder that comes back) or /tmp/out, logs as they are written (a call cut off at its
 # limit still brings them back); record them in docs/benchmarks.md and docs/kernels.md with the command.
 # On a fresh H200 the two test steps take about 4-6 minutes each (most of it Triton and inductor compiling).
@@ -12,13 +12,26 @@ mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader || true
 tp="python3 -P -m hf_paged.bench.throughput --model llama2-7b"
 pytest="python3 -P -m pytest -m cuda -q -rs -p no:cacheprovider --durations=10"
-case "${1:?STEP: tests-kernels | tests-models | kernels | sweep | steps | throughput | lognormal | thousand | memory}" in
+case "${1:?STEP: tests-kernels | tests-models | kernels | sweep | decode-tiles | steps | pdl | throughput | lognormal | thousand | memory}" in
   tests-kernels) $pytest tests/kernels 2>&1 | tee "$out/tests_kernels.log" ;;
   tests-models) $pytest tests/hf/test_cuda.py tests/engine tests/integrations 2>&1 | tee "$out/tests_models.log" ;;
   kernels) python3 -P -m hf_paged.bench.kernels --out "$out/kernels.json" ;;
   sweep) python3 -P -m hf_paged.bench.kernels --only attention --sweep --heads 32/8,32/32 --contexts 1024 \
              --step-batches 1,16 --out "$out/kernels_sweep.json" ;;
+  decode-tiles) # the GQA decode tile at block size 8 (the default) and 16 (docs/kernels.md "Measured on an H200")
+      for bs in 8 16; do
+        python3 -P -m hf_paged.bench.kernels --only attention --sweep --heads 32/8 --contexts 1024 4096 \
+          --block-size $bs --prefill 1x256 --step-batches "" --out "$out/decode_tiles_bs$bs.json" \
+          2>&1 | tee "$out/decode_tiles_bs$bs.log"
+      done ;;
   steps) python3 -P -m hf_paged.bench.steps --model llama2-7b --batch 1,16,128 --context 512 --out "$out/steps.json" ;;
+  pdl) # programmatic dependent launch (kernels/tuning.py use_pdl; inductor's own flag), each side its own process
+      for on in 0 1; do
+        HF_PAGED_PDL=$on TORCHINDUCTOR_ENABLE_PDL=$on python3 -P -m hf_paged.bench.steps --model llama2-7b \
+          --batch 1,16,128 --context 512 --out "$out/steps_pdl$on.json" 2>&1 | tee "$out/steps_pdl$on.log"
+      done
+      HF_PAGED_PDL=1 TORCHINDUCTOR_ENABLE_PDL=1 $tp --workload sharegpt --num-requests 128 --systems d \
+        --out "$out/tp_pdl.json" 2>&1 | tee "$out/tp_pdl.log" ;;
   throughput) $tp --workload sharegpt --num-requests 128 --time-budget 1 --systems d,b,a \
                   --out "$out/tp_sharegpt.json" --plot "$out/tp_sharegpt.png" ;;
   lognormal) $tp --workload lognormal --num-requests 128 --systems d,b --out "$out/tp_lognormal.json" \

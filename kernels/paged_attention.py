@@ -15,7 +15,8 @@ import triton
 from hf_paged.kernels.attention_tile import INTERPRET
 from hf_paged.kernels.paged_decode import launch_decode
 from hf_paged.kernels.paged_prefill import launch_prefill
-from hf_paged.kernels.tuning import DecodeConfig, PrefillConfig, default_decode_config, default_prefill_config
+from hf_paged.kernels.tuning import (DecodeConfig, PrefillConfig, default_decode_config, default_prefill_config,
+                                    use_pdl)
 
 _LOG2E = 1.4426950408889634
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -148,6 +149,7 @@ def paged_attention(
         GROUP=group, HEAD_DIM=head_dim, HEAD_PAD=max(16, triton.next_power_of_2(head_dim)), BLOCK_SIZE=block_size,
         SLIDING=sliding_window is not None, SOFTCAP=softcap is not None,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", INTERPRET=INTERPRET,
+        PDL=not INTERPRET and use_pdl(query.device),
     )
     window = sliding_window if sliding_window is not None else 0
     args = (query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from hf_paged.kernels.attention_tile import attend, attend_key, row_max, row_sum
 from hf_paged.kernels.tuning import DecodeConfig
@@ -80,8 +81,11 @@ def _decode_kernel(
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
     SLIDING: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
-    NEW_KV: tl.constexpr, WRITE: tl.constexpr, FUSED_REDUCE: tl.constexpr,
+    NEW_KV: tl.constexpr, WRITE: tl.constexpr, FUSED_REDUCE: tl.constexpr, PDL: tl.constexpr,
 ):
+    if PDL:  # launched early (programmatic dependent launch): wait for the kernel before, then let the next start
+        gdc_wait()
+        gdc_launch_dependents()
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -152,8 +156,12 @@ def _decode_kernel(
 def _reduce_kernel(
     out, part_acc, part_ml, cu_seqlens_q, stride_ot, stride_oh,
     NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Merge the NUM_SPLITS partial softmaxes of one (sequence, query head): the second launch without FUSED_REDUCE."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     seq = tl.program_id(0)
     head = tl.program_id(1)
     q_start = tl.load(cu_seqlens_q + seq)
@@ -196,9 +204,9 @@ def launch_decode(out, args, common, cfg: DecodeConfig, num_seqs, num_kv_heads, 
     _decode_kernel[(num_seqs, num_kv_heads, splits)](
         out, part_acc, part_ml, counters if fused else out, *args, *new, BLOCK_H=block_h, BLOCK_N=cfg.block_n,
         NUM_SPLITS=splits, **common, NEW_KV=key is not None, WRITE=slot_mapping is not None, FUSED_REDUCE=fused,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=common["PDL"])
     if splits > 1 and not fused:
         _reduce_kernel[(num_seqs, num_q_heads)](
             out, part_acc, part_ml, args[5], out.stride(0), out.stride(1),
             NUM_SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits), HEAD_DIM=head_dim,
-            HEAD_PAD=common["HEAD_PAD"], num_warps=4)
+            HEAD_PAD=common["HEAD_PAD"], PDL=common["PDL"], num_warps=4, launch_pdl=common["PDL"])

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from hf_paged.kernels.attention_tile import attend, attend_loop
 from hf_paged.kernels.tuning import PrefillConfig
@@ -47,7 +48,11 @@ def _prefill_kernel(
     HEAD_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     SLIDING: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
     NEW_KV: tl.constexpr, WRITE: tl.constexpr, WRITE_Q: tl.constexpr,  # WRITE_Q: tokens stored at a time
+    PDL: tl.constexpr,  # launched early (programmatic dependent launch): wait for the kernel before first
 ):
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     # The query tiles of all sequences back to back: sequence s owns the programs from cu_seqlens_q[s] // BLOCK_Q + s
     # to the next sequence's first (at least its ceil(q_len / BLOCK_Q) tiles; a spare one returns at once). So a
     # mixed batch of long prefills and many decodes launches ~T / BLOCK_Q + S programs, not max_q / BLOCK_Q x S.
@@ -64,6 +69,21 @@ def _prefill_kernel(
     ctx_start = seq_len - q_len  # position of the sequence's first query token
     offs_d = tl.arange(0, HEAD_PAD)
     d_mask = offs_d < HEAD_DIM
+    # WRITE: this tile's tokens, for this KV head, into their slots, first: nothing is live in registers yet (after
+    # the output, MHA's 64 x 64 TMA tile spilled 1,140 bytes against 668 here, offline ptxas), and no program reads
+    # this step's slots through the block tables (the new tokens come from the packed rows), so order is free.
+    if WRITE:
+        for chunk in tl.static_range(0, BLOCK_Q, WRITE_Q):  # WRITE_Q tokens at a time
+            w_tok = tile * BLOCK_Q + chunk + tl.arange(0, WRITE_Q)  # (WRITE_Q,)
+            w_ok = (chunk + tl.arange(0, WRITE_Q) < BLOCK_Q) & (w_tok < q_len)
+            slots = tl.load(slot_mapping + q_start + w_tok, mask=w_ok, other=-1).to(tl.int64)
+            w_mask = (w_ok & (slots >= 0))[:, None] & d_mask[None, :]  # (WRITE_Q, HEAD_PAD)
+            src = (q_start + w_tok).to(tl.int64)[:, None] * stride_nt + kv_head * stride_nh + offs_d[None, :]
+            dst = ((slots // BLOCK_SIZE) * stride_kb + (slots % BLOCK_SIZE) * stride_kt + kv_head * stride_kh)
+            dst = dst[:, None] + offs_d[None, :]
+            tl.store(k_cache + dst, tl.load(key_rows + src, mask=w_mask).to(k_cache.dtype.element_ty), mask=w_mask)
+            tl.store(v_cache + dst, tl.load(value_rows + src, mask=w_mask).to(v_cache.dtype.element_ty),
+                     mask=w_mask)
     rows = tl.arange(0, BLOCK_M)
     tok = tile * BLOCK_Q + rows // GROUP  # (BLOCK_M,) query token within the sequence
     q_heads = kv_head * GROUP + rows % GROUP
@@ -123,18 +143,7 @@ def _prefill_kernel(
     o = acc / l_i[:, None]
     o_offs = (q_start + tok).to(tl.int64)[:, None] * stride_ot + q_heads[:, None] * stride_oh + offs_d[None, :]
     tl.store(out + o_offs, o.to(out.dtype.element_ty), mask=row_ok[:, None] & d_mask[None, :])
-    if WRITE:  # this tile's tokens, for this KV head, into their slots (last: the tile's registers are free)
-        for chunk in tl.static_range(0, BLOCK_Q, WRITE_Q):  # WRITE_Q tokens at a time
-            w_tok = tile * BLOCK_Q + chunk + tl.arange(0, WRITE_Q)  # (WRITE_Q,)
-            w_ok = (chunk + tl.arange(0, WRITE_Q) < BLOCK_Q) & (w_tok < q_len)
-            slots = tl.load(slot_mapping + q_start + w_tok, mask=w_ok, other=-1).to(tl.int64)
-            w_mask = (w_ok & (slots >= 0))[:, None] & d_mask[None, :]  # (WRITE_Q, HEAD_PAD)
-            src = (q_start + w_tok).to(tl.int64)[:, None] * stride_nt + kv_head * stride_nh + offs_d[None, :]
-            dst = ((slots // BLOCK_SIZE) * stride_kb + (slots % BLOCK_SIZE) * stride_kt + kv_head * stride_kh)
-            dst = dst[:, None] + offs_d[None, :]
-            tl.store(k_cache + dst, tl.load(key_rows + src, mask=w_mask).to(k_cache.dtype.element_ty), mask=w_mask)
-            tl.store(v_cache + dst, tl.load(value_rows + src, mask=w_mask).to(v_cache.dtype.element_ty),
-                     mask=w_mask)
+
 
 
 def new_kv_args(query, key, value, cfg: PrefillConfig) -> tuple[int, tuple]:
@@ -167,4 +176,4 @@ def launch_prefill(out, args, common, cfg: PrefillConfig, num_seqs, num_kv_heads
     rows = (key, value, slot_mapping) if write else (query, query, query)
     _prefill_kernel[grid](out, *args, num_seqs, *new, *rows, BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=cfg.block_n,
                           **common, NEW_KV=new_kv, WRITE=write, WRITE_Q=min(16, triton.next_power_of_2(block_q)),
-                          num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                          num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=common["PDL"])

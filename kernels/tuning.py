@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,19 @@ class PrefillConfig:
 @functools.cache
 def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+@functools.cache
+def _has_pdl(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def use_pdl(device: torch.device) -> bool:
+    """Programmatic dependent launch for the attention kernels (`HF_PAGED_PDL=1`, Hopper and newer; off by
+    default, an experiment): a launch may start while the kernel before it finishes, and waits for it
+    (`griddepcontrol.wait`) before reading anything, so a CUDA graph's back-to-back small kernels overlap their
+    launch latency. Pair it with `TORCHINDUCTOR_ENABLE_PDL=1` for the compiled layers' own kernels."""
+    return os.environ.get("HF_PAGED_PDL") == "1" and device.type == "cuda" and _has_pdl(device)
 
 
 def default_decode_config(num_seqs: int, num_kv_heads: int, head_dim: int, device: torch.device) -> DecodeConfig:

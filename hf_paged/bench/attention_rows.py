@@ -34,7 +34,8 @@ def bench_attention_rows(timer, heads, prefill_seqs, prefill_len, args, rows):
 
 def bench_attention(timer, kind, q_lens, seq_lens, hq, hkv, args, rows, sweep):
     """Rows for one attention shape. Batches with prompts get two rows on a GPU: K/V read through the block tables
-    only, and the engine's way, the step's own K/V passed apart (`own K/V`: only the earlier context is gathered)."""
+    only, and the engine's way (`own K/V, stored`): the step's own K/V passed apart (only the earlier context is
+    gathered) and stored into its slots by the same launch."""
     dtype, device = _DTYPES[args.dtype], timer.device
     inputs = attention_inputs(q_lens, seq_lens, hq, hkv, args.head_dim, args.block_size, dtype, device)
     scale = args.head_dim**-0.5
@@ -49,17 +50,18 @@ def bench_attention(timer, kind, q_lens, seq_lens, hq, hkv, args, rows, sweep):
     variants = [False, True] if timer.gpu and max_q > 1 else [False]
     for own_kv in variants:
         new_kv = {}
-        if own_kv:
+        if own_kv:  # as the engine's forwards run it: stored into the step's slots by the same launch
             tokens = inputs["query"].shape[0]
             new_kv = {name: torch.randn(tokens, hkv, args.head_dim, dtype=dtype, device=device)  # (T, Hkv, D)
                       for name in ("key", "value")}
+            new_kv["slot_mapping"] = new_token_slots(inputs["block_tables"], q_lens, seq_lens, args.block_size)
         if timer.gpu:
             from hf_paged.kernels.paged_attention import paged_attention
 
             def run(cfg=None, new_kv=new_kv):
                 return paged_attention(**inputs, **new_kv, scale=scale, max_seqlen_q=max_q, config=cfg)
 
-            name = f"paged_attention[{kind}]" + (" own K/V" if own_kv else "")
+            name = f"paged_attention[{kind}]" + (" own K/V, stored" if own_kv else "")
         else:
             def run(cfg=None):
                 return reference.paged_attention(**inputs, scale=scale)
@@ -104,8 +106,7 @@ def bench_decode_step(timer, batch, ctx, hq, hkv, args, rows, sweep=False):
     dtype, device, d = _DTYPES[args.dtype], timer.device, args.head_dim
     inputs = attention_inputs([1] * batch, [ctx] * batch, hq, hkv, d, args.block_size, dtype, device)
     key, value = (torch.randn(batch, hkv, d, dtype=dtype, device=device) for _ in range(2))  # (B, Hkv, D)
-    last = ctx - 1
-    slots = (inputs["block_tables"][:, last // args.block_size].long() * args.block_size + last % args.block_size)
+    slots = new_token_slots(inputs["block_tables"], [1] * batch, [ctx] * batch, args.block_size)
     scale = d**-0.5
     config = default_decode_config(batch, hkv, d, torch.device(device))
     apart_config = dataclasses.replace(config, fused_reduce=False)
@@ -150,6 +151,14 @@ def paged_pool(seq_lens, num_kv_heads, head_dim, block_size, dtype, device, gen)
     key_cache = torch.randn(shape, dtype=dtype, device=device)
     value_cache = torch.randn(shape, dtype=dtype, device=device)
     return key_cache, value_cache, block_tables.to(device)
+
+def new_token_slots(block_tables, q_lens, seq_lens, block_size) -> torch.Tensor:
+    """The slots of each sequence's last q_len positions, packed like the queries (T,) int64."""
+    tables = block_tables.tolist()
+    slots = [tables[s][p // block_size] * block_size + p % block_size
+             for s, (q, n) in enumerate(zip(q_lens, seq_lens)) for p in range(n - q, n)]
+    return torch.tensor(slots, dtype=torch.long, device=block_tables.device)
+
 
 def attention_inputs(q_lens, seq_lens, num_q_heads, num_kv_heads, head_dim, block_size, dtype, device):
     gen = torch.Generator().manual_seed(0)

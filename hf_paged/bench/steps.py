@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from hf_paged.bench import environment_knobs
 from hf_paged.bench.roofline import ModelFacts
 from hf_paged.bench.workloads import MODEL_SHAPES, build_model
 from hf_paged.blocks import DEFAULT_BLOCK_SIZE
@@ -243,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         report = {"model": args.model, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
                   "cpu", "dtype": str(dtype), "batches": args.batch, "context": args.context, "steps": args.steps,
                   "weight_bytes_per_step": ModelFacts.of(model).weight_bytes_per_step,
+                  "environment": environment_knobs(),
                   "results": [dict(asdict(r), busy=r.busy, host_ms=r.host_ms) for r in results]}
         args.out.write_text(json.dumps(report, indent=2))
     return 0

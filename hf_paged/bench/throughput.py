@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from hf_paged.bench import environment_knobs
 from hf_paged.bench.roofline import ModelFacts, kv_capacity_tokens, measure_device, roofline
 from hf_paged.bench.systems import SYSTEMS, SystemResult, run_system
 from hf_paged.bench.workloads import MODEL_SHAPES, WORKLOADS, build_model, sample_workload
@@ -210,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         "bench": "throughput", "command": "hf-paged bench throughput " + " ".join(argv),
         "model": args.model, "dtype": args.dtype, "model_facts": asdict(facts), "device": device,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     "python": platform.python_version()},
+                     "python": platform.python_version()}, "environment": environment_knobs(),
         "workload": {"name": args.workload, "num_requests": len(requests), "seed": args.seed,
                      "output_len": args.output_len if fixed is None else f"fixed {fixed}",
                      "mean_prompt_len": sum(p for p, _ in lengths) / len(lengths),

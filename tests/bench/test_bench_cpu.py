@@ -159,13 +159,16 @@ def _tiny():
     return build_model("tiny", torch.float32, "cpu")
 
 
-def test_steps_bench_accounts_for_every_step(tmp_path):
+def test_steps_bench_accounts_for_every_step(tmp_path, monkeypatch):
     from hf_paged.bench import steps
 
+    monkeypatch.setenv("HF_PAGED_PDL", "1")  # a knob the report records (no effect on CPU)
+    monkeypatch.setenv("SOME_OTHER_SETTING", "y")
     out = tmp_path / "steps.json"
     assert steps.main(["--model", "tiny", "--device", "cpu", "--batch", "4,2", "--context", "20", "--steps", "4",
                        "--compare", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
+    assert report["environment"]["HF_PAGED_PDL"] == "1" and "SOME_OTHER_SETTING" not in report["environment"]
     assert [(r["setting"], r["batch"]) for r in report["results"]] == [
         ("eager + async scheduling", 4), ("eager", 4), ("eager + async scheduling", 2), ("eager", 2)]
     for r in report["results"]:

@@ -24,19 +24,22 @@ POINTERS = {"out": "*bf16", "query": "*bf16", "k_cache": "*bf16", "v_cache": "*b
             "block_tables": "*i32", "seq_lens": "*i32", "cu_seqlens_q": "*i32", "slot_mapping": "*i64",
             "qk_scale": "fp32", "softcap_scale": "fp32"}
 COMMON = dict(HEAD_DIM=128, HEAD_PAD=128, BLOCK_SIZE=16, SLIDING=False, SOFTCAP=False, DOT_PRECISION="tf32",
-              INTERPRET=False)
+              INTERPRET=False, PDL=False)
 
 
 def compile_for_hopper(kernel, constants: dict, num_warps: int, num_stages: int, types: dict | None = None) -> dict:
     names = kernel.arg_names
     signature = {n: "constexpr" if n in constants else {**POINTERS, **(types or {})}.get(n, "i32") for n in names}
     source = ASTSource(fn=kernel, signature=signature, constexprs={(names.index(k),): v for k, v in constants.items()})
-    compiled = triton.compile(source, target=HOPPER, options={"num_warps": num_warps, "num_stages": num_stages})
+    options = {"num_warps": num_warps, "num_stages": num_stages, "launch_pdl": constants.get("PDL", False)}
+    compiled = triton.compile(source, target=HOPPER, options=options)
     return {"shared": compiled.metadata.shared, "wgmma": "wgmma" in compiled.asm["ptx"],
             "tma": "cp.async.bulk.tensor" in compiled.asm["ptx"],
             "atomics": sorted(set(re.findall(r"\batom\.[\w.]+", compiled.asm["ptx"]))),
             "l2_loads": "ld.global.cg" in compiled.asm["ptx"] or "ld.global.L1::no_allocate" in compiled.asm["ptx"],
             "barriers": compiled.asm["ptx"].count("bar.sync"),
+            "pdl": [op for op in ("griddepcontrol.wait", "griddepcontrol.launch_dependents")
+                    if op in compiled.asm["ptx"]],
             **registers(compiled.asm["ptx"])}
 
 
@@ -59,28 +62,32 @@ def registers(ptx: str) -> dict:
 def main() -> dict:
     report = {}
     for group in (4, 1):  # GQA 4 (llama3-8b), MHA (llama2-7b)
-        cfg = tuning.default_prefill_config(group, 128, torch.device("cuda"))  # the tuned config; no GPU is touched
-        block_q = cfg.block_m // group
         # K/V all through the block tables; the step's own K/V apart, by pointer and through TMA, and stored into
-        # its slots as the engine's forwards do (_write)
-        for suffix, new_kv, write in (("", 0, False), ("_own_kv", 1, False), ("_own_kv_tma", 2, False),
-                                      ("_own_kv_tma_write", 2, True)):
+        # its slots as the engine's forwards do (_write), also launched early (_pdl); each with its tuned config
+        for suffix, new_kv, write, pdl in (("", 0, False, False), ("_own_kv", 1, False, False),
+                                           ("_own_kv_tma", 2, False, False), ("_own_kv_tma_write", 2, True, False),
+                                           ("_own_kv_tma_write_pdl", 2, True, True)):
+            cfg = tuning.default_prefill_config(group, 128, torch.device("cuda"), own_kv=new_kv > 0)  # no GPU touched
+            block_q = cfg.block_m // group
             types = {"new_k": f"tensordesc<bf16[{cfg.block_n}, 1, 128]>", "new_v": f"tensordesc<bf16[{cfg.block_n}, 1, "
                      "128]>"} if new_kv == 2 else {}
             report[f"prefill_group{group}{suffix}"] = compile_for_hopper(
                 paged_prefill._prefill_kernel, dict(COMMON, GROUP=group, BLOCK_M=cfg.block_m, BLOCK_Q=block_q,
                                                     BLOCK_N=cfg.block_n, NEW_KV=new_kv, WRITE=write,
-                                                    WRITE_Q=min(16, triton.next_power_of_2(block_q))),
+                                                    WRITE_Q=min(16, triton.next_power_of_2(block_q)), PDL=pdl),
                 cfg.num_warps, cfg.num_stages, types)
     # one split; four merged by a second launch; four merged by the last split, with the step's own K/V stored
-    for name, splits, special, fused in (("decode_splits1", 1, False, False), ("decode_splits4", 4, True, False),
-                                         ("decode_splits4_fused_write", 4, False, True)):
+    for name, splits, special, fused, pdl in (("decode_splits1", 1, False, False, False),
+                                              ("decode_splits4", 4, True, False, False),
+                                              ("decode_splits4_fused_write", 4, False, True, False),
+                                              ("decode_splits2_fused_write_pdl", 2, False, True, True)):
         report[name] = compile_for_hopper(
             paged_decode._decode_kernel, dict(COMMON, GROUP=4, BLOCK_H=16, BLOCK_N=64, NUM_SPLITS=splits,
                                               SLIDING=special, SOFTCAP=special, NEW_KV=fused, WRITE=fused,
-                                              FUSED_REDUCE=fused), 4, 3)
-    report["reduce"] = compile_for_hopper(paged_decode._reduce_kernel, dict(NUM_SPLITS=4, SPLITS_PAD=4, HEAD_DIM=128,
-                                                                             HEAD_PAD=128), 4, 1)
+                                              FUSED_REDUCE=fused, PDL=pdl), 4, 3)
+    for name, pdl in (("reduce", False), ("reduce_pdl", True)):
+        report[name] = compile_for_hopper(paged_decode._reduce_kernel, dict(
+            NUM_SPLITS=4, SPLITS_PAD=4, HEAD_DIM=128, HEAD_PAD=128, PDL=pdl), 4, 1)
     report["write_kv"] = compile_for_hopper(kv_write._write_kv_kernel, dict(NUM_HEADS=8, HEAD_DIM=128, BLOCK_H=8,
                                                                            HEAD_PAD=128, BLOCK_SIZE=16), 4, 1)
     return report

@@ -22,9 +22,13 @@ def test_kernels_compile_for_hopper():
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     prefill = [f"prefill_group{g}{suffix}" for g in (4, 1)
-               for suffix in ("", "_own_kv", "_own_kv_tma", "_own_kv_tma_write")]
-    decode = ["decode_splits1", "decode_splits4", "decode_splits4_fused_write"]
-    assert set(report) == {*prefill, *decode, "reduce", "write_kv"}
+               for suffix in ("", "_own_kv", "_own_kv_tma", "_own_kv_tma_write", "_own_kv_tma_write_pdl")]
+    decode = ["decode_splits1", "decode_splits4", "decode_splits4_fused_write", "decode_splits2_fused_write_pdl"]
+    assert set(report) == {*prefill, *decode, "reduce", "reduce_pdl", "write_kv"}
+    # HF_PAGED_PDL: programmatic dependent launch waits for the kernel before and lets the next one start
+    for name, kernel in report.items():
+        expected = ["griddepcontrol.wait", "griddepcontrol.launch_dependents"] if name.endswith("_pdl") else []
+        assert kernel["pdl"] == expected, (name, kernel)
     for name, kernel in report.items():
         assert kernel["shared"] <= SHARED_MEMORY, (name, kernel)
     for name in prefill:

@@ -359,6 +359,55 @@ def test_gpu_fused_reduce_in_a_cuda_graph():
 
 @pytest.mark.cuda
 @on_gpu
+@pytest.mark.parametrize("decode_config", [DecodeConfig(block_n=64, num_splits=16, fused_reduce=False),
+                                           DecodeConfig(block_n=64, num_splits=2)], ids=["reduce_launch", "fused"])
+def test_gpu_pdl_chain_in_a_cuda_graph(monkeypatch, decode_config):
+    """HF_PAGED_PDL=1: in one CUDA graph a torch kernel writes the inputs, the prefill stores a prompt's K/V, the
+    decode (and its merge launch) reads it back and a torch kernel reads the output, each attention launch started
+    early and waiting for the one before: every replay equals the same launches run eagerly without PDL."""
+    from hf_paged.kernels import tuning
+
+    hq, hkv, d, bs, n = 32, 8, 128, 8, 700
+    prompt = attention_inputs([n], [n], hq, hkv, d, bs, torch.bfloat16, seed=6)
+    step = {**prompt, "query": prompt["query"][:1].clone(), "seq_lens": torch.tensor([n + 1], dtype=torch.int32,
+            device="cuda"), "cu_seqlens_q": torch.tensor([0, 1], dtype=torch.int32, device="cuda")}
+    kv = torch.zeros(n + 1, 2, hkv, d, dtype=torch.bfloat16, device="cuda")  # the prompt's K/V, then the step's
+    table = prompt["block_tables"][0]
+    slots = torch.tensor([int(table[p // bs]) * bs + p % bs for p in range(n + 1)], device="cuda")
+    source = torch.zeros(n + 1, hq + 2 * hkv, d, dtype=torch.bfloat16, device="cuda")
+
+    def chain():
+        prompt["query"].copy_(source[:n, :hq])
+        step["query"].copy_(source[n:, :hq])
+        kv.copy_(source[:, hq:].view(n + 1, 2, hkv, d))
+        paged_attention(**prompt, scale=d**-0.5, max_seqlen_q=n, key=kv[:n, 0], value=kv[:n, 1],
+                        slot_mapping=slots[:n])
+        out = paged_attention(**step, scale=d**-0.5, max_seqlen_q=1, key=kv[n:, 0], value=kv[n:, 1],
+                              slot_mapping=slots[n:], config=decode_config)
+        return out * 2
+
+    def fill(seed):
+        source.copy_(torch.randn(source.shape, generator=torch.Generator(device="cuda").manual_seed(seed),
+                                 device="cuda"))
+
+    expected = []
+    for seed in range(3):
+        fill(seed)
+        expected.append(chain())
+    monkeypatch.setenv("HF_PAGED_PDL", "1")
+    assert tuning.use_pdl(torch.device("cuda")) == (torch.cuda.get_device_capability()[0] >= 9)
+    chain()  # compiles the PDL variants, outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = chain()
+    for seed in range(3):
+        fill(seed)
+        graph.replay()
+        torch.testing.assert_close(out, expected[seed], atol=0, rtol=0)
+
+
+@pytest.mark.cuda
+@on_gpu
 @pytest.mark.parametrize("window, softcap", [(4096, None), (255, 50.0), (None, 30.0), (1, None)])
 @pytest.mark.parametrize("num_seqs", [2, 64])
 def test_gpu_decode_window_softcap(window, softcap, num_seqs):
@@ -414,6 +463,21 @@ def test_mixed_batch_split_launch_matches_reference():
     torch.testing.assert_close(_split_launch(inputs, q_lens, 0.25)(), ref, rtol=1e-4, atol=1e-4)
 
 
+def test_bench_new_token_slots_are_where_the_tables_put_them():
+    """The kernel bench stores each row of the step's own K/V into new_token_slots: read back through the block
+    tables, the last q_len positions of each sequence are those rows."""
+    from hf_paged.bench.attention_rows import attention_inputs, new_token_slots
+
+    q_lens, seq_lens = [3, 1, 5], [10, 17, 5]
+    inputs = attention_inputs(q_lens, seq_lens, 4, 2, 16, 4, torch.float32, "cpu")
+    rows = torch.randn(sum(q_lens), 2, 16)
+    slots = new_token_slots(inputs["block_tables"], q_lens, seq_lens, 4)
+    reference.write_kv(rows, rows, inputs["key_cache"], inputs["value_cache"], slots)
+    read = [reference.gather_kv(inputs["key_cache"], inputs["block_tables"][s], n)[n - q:]
+            for s, (q, n) in enumerate(zip(q_lens, seq_lens))]
+    torch.testing.assert_close(torch.cat(read), rows, atol=0, rtol=0)
+
+
 def test_bench_decode_layer_row_compares_one_launch_with_three(monkeypatch):
     """The kernel bench's `decode layer` row (CUDA graphs on a GPU; here each 'graph' is one call on the
     interpreter): it times the fused launch against write_kv + decode + reduce apart, and both store the token."""
@@ -447,3 +511,13 @@ def test_default_decode_split_rule(monkeypatch, num_seqs, num_kv_heads, splits):
     monkeypatch.setattr(tuning, "_num_sms", lambda device: 132)
     cfg = tuning.default_decode_config(num_seqs, num_kv_heads, 128, torch.device("cuda"))
     assert (cfg.num_splits, cfg.fused_reduce) == (splits, splits <= 2)
+
+
+def test_pdl_is_an_opt_in_for_hopper(monkeypatch):
+    from hf_paged.kernels import tuning
+
+    monkeypatch.setattr(tuning, "_has_pdl", lambda device: True)
+    monkeypatch.delenv("HF_PAGED_PDL", raising=False)
+    assert not tuning.use_pdl(torch.device("cuda"))
+    monkeypatch.setenv("HF_PAGED_PDL", "1")
+    assert tuning.use_pdl(torch.device("cuda")) and not tuning.use_pdl(torch.device("cpu"))
