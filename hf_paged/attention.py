@@ -35,6 +35,7 @@ class PagedAttentionMetadata:
     cu_seqlens_q: torch.Tensor  # (S + 1,) int32
     query_index: torch.Tensor | None  # (T,) int64 into the flattened B*Q positions
     max_seqlen_q: int
+    fresh: bool = False  # no sequence has context before this forward's tokens (prompts without a cached prefix)
 
 
 @dataclass(slots=True)
@@ -84,13 +85,13 @@ def paged_attention_forward(
     tables = (meta.block_tables, meta.seq_lens, meta.cu_seqlens_q)
     if slots is not None and own_kv:  # store and attend in one launch (Triton)
         packed_out = ops.write_and_attend(packed_q, new_k, new_v, layer.key_cache, layer.value_cache, slots, *tables,
-                                          scale, window, softcap, meta.max_seqlen_q)  # (T, Hq, D)
+                                          scale, window, softcap, meta.max_seqlen_q, meta.fresh)  # (T, Hq, D)
     else:
         if slots is not None:
             ops.write_kv(token_rows(key), token_rows(value), layer.key_cache, layer.value_cache, slots)
         packed_out = ops.paged_attention(packed_q, layer.key_cache, layer.value_cache, *tables, scale,
                                          sliding_window=window, softcap=softcap, max_seqlen_q=meta.max_seqlen_q,
-                                         key=new_k, value=new_v)  # (T, Hq, D)
+                                         key=new_k, value=new_v, fresh=meta.fresh)  # (T, Hq, D)
     if meta.query_index is None:
         out = packed_out
     else:

@@ -240,6 +240,7 @@ class PagedCache(Cache):
             cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=device),
             query_index=query_index,
             max_seqlen_q=max(new_tokens),
+            fresh=all(t.num_tokens == n for t, n in zip(self.tables, new_tokens)),
         )
         return StepPlan(torch.tensor(slot_mapping, dtype=torch.long, device=device), copies, metadata)
 

@@ -58,29 +58,31 @@ def paged_attention(
     max_seqlen_q: int | None = None,
     key: torch.Tensor | None = None,
     value: torch.Tensor | None = None,
+    fresh: bool = False,
 ) -> torch.Tensor:
     """Varlen causal attention over paged K/V; see `reference.paged_attention` for the layouts.
 
     max_seqlen_q (the longest q_len; 1 = pure decode) lets the Triton path choose its kernel without a host sync.
     key / value: the step's own K/V [num_tokens, num_kv_heads, head_dim], already in the caches; the Triton
     prefill reads the new tokens' keys there (contiguous rows) instead of through the block tables. The torch
-    paths read the caches, which hold the same values.
+    paths read the caches, which hold the same values. fresh: with them, no sequence has context before its new
+    tokens (the Triton prefill then skips the block tables; the launcher's `fresh`).
     Under torch.compile it is the opaque custom op `hf_paged::paged_attention`, so the graph does not break here.
     """
     if torch.compiler.is_compiling():
         return torch.ops.hf_paged.paged_attention(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q,
-                                                  scale, sliding_window, softcap, max_seqlen_q, key, value)
+                                                  scale, sliding_window, softcap, max_seqlen_q, key, value, fresh)
     return _paged_attention(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale, sliding_window,
-                            softcap, max_seqlen_q, key, value)
+                            softcap, max_seqlen_q, key, value, fresh)
 
 
 def _paged_attention(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale, sliding_window,
-                     softcap, max_seqlen_q, key=None, value=None):
+                     softcap, max_seqlen_q, key=None, value=None, fresh=False):
     if _use_triton(query):
         from hf_paged.kernels.paged_attention import paged_attention as triton_paged_attention
 
         return triton_paged_attention(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale,
-                                      sliding_window, softcap, max_seqlen_q, key, value)
+                                      sliding_window, softcap, max_seqlen_q, key, value, fresh=fresh)
     if _mode() == "reference":
         return reference.paged_attention(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale,
                                          sliding_window, softcap)
@@ -94,13 +96,13 @@ _paged_attention_op = torch.library.custom_op(
     "hf_paged::paged_attention", _paged_attention, mutates_args=(),
     schema="(Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, Tensor seq_lens, "
            "Tensor cu_seqlens_q, float scale, SymInt? sliding_window, float? softcap, SymInt? max_seqlen_q, "
-           "Tensor? key=None, Tensor? value=None) -> Tensor",
+           "Tensor? key=None, Tensor? value=None, bool fresh=False) -> Tensor",
 )
 
 
 @_paged_attention_op.register_fake
 def _(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale, sliding_window, softcap,
-      max_seqlen_q, key=None, value=None):
+      max_seqlen_q, key=None, value=None, fresh=False):
     return torch.empty_like(query, memory_format=torch.contiguous_format)  # (T, Hq, D)
 
 
@@ -118,29 +120,31 @@ def write_and_attend(
     sliding_window: int | None = None,
     softcap: float | None = None,
     max_seqlen_q: int | None = None,
+    fresh: bool = False,
 ) -> torch.Tensor:
     """`write_kv(key, value, ..., slot_mapping)`, then `paged_attention` with the step's own K/V: one launch on the
     Triton path (the kernels store the new tokens while they attend), the two calls on the torch paths.
 
     key, value: [num_tokens, num_kv_heads, head_dim] in the caches' dtype, rows packed like query's.
+    fresh: no sequence has context before its new tokens (see `paged_attention`).
     NOTE: a token with slot -1 (padding) stores nothing, and which K/V the rows that see it read is unspecified.
     Under torch.compile it is the custom op `hf_paged::write_and_attend`, which mutates the two caches.
     """
     if torch.compiler.is_compiling():
         return torch.ops.hf_paged.write_and_attend(query, key, value, key_cache, value_cache, slot_mapping,
                                                    block_tables, seq_lens, cu_seqlens_q, scale, sliding_window,
-                                                   softcap, max_seqlen_q)
+                                                   softcap, max_seqlen_q, fresh)
     return _write_and_attend(query, key, value, key_cache, value_cache, slot_mapping, block_tables, seq_lens,
-                             cu_seqlens_q, scale, sliding_window, softcap, max_seqlen_q)
+                             cu_seqlens_q, scale, sliding_window, softcap, max_seqlen_q, fresh)
 
 
 def _write_and_attend(query, key, value, key_cache, value_cache, slot_mapping, block_tables, seq_lens, cu_seqlens_q,
-                      scale, sliding_window, softcap, max_seqlen_q) -> torch.Tensor:
+                      scale, sliding_window, softcap, max_seqlen_q, fresh=False) -> torch.Tensor:
     if _use_triton(query):
         from hf_paged.kernels.paged_attention import paged_attention as triton_paged_attention
 
         return triton_paged_attention(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale,
-                                      sliding_window, softcap, max_seqlen_q, key, value, slot_mapping)
+                                      sliding_window, softcap, max_seqlen_q, key, value, slot_mapping, fresh=fresh)
     _write_kv(key, value, key_cache, value_cache, slot_mapping)
     return _paged_attention(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale,
                             sliding_window, softcap, max_seqlen_q)
@@ -150,13 +154,13 @@ _write_and_attend_op = torch.library.custom_op(
     "hf_paged::write_and_attend", _write_and_attend, mutates_args=("key_cache", "value_cache"),
     schema="(Tensor query, Tensor key, Tensor value, Tensor(a!) key_cache, Tensor(b!) value_cache, "
            "Tensor slot_mapping, Tensor block_tables, Tensor seq_lens, Tensor cu_seqlens_q, float scale, "
-           "SymInt? sliding_window, float? softcap, SymInt? max_seqlen_q) -> Tensor",
+           "SymInt? sliding_window, float? softcap, SymInt? max_seqlen_q, bool fresh=False) -> Tensor",
 )
 
 
 @_write_and_attend_op.register_fake
 def _(query, key, value, key_cache, value_cache, slot_mapping, block_tables, seq_lens, cu_seqlens_q, scale,
-      sliding_window, softcap, max_seqlen_q):
+      sliding_window, softcap, max_seqlen_q, fresh=False):
     return torch.empty_like(query, memory_format=torch.contiguous_format)  # (T, Hq, D)
 
 

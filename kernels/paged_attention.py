@@ -110,6 +110,7 @@ def paged_attention(
     value: torch.Tensor | None = None,
     slot_mapping: torch.Tensor | None = None,
     *,
+    fresh: bool = False,
     config: DecodeConfig | PrefillConfig | None = None,
 ) -> torch.Tensor:
     """Varlen causal attention of packed queries over paged K/V; `reference.paged_attention` is the spec.
@@ -126,6 +127,10 @@ def paged_attention(
             and only the earlier context through the block tables.
         slot_mapping: [num_tokens] int32/int64 (-1: skip), with key/value: the kernels also store the step's K/V
             into these slots (`write_kv`'s job), so the caches need not hold them yet. Without it they must.
+        fresh: with key/value, a promise that every sequence's context is just its new tokens (seq_len == its
+            q_len: prompts without a cached prefix); the prefill kernel then reads nothing through the block
+            tables, and compiles without that code (fewer registers). Not checked (that would read the device):
+            a batch with cached context gives wrong results under it.
         config: a DecodeConfig / PrefillConfig to override the tuned defaults (benchmarks, tests).
     Returns:
         [num_tokens, num_q_heads, head_dim] in query's dtype.
@@ -166,5 +171,5 @@ def paged_attention(
         cfg = config or default_prefill_config(group, head_dim, query.device, own_kv=key is not None)
         if not isinstance(cfg, PrefillConfig):
             raise TypeError(f"a prefill batch (max_seqlen_q > 1) needs a PrefillConfig, got {cfg!r}")
-        launch_prefill(out, args, common, cfg, num_seqs, num_kv_heads, query, key, value, slot_mapping)
+        launch_prefill(out, args, common, cfg, num_seqs, num_kv_heads, query, key, value, slot_mapping, fresh)
     return out

@@ -48,6 +48,7 @@ def _prefill_kernel(
     HEAD_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     SLIDING: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
     NEW_KV: tl.constexpr, WRITE: tl.constexpr, WRITE_Q: tl.constexpr,  # WRITE_Q: tokens stored at a time
+    PREFIX: tl.constexpr,  # with NEW_KV: False promises no sequence has keys before its new tokens (fresh prompts)
     PDL: tl.constexpr,  # launched early (programmatic dependent launch): wait for the kernel before first
 ):
     if PDL:
@@ -111,14 +112,17 @@ def _prefill_kernel(
         cached_full = lo + tl.maximum(cached_end - lo, 0) // BLOCK_N * BLOCK_N
         if SLIDING:
             cached_full = lo
-        acc, m_i, l_i = attend_loop(acc, m_i, l_i, q, q_pos, k_cache, v_cache, table, stride_kb, stride_kt,
-                                     kv_head * stride_kh, lo, cached_full, qk_scale, softcap_scale, window, offs_d,
-                                     d_mask, BLOCK_SIZE, BLOCK_N, HEAD_PAD, HEAD_DIM, False, SLIDING, SOFTCAP,
-                                     DOT_PRECISION, INTERPRET, 0)
-        acc, m_i, l_i = attend_loop(acc, m_i, l_i, q, q_pos, k_cache, v_cache, table, stride_kb, stride_kt,
-                                     kv_head * stride_kh, cached_full, cached_end, qk_scale, softcap_scale, window,
-                                     offs_d, d_mask, BLOCK_SIZE, BLOCK_N, HEAD_PAD, HEAD_DIM, True, SLIDING, SOFTCAP,
-                                     DOT_PRECISION, INTERPRET, 0)
+        # NOTE: without PREFIX the block-table loops are not even compiled: their code alone made the 64 x 64 TMA
+        # tile spill ~600 bytes (offline ptxas), none without it.
+        if PREFIX:
+            acc, m_i, l_i = attend_loop(acc, m_i, l_i, q, q_pos, k_cache, v_cache, table, stride_kb, stride_kt,
+                                         kv_head * stride_kh, lo, cached_full, qk_scale, softcap_scale, window,
+                                         offs_d, d_mask, BLOCK_SIZE, BLOCK_N, HEAD_PAD, HEAD_DIM, False, SLIDING,
+                                         SOFTCAP, DOT_PRECISION, INTERPRET, 0)
+            acc, m_i, l_i = attend_loop(acc, m_i, l_i, q, q_pos, k_cache, v_cache, table, stride_kb, stride_kt,
+                                         kv_head * stride_kh, cached_full, cached_end, qk_scale, softcap_scale,
+                                         window, offs_d, d_mask, BLOCK_SIZE, BLOCK_N, HEAD_PAD, HEAD_DIM, True,
+                                         SLIDING, SOFTCAP, DOT_PRECISION, INTERPRET, 0)
         new_start = tl.maximum(lo, ctx_start)
         new_full = new_start + tl.maximum(first + 1 - new_start, 0) // BLOCK_N * BLOCK_N  # below the diagonal
         if SLIDING:
@@ -164,9 +168,10 @@ def new_kv_args(query, key, value, cfg: PrefillConfig) -> tuple[int, tuple]:
 
 
 def launch_prefill(out, args, common, cfg: PrefillConfig, num_seqs, num_kv_heads, query, key=None, value=None,
-                   slot_mapping=None) -> None:
+                   slot_mapping=None, fresh=False) -> None:
     """Grid (T // BLOCK_Q + S, Hkv); `args` are the kernel's arguments from `query` to `window`, as the launcher
-    built them. key/value: the step's own K/V (NEW_KV); slot_mapping: store them too (WRITE)."""
+    built them. key/value: the step's own K/V (NEW_KV); slot_mapping: store them too (WRITE); fresh: with them, no
+    sequence has keys before its new tokens (nothing is read through the block tables)."""
     group = common["GROUP"]
     block_m = max(cfg.block_m, triton.next_power_of_2(group))
     block_q = block_m // group
@@ -176,4 +181,5 @@ def launch_prefill(out, args, common, cfg: PrefillConfig, num_seqs, num_kv_heads
     rows = (key, value, slot_mapping) if write else (query, query, query)
     _prefill_kernel[grid](out, *args, num_seqs, *new, *rows, BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=cfg.block_n,
                           **common, NEW_KV=new_kv, WRITE=write, WRITE_Q=min(16, triton.next_power_of_2(block_q)),
+                          PREFIX=not (fresh and new_kv),
                           num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=common["PDL"])

@@ -55,6 +55,7 @@ def bench_attention(timer, kind, q_lens, seq_lens, hq, hkv, args, rows, sweep):
             new_kv = {name: torch.randn(tokens, hkv, args.head_dim, dtype=dtype, device=device)  # (T, Hkv, D)
                       for name in ("key", "value")}
             new_kv["slot_mapping"] = new_token_slots(inputs["block_tables"], q_lens, seq_lens, args.block_size)
+            new_kv["fresh"] = q_lens == seq_lens  # prompts without cached context: no block-table reads
         if timer.gpu:
             from hf_paged.kernels.paged_attention import paged_attention
 

@@ -82,6 +82,8 @@ class ModelRunner:
             cu_seqlens_q=to_device(cu, torch.int32, dev),
             query_index=None,
             max_seqlen_q=max_seqlen_q,
+            # NOTE: not in compiled forwards, where it would be one more specialisation to compile
+            fresh=not for_compile and all(item.seq.num_computed_tokens == 0 for item in out.scheduled),
         )
         plan = StepPlan(to_device(slots, torch.long, dev), out.copies, metadata)
         ids = self._fill_pending(to_device(input_ids, torch.long, dev), out.scheduled, cu)[None]  # (1, T)

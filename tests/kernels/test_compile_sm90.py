@@ -22,7 +22,8 @@ def test_kernels_compile_for_hopper():
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     prefill = [f"prefill_group{g}{suffix}" for g in (4, 1)
-               for suffix in ("", "_own_kv", "_own_kv_tma", "_own_kv_tma_write", "_own_kv_tma_write_pdl")]
+               for suffix in ("", "_own_kv", "_own_kv_tma", "_own_kv_tma_write", "_own_kv_tma_write_pdl",
+                              "_own_kv_tma_write_fresh")]
     decode = ["decode_splits1", "decode_splits4", "decode_splits4_fused_write", "decode_splits2_fused_write_pdl"]
     assert set(report) == {*prefill, *decode, "reduce", "reduce_pdl", "write_kv"}
     # HF_PAGED_PDL: programmatic dependent launch waits for the kernel before and lets the next one start
@@ -38,3 +39,9 @@ def test_kernels_compile_for_hopper():
     fused = report["decode_splits4_fused_write"]
     assert any(".acq_rel." in atom and ".add." in atom for atom in fused["atomics"]) and fused["l2_loads"], fused
     assert not report["decode_splits4"]["atomics"], report["decode_splits4"]
+    # fresh prompts: without the block-table loops the engine's prefill kernel holds no more than with them
+    for group in (4, 1):
+        fresh = report[f"prefill_group{group}_own_kv_tma_write_fresh"]
+        full = report[f"prefill_group{group}_own_kv_tma_write"]
+        if "spill_bytes" in full:
+            assert fresh["spill_bytes"] <= full["spill_bytes"] and fresh["registers"] <= full["registers"], (fresh, full)

@@ -64,7 +64,8 @@ def test_unknown_mode_is_an_error(monkeypatch):
 
 def test_engine_prefill_hands_the_kernel_its_own_kv(monkeypatch):
     """Through the engine and paged generate, the Triton prefill (interpreted here) gets the step's own K/V apart,
-    and the tokens are the reference kernels' (chunked prefill and a prefix-cache hit included)."""
+    and the tokens are the reference kernels' (chunked prefill and a prefix-cache hit included); forwards of
+    prompts without context are marked fresh (no block-table reads), the later chunks and the prefix hit not."""
     import hf_paged
     import hf_paged.kernels.paged_attention as triton_attention
     from tests.tiny import ragged_batch, tiny_model
@@ -78,7 +79,7 @@ def test_engine_prefill_hands_the_kernel_its_own_kv(monkeypatch):
     real = triton_attention.paged_attention
 
     def spy(*args, **kwargs):
-        given.append(kwargs.get("key", args[10] if len(args) > 10 else None) is not None)
+        given.append((kwargs.get("key", args[10] if len(args) > 10 else None) is not None, kwargs["fresh"]))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(triton_attention, "paged_attention", spy)
@@ -90,7 +91,9 @@ def test_engine_prefill_hands_the_kernel_its_own_kv(monkeypatch):
                                          **gen).tolist())
         assert llm.get_stats().prefix_cache_hits > 0
     assert outs["triton"] == outs["reference"]
-    assert any(given) and not all(given)  # prefill steps passed it, decode steps did not
+    own = [fresh for has_kv, fresh in given if has_kv]
+    assert own and len(own) < len(given)  # prefill steps passed it, decode steps did not
+    assert any(own) and not all(own)  # first chunks and generate's prompts are fresh; a second chunk, a hit not
 
 
 def test_write_and_attend_matches_write_then_attend(monkeypatch):

@@ -83,12 +83,12 @@ def test_prefill_sliding_window_and_softcap(window, softcap):
 
 
 def check_new_kv(q_lens, seq_lens, hq, hkv, d, block_size, dtype, seed=0, window=None, softcap=None,
-                 head_major=False, config=None, write=False, skip=(), wide_value=False):
+                 head_major=False, config=None, write=False, skip=(), wide_value=False, fresh=False):
     """The step's own K/V passed apart: the kernel must read the new tokens there, not in the caches, whose new
     slots are poisoned with NaN here; the result is the reference's on the intact caches. `write`: the kernel also
     stores them (slot_mapping), after which the caches must equal the intact ones, but for the tokens in `skip`
     (slot -1), whose slots must stay poisoned. `wide_value`: V a slice of a 3x wider row (a fused q/k/v
-    projection's), K packed."""
+    projection's), K packed. `fresh`: the launcher is told no sequence has earlier context (seq_lens == q_lens)."""
     inputs = attention_inputs(q_lens, seq_lens, hq, hkv, d, block_size, dtype, seed)
     scale = d**-0.5
     ref = reference.paged_attention(**inputs, scale=scale, sliding_window=window, softcap=softcap)
@@ -114,7 +114,7 @@ def check_new_kv(q_lens, seq_lens, hq, hkv, d, block_size, dtype, seed=0, window
         slot_mapping = torch.tensor([-1 if t in skip else slot for t, slot in enumerate(slots)], device=DEVICE)
     out = paged_attention(**{**inputs, **poisoned}, scale=scale, sliding_window=window, softcap=softcap,
                           max_seqlen_q=max(q_lens), key=new["key"], value=new["value"], slot_mapping=slot_mapping,
-                          config=config)
+                          fresh=fresh, config=config)
     atol, rtol = TOLERANCES[dtype]
     torch.testing.assert_close(out, ref, atol=atol, rtol=rtol)
     if write:
@@ -170,6 +170,23 @@ def test_own_kv_rows_of_several_tokens_need_one_layout():
     value = torch.zeros(2, 6, 64, device=DEVICE)[:, :2]
     with pytest.raises(ValueError, match="one layout"):
         paged_attention(**inputs, scale=0.1, max_seqlen_q=1, key=key, value=value)
+
+
+@pytest.mark.parametrize("write", [False, True], ids=["read", "write"])
+@pytest.mark.parametrize("tma", [True, False], ids=["tma", "pointers"])
+@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[3], SHAPES[6]], ids=str)
+def test_prefill_of_fresh_prompts(shape, tma, write):
+    """`fresh`: prompts without cached context, whose keys all come from the step's own K/V: the kernel compiled
+    without its block-table loops gives the reference's attention (and stores the tokens)."""
+    dtype, block_size, hq, hkv, d = shape
+    q_lens = [7, 1, 40, 13]
+    config = dataclasses.replace(default_prefill_config(hq // hkv, d, torch.device(DEVICE), own_kv=True), tma=tma)
+    check_new_kv(q_lens, q_lens, hq, hkv, d, block_size, dtype, seed=block_size + 1, config=config, write=write,
+                 fresh=True)
+    # the promise reaches the kernel: broken (a cached prefix of 9 tokens), the prefix is left out of the attention
+    with pytest.raises(AssertionError):
+        check_new_kv(q_lens, [q + 9 for q in q_lens], hq, hkv, d, block_size, dtype, seed=block_size + 1,
+                     config=config, write=write, fresh=True)
 
 
 def test_decode_write_skips_padding_slots():
@@ -417,13 +434,16 @@ def test_gpu_decode_window_softcap(window, softcap, num_seqs):
 
 @pytest.mark.cuda
 @on_gpu
-@pytest.mark.parametrize("own_kv", ["paged", "own_kv", "own_kv_write"])  # own_kv_write: the engine's prefill
+@pytest.mark.parametrize("own_kv", ["paged", "own_kv", "own_kv_write", "own_kv_write_fresh"])  # the engine's
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_gpu_prefill_shapes(shape, own_kv):
     dtype, block_size, hq, hkv, d = shape
     q_lens = [1000, 1, 333, 64, 1]
     seq_lens = [q + p for q, p in zip(q_lens, [0, 700, 1029, 5, 1])]
-    if own_kv != "paged":
+    if own_kv == "own_kv_write_fresh":  # prompts without context (the launcher told so)
+        check_new_kv(q_lens, q_lens, hq, hkv, d, block_size, dtype, seed=d, head_major=True, write=True,
+                     skip=(5, 1001), fresh=True)
+    elif own_kv != "paged":
         check_new_kv(q_lens, seq_lens, hq, hkv, d, block_size, dtype, seed=d, head_major=True,
                      write=own_kv == "own_kv_write", skip=(5, 1001))
     else:
