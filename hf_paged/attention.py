@@ -76,11 +76,15 @@ def paged_attention_forward(
     flat_q = query.transpose(1, 2).reshape(batch * q_len, num_q_heads, head_dim)  # (B*Q, Hq, D)
     packed_q = (flat_q if meta.query_index is None else flat_q.index_select(0, meta.query_index)).contiguous()
     # The kernels take the step's own K/V apart where its rows are the packed queries' (no padded batch) and the
-    # pool holds the same values (its dtype): they then gather only the earlier context through the block tables.
-    # A decode step without slots (generate: cache.update has stored its token) reads everything from the pool.
+    # pool holds the same values (its dtype): a decode step with slots (the engine's layers) then stores and
+    # attends in one launch; a decode step without (generate: cache.update has stored its token) reads the pool.
+    # A prefill takes them only for fresh prompts (no cached context: no block-table reads at all). With cached
+    # context the kernel reading both ways spilled more and ran slower than the block tables alone (H200, MHA:
+    # prefix chunks 0.249 against 0.211 ms, a mixed step 0.437 against 0.344; docs/kernels.md).
     # NOTE: contiguous rows: the kernels take one layout for both, and a compiled graph may lay K and V out apart.
+    decode = meta.max_seqlen_q == 1
     own_kv = (meta.query_index is None and key.dtype == layer.key_cache.dtype
-              and (slots is not None or meta.max_seqlen_q != 1))
+              and (slots is not None if decode else meta.fresh))
     new_k, new_v = (token_rows(key), token_rows(value)) if own_kv else (None, None)  # (T, Hkv, D)
     tables = (meta.block_tables, meta.seq_lens, meta.cu_seqlens_q)
     if slots is not None and own_kv:  # store and attend in one launch (Triton)

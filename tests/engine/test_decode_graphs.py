@@ -80,27 +80,31 @@ def test_compiled_decode_forward_matches_eager(make_llm, monkeypatch, arch):
 
 
 def test_compiled_code_writes_the_pools_in_place(make_llm):
-    """The KV write (folded into the attention op) mutates the pools in place: no clone of a pool, no copy back into
-    it (a 7B pool is GBs)."""
+    """The KV write mutates the pools in place, folded into the attention op in decode steps, apart before it in
+    prefill steps: no clone of a pool, no copy back into it (a 7B pool is GBs)."""
     from torch._inductor.utils import run_and_get_code
 
     llm = make_llm(compile_model=True)
     runner = llm.engine.runner
-    codes, compiled = [], runner.compiled_call
+    codes, compiled = {}, runner.compiled_call
 
-    def keep_code(*args):  # NOTE: run_and_get_code recompiles to see the code
-        if codes:
+    def keep_code(*args):  # NOTE: run_and_get_code recompiles to see the code: once per kind of step
+        decode = runner.cache._engine_plan.metadata.max_seqlen_q == 1
+        if decode in codes:
             return compiled(*args)
         out, code = run_and_get_code(compiled, *args)
-        codes.extend(code)
+        codes[decode] = "\n".join(code)
         return out
 
     runner.compiled_call = keep_code
     llm.generate([[5, 6, 7, 8, 9], [10, 11]], SamplingParams(temperature=0, max_tokens=3), use_tqdm=False)
-    code = "\n".join(codes)
-    assert "torch.ops.hf_paged.write_and_attend.default(" in code
-    assert "torch.ops.hf_paged.write_kv" not in code and "torch.ops.hf_paged.paged_attention" not in code
-    assert "clone" not in code and "auto_functionalized" not in code and ".copy_(" not in code
+    decode, prefill = codes[True], codes[False]
+    assert "torch.ops.hf_paged.write_and_attend.default(" in decode
+    assert "torch.ops.hf_paged.write_kv" not in decode and "torch.ops.hf_paged.paged_attention" not in decode
+    assert "torch.ops.hf_paged.write_kv.default(" in prefill and "torch.ops.hf_paged.paged_attention" in prefill
+    assert "write_and_attend" not in prefill
+    for code in (decode, prefill):
+        assert "clone" not in code and "auto_functionalized" not in code and ".copy_(" not in code
 
 
 def test_compiled_prefill_and_mixed_steps_match_eager(make_llm):

@@ -63,9 +63,9 @@ def test_unknown_mode_is_an_error(monkeypatch):
 
 
 def test_engine_prefill_hands_the_kernel_its_own_kv(monkeypatch):
-    """Through the engine and paged generate, the Triton prefill (interpreted here) gets the step's own K/V apart,
-    and the tokens are the reference kernels' (chunked prefill and a prefix-cache hit included); forwards of
-    prompts without context are marked fresh (no block-table reads), the later chunks and the prefix hit not."""
+    """Through the engine and paged generate, the Triton prefill (interpreted here) of prompts without context
+    gets the step's own K/V apart and is marked fresh (no block-table reads); a later chunk or a prefix-cache hit
+    reads everything through the block tables; the tokens are the reference kernels'."""
     import hf_paged
     import hf_paged.kernels.paged_attention as triton_attention
     from tests.tiny import ragged_batch, tiny_model
@@ -79,7 +79,9 @@ def test_engine_prefill_hands_the_kernel_its_own_kv(monkeypatch):
     real = triton_attention.paged_attention
 
     def spy(*args, **kwargs):
-        given.append((kwargs.get("key", args[10] if len(args) > 10 else None) is not None, kwargs["fresh"]))
+        q_len = args[9] if len(args) > 9 else kwargs.get("max_seqlen_q")
+        given.append((q_len > 1, kwargs.get("key", args[10] if len(args) > 10 else None) is not None,
+                      kwargs["fresh"]))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(triton_attention, "paged_attention", spy)
@@ -91,9 +93,10 @@ def test_engine_prefill_hands_the_kernel_its_own_kv(monkeypatch):
                                          **gen).tolist())
         assert llm.get_stats().prefix_cache_hits > 0
     assert outs["triton"] == outs["reference"]
-    own = [fresh for has_kv, fresh in given if has_kv]
-    assert own and len(own) < len(given)  # prefill steps passed it, decode steps did not
-    assert any(own) and not all(own)  # first chunks and generate's prompts are fresh; a second chunk, a hit not
+    prefill = [(has_kv, fresh) for is_prefill, has_kv, fresh in given if is_prefill]
+    assert all(has_kv == fresh for has_kv, fresh in prefill)  # own K/V exactly for fresh prompts
+    assert {fresh for _, fresh in prefill} == {True, False}  # first chunks, generate's prompts; a second chunk, a hit
+    assert not any(has_kv for is_prefill, has_kv, _ in given if not is_prefill)  # decodes read the pool
 
 
 def test_write_and_attend_matches_write_then_attend(monkeypatch):
@@ -122,10 +125,11 @@ def test_write_and_attend_matches_write_then_attend(monkeypatch):
 
 
 def test_compiled_engine_writes_and_attends_in_one_call(monkeypatch):
-    """The engine's compiled layers store the step's K/V from inside the attention: every prefill and decode
-    forward reaches the Triton kernels (interpreted here) with its slots, no write_kv runs apart, and the tokens
-    are the reference kernels', with the projections fused (V a slice of the q/k/v matmul's output) and for a
-    sequence decoding alone."""
+    """The engine's compiled layers store a decode step's K/V from inside the attention: every decode forward
+    reaches the Triton kernels (interpreted here) with its slots, in one call; prefill and mixed forwards (never
+    marked fresh when compiled) store with write_kv, then read all their keys through the block tables. The
+    tokens are the reference kernels', with the projections fused (V a slice of the q/k/v matmul's output) and
+    for a sequence decoding alone."""
     import hf_paged
     import hf_paged.kernels.kv_write as triton_kv_write
     import hf_paged.kernels.paged_attention as triton_attention
@@ -159,4 +163,5 @@ def test_compiled_engine_writes_and_attends_in_one_call(monkeypatch):
         outs[mode] += [o.outputs[0].token_ids for o in llm.generate(prompts[2:], params, use_tqdm=False)]
         assert llm.get_stats().prefix_cache_hits > 0
     assert outs["triton"] == outs["reference"]
-    assert {kind for kind, _ in seen} == {"decode", "prefill"} and all(slots for _, slots in seen), seen
+    assert set(seen) == {("decode", True), ("prefill", False), ("write_kv", True)}, seen
+    assert seen.count(("write_kv", True)) == seen.count(("prefill", False))  # one store per prefill forward
