@@ -34,8 +34,9 @@ def bench_attention_rows(timer, heads, prefill_seqs, prefill_len, args, rows):
 
 def bench_attention(timer, kind, q_lens, seq_lens, hq, hkv, args, rows, sweep):
     """Rows for one attention shape. Batches with prompts get two rows on a GPU: K/V read through the block tables
-    only, and the engine's way (`own K/V, stored`): the step's own K/V passed apart (only the earlier context is
-    gathered) and stored into its slots by the same launch."""
+    only (the engine's way where there is cached context), and `own K/V, stored`: the step's own K/V passed apart
+    (only the earlier context is gathered) and stored into its slots by the same launch, the engine's way for
+    fresh prompts (the `prefill` rows, marked fresh)."""
     dtype, device = _DTYPES[args.dtype], timer.device
     inputs = attention_inputs(q_lens, seq_lens, hq, hkv, args.head_dim, args.block_size, dtype, device)
     scale = args.head_dim**-0.5
@@ -50,7 +51,7 @@ def bench_attention(timer, kind, q_lens, seq_lens, hq, hkv, args, rows, sweep):
     variants = [False, True] if timer.gpu and max_q > 1 else [False]
     for own_kv in variants:
         new_kv = {}
-        if own_kv:  # as the engine's forwards run it: stored into the step's slots by the same launch
+        if own_kv:  # stored into the step's slots by the same launch
             tokens = inputs["query"].shape[0]
             new_kv = {name: torch.randn(tokens, hkv, args.head_dim, dtype=dtype, device=device)  # (T, Hkv, D)
                       for name in ("key", "value")}
