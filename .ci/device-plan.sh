@@ -26,12 +26,12 @@ case "${1:?STEP: tests-kernels | tests-models | kernels | sweep | decode-tiles |
           2>&1 | tee "$out/decode_tiles_bs$bs.log"
       done ;;
   steps) python3 -P -m hf_paged.bench.steps --model llama2-7b --batch 1,16,128 --context 512 --out "$out/steps.json" ;;
-  pdl) # programmatic dependent launch (kernels/tuning.py use_pdl; inductor's own flag), each side its own process
+  pdl) # programmatic dependent launch (kernels/tuning.py use_pdl, engine/compiled.py), each side its own process
       for on in 0 1; do
-        HF_PAGED_PDL=$on TORCHINDUCTOR_ENABLE_PDL=$on python3 -P -m hf_paged.bench.steps --model llama2-7b \
+        HF_PAGED_PDL=$on python3 -P -m hf_paged.bench.steps --model llama2-7b \
           --batch 1,16,128 --context 512 --out "$out/steps_pdl$on.json" 2>&1 | tee "$out/steps_pdl$on.log"
       done
-      HF_PAGED_PDL=1 TORCHINDUCTOR_ENABLE_PDL=1 $tp --workload sharegpt --num-requests 128 --systems d \
+      HF_PAGED_PDL=1 $tp --workload sharegpt --num-requests 128 --systems d \
         --out "$out/tp_pdl.json" 2>&1 | tee "$out/tp_pdl.log" ;;
   throughput) $tp --workload sharegpt --num-requests 128 --time-budget 1 --systems d,b,a \
                   --out "$out/tp_sharegpt.json" --plot "$out/tp_sharegpt.png" ;;

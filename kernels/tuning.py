@@ -42,7 +42,7 @@ def use_pdl(device: torch.device) -> bool:
     """Programmatic dependent launch for the attention kernels (`HF_PAGED_PDL=1`, Hopper and newer; off by
     default, an experiment): a launch may start while the kernel before it finishes, and waits for it
     (`griddepcontrol.wait`) before reading anything, so a CUDA graph's back-to-back small kernels overlap their
-    launch latency. Pair it with `TORCHINDUCTOR_ENABLE_PDL=1` for the compiled layers' own kernels."""
+    launch latency. The engine's compilations then ask inductor for the same (engine/compiled.py)."""
     return os.environ.get("HF_PAGED_PDL") == "1" and device.type == "cuda" and _has_pdl(device)
 
 

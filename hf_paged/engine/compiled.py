@@ -36,6 +36,21 @@ def on_one_device(model: torch.nn.Module) -> bool:
     return len({param.device for param in model.parameters()}) == 1
 
 
+def compile_options(device: torch.device) -> dict | None:
+    """Inductor options for the engine's compilations: with `HF_PAGED_PDL=1` on a Hopper or newer GPU the compiled
+    kernels use programmatic dependent launch too, as the attention kernels then do (kernels/tuning.py use_pdl),
+    where this torch has the option."""
+    if device.type != "cuda":
+        return None
+    import torch._inductor.config as inductor_config
+
+    from hf_paged.kernels.tuning import use_pdl
+
+    if use_pdl(device) and hasattr(inductor_config.triton, "enable_pdl"):
+        return {"triton.enable_pdl": True}
+    return None
+
+
 def compiles_by_layer(model: torch.nn.Module, cache: PagedCache) -> bool:
     """Whether the layers can share a graph: one device (the step metadata is not moved per layer), decoder layers
     HF names, and one attention module per cache layer."""
@@ -51,7 +66,8 @@ class CompiledLayers:
         self.cache, self.call = cache, call
         self.layers = decoder_layers(model)
         self.attention = attention_modules(model)
-        self.compiled = [_marking_token_dim(torch.compile(layer._call_impl)) for layer in self.layers]
+        options = compile_options(next(model.parameters()).device)
+        self.compiled = [_marking_token_dim(torch.compile(layer._call_impl, options=options)) for layer in self.layers]
 
     def __call__(self, *args):
         for layer, compiled in zip(self.layers, self.compiled):

@@ -7,7 +7,7 @@ import torch.fx.experimental._config
 
 from hf_paged.attention import PagedAttentionMetadata
 from hf_paged.cache import PagedCache, StepPlan
-from hf_paged.engine.compiled import CompiledLayers, compiles_by_layer
+from hf_paged.engine.compiled import CompiledLayers, compile_options, compiles_by_layer
 from hf_paged.engine.cuda_graphs import DecodeGraphs
 from hf_paged.engine.fused import fuse_projections as fuse_projections_of
 from hf_paged.engine.fused import fused_forwards
@@ -39,7 +39,7 @@ class ModelRunner:
         if compile_model:
             by_layer = compiles_by_layer(model, cache)
             self.compiled_call = CompiledLayers(model, cache, self._call_model) if by_layer else torch.compile(
-                self._call_model)
+                self._call_model, options=compile_options(self.device))
         if cuda_graphs and self.device.type == "cuda":
             # A compiled forward specialises size 1: pad single-sequence decodes to 2 rows instead of compiling twice.
             self.graphs = DecodeGraphs(model, cache, max_batch, max_blocks_per_seq, self.decode_forward,

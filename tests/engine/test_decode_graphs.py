@@ -263,3 +263,21 @@ def test_compiled_engine_under_preemption_and_prefix_hits(make_llm):
         assert got.keys() == want.keys() and list(got.values()) == pytest.approx(list(want.values()), abs=1e-4)
     stats = llm.get_stats()
     assert stats.num_preemptions > 0 and stats.prefix_cache_hits > 0
+
+
+def test_pdl_switch_reaches_the_compiled_layers(monkeypatch):
+    """HF_PAGED_PDL=1 on a Hopper-class GPU also turns on inductor's programmatic dependent launch for the engine's
+    compilations; the option is one this torch takes (a CPU compile with it runs and computes the same)."""
+    from hf_paged.engine.compiled import compile_options
+    from hf_paged.kernels import tuning
+
+    monkeypatch.setattr(tuning, "_has_pdl", lambda device: True)
+    monkeypatch.delenv("HF_PAGED_PDL", raising=False)
+    assert compile_options(torch.device("cuda")) is None
+    monkeypatch.setenv("HF_PAGED_PDL", "1")
+    assert compile_options(torch.device("cpu")) is None
+    options = compile_options(torch.device("cuda"))
+    assert options == {"triton.enable_pdl": True}
+    x = torch.randn(8, 4)
+    fn = torch.compile(lambda t: torch.nn.functional.silu(t) * 2 + 1, options=options)
+    torch.testing.assert_close(fn(x), torch.nn.functional.silu(x) * 2 + 1)
