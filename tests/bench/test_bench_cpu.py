@@ -173,8 +173,9 @@ def test_steps_bench_accounts_for_every_step(tmp_path, monkeypatch):
         ("eager + async scheduling", 4), ("eager", 4), ("eager + async scheduling", 2), ("eager", 2)]
     for r in report["results"]:
         assert r["step_ms"] > 0 and r["kernels_per_step"] > 0
+        # NOTE: the report rounds it to 0.1 GB/s, which the tiny model's ~4 GB/s on CPU feels (abs)
         assert r["matmul_gbps"] == pytest.approx(report["weight_bytes_per_step"] / r["by_kind_ms"]["matmul"] / 1e6,
-                                                 rel=1e-2)
+                                                 rel=1e-2, abs=0.05)
         assert 0 <= r["wait_ms"] <= r["step_ms"] and r["host_ms"] == pytest.approx(r["step_ms"] - r["wait_ms"])
         assert r["kernel_ms"] == pytest.approx(sum(r["by_kind_ms"].values()), rel=1e-3, abs=1e-3)
         assert r["by_kind_ms"]["matmul"] > 0  # the projections show up as matmuls
