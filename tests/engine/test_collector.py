@@ -15,16 +15,27 @@ def unfrozen():
     gc.unfreeze()
 
 
-def test_freezes_the_heap_and_gives_it_back():
+@pytest.fixture
+def calls(monkeypatch):
+    """The collector's freeze/unfreeze calls, in order (counts alone drift: a frozen object that dies leaves the
+    permanent generation, so another thread's garbage can lower the count inside a block)."""
+    seen = []
+    freeze, unfreeze = gc.freeze, gc.unfreeze
+    monkeypatch.setattr(gc, "freeze", lambda: seen.append("freeze") or freeze())
+    monkeypatch.setattr(gc, "unfreeze", lambda: seen.append("unfreeze") or unfreeze())
+    return seen
+
+
+def test_freezes_the_heap_and_gives_it_back(calls):
     keep = [object() for _ in range(10)], {"a": []}  # tracked objects that exist before the block
     assert gc.get_freeze_count() == 0
     with frozen_heap():
-        frozen = gc.get_freeze_count()
-        assert frozen > 0
+        assert gc.get_freeze_count() > 0 and calls == ["freeze"]
         with frozen_heap():  # nested: the outer block owns the freeze
-            assert gc.get_freeze_count() == frozen
-        assert gc.get_freeze_count() == frozen
+            assert gc.get_freeze_count() > 0
+        assert gc.get_freeze_count() > 0 and calls == ["freeze"]
     assert gc.get_freeze_count() == 0 and keep
+    assert calls == ["freeze", "unfreeze"]
 
 
 def test_unfreezes_after_an_error():
@@ -33,12 +44,12 @@ def test_unfreezes_after_an_error():
     assert gc.get_freeze_count() == 0
 
 
-def test_leaves_a_freeze_it_did_not_make():
+def test_leaves_a_freeze_it_did_not_make(calls):
     gc.freeze()  # say, a pre-fork server's
-    before = gc.get_freeze_count()
     with frozen_heap():
         pass
-    assert gc.get_freeze_count() == before > 0
+    assert gc.get_freeze_count() > 0
+    assert calls == ["freeze"]  # the test's own: the block neither froze again nor unfroze
 
 
 def test_generate_steps_with_the_heap_frozen(make_llm, monkeypatch):
