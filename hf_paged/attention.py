@@ -79,7 +79,7 @@ def paged_attention_forward(
     # pool holds the same values (its dtype): a decode step with slots (the engine's layers) then stores and
     # attends in one launch; a decode step without (generate: cache.update has stored its token) reads the pool.
     # A prefill takes them only for fresh prompts (no cached context: no block-table reads at all). With cached
-    # context the kernel reading both ways spilled more and ran slower than the block tables alone (H200, MHA:
+    # context the kernel reading both ways ran slower than the block tables alone (H200, MHA:
     # prefix chunks 0.249 against 0.211 ms, a mixed step 0.437 against 0.344; docs/kernels.md).
     # NOTE: contiguous rows: the kernels take one layout for both, and a compiled graph may lay K and V out apart.
     decode = meta.max_seqlen_q == 1

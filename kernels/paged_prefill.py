@@ -70,9 +70,9 @@ def _prefill_kernel(
     ctx_start = seq_len - q_len  # position of the sequence's first query token
     offs_d = tl.arange(0, HEAD_PAD)
     d_mask = offs_d < HEAD_DIM
-    # WRITE: this tile's tokens, for this KV head, into their slots, first: nothing is live in registers yet (after
-    # the output, MHA's 64 x 64 TMA tile spilled 1,140 bytes against 668 here, offline ptxas), and no program reads
-    # this step's slots through the block tables (the new tokens come from the packed rows), so order is free.
+    # WRITE: this tile's tokens, for this KV head, into their slots, first, while nothing is live in registers; no
+    # program reads this step's slots through the block tables (the new tokens come from the packed rows), so
+    # order is free.
     if WRITE:
         for chunk in tl.static_range(0, BLOCK_Q, WRITE_Q):  # WRITE_Q tokens at a time
             w_tok = tile * BLOCK_Q + chunk + tl.arange(0, WRITE_Q)  # (WRITE_Q,)
@@ -112,8 +112,8 @@ def _prefill_kernel(
         cached_full = lo + tl.maximum(cached_end - lo, 0) // BLOCK_N * BLOCK_N
         if SLIDING:
             cached_full = lo
-        # NOTE: without PREFIX the block-table loops are not even compiled: their code alone made the 64 x 64 TMA
-        # tile spill ~600 bytes (offline ptxas), none without it.
+        # NOTE: without PREFIX the block-table loops are not even compiled (offline, with the launch's alignment
+        # hints, the 64 x 64 TMA tile then holds 146-151 registers instead of 198).
         if PREFIX:
             acc, m_i, l_i = attend_loop(acc, m_i, l_i, q, q_pos, k_cache, v_cache, table, stride_kb, stride_kt,
                                          kv_head * stride_kh, lo, cached_full, qk_scale, softcap_scale, window,

@@ -27,14 +27,29 @@ COMMON = dict(HEAD_DIM=128, HEAD_PAD=128, BLOCK_SIZE=16, SLIDING=False, SOFTCAP=
               INTERPRET=False, PDL=False)
 
 
+def aligned_args(kernel, signature: dict) -> dict:
+    """The divisibility-16 hints a launch gives: triton specialises every pointer and int argument that is a multiple
+    of 16 (unless do_not_specialize), and the pipeliner turns loads into async copies only where it can prove 4+
+    contiguous bytes. Without the hints an offline compile is not the kernel the device runs (no cp.async, more
+    registers). On the device the pointers are 16-byte aligned and every stride is a multiple of 16 elements
+    (head_dim 128); the block-table width and the runtime scalars (window, num_seqs) are not."""
+    unaligned = set(getattr(kernel, "do_not_specialize", ())) | {"window", "num_seqs"}
+    names = kernel.arg_names
+    return {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+            if signature[n] != "constexpr" and n not in unaligned
+            and (signature[n].startswith("*") or n.startswith("stride_"))}
+
+
 def compile_for_hopper(kernel, constants: dict, num_warps: int, num_stages: int, types: dict | None = None) -> dict:
     names = kernel.arg_names
     signature = {n: "constexpr" if n in constants else {**POINTERS, **(types or {})}.get(n, "i32") for n in names}
-    source = ASTSource(fn=kernel, signature=signature, constexprs={(names.index(k),): v for k, v in constants.items()})
+    source = ASTSource(fn=kernel, signature=signature, constexprs={(names.index(k),): v for k, v in constants.items()},
+                       attrs=aligned_args(kernel, signature))
     options = {"num_warps": num_warps, "num_stages": num_stages, "launch_pdl": constants.get("PDL", False)}
     compiled = triton.compile(source, target=HOPPER, options=options)
     return {"shared": compiled.metadata.shared, "wgmma": "wgmma" in compiled.asm["ptx"],
             "tma": "cp.async.bulk.tensor" in compiled.asm["ptx"],
+            "async_copies": "cp.async.cg" in compiled.asm["ptx"] or "cp.async.ca" in compiled.asm["ptx"],
             "atomics": sorted(set(re.findall(r"\batom\.[\w.]+", compiled.asm["ptx"]))),
             "l2_loads": "ld.global.cg" in compiled.asm["ptx"] or "ld.global.L1::no_allocate" in compiled.asm["ptx"],
             "barriers": compiled.asm["ptx"].count("bar.sync"),

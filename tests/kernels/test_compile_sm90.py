@@ -39,6 +39,15 @@ def test_kernels_compile_for_hopper():
     fused = report["decode_splits4_fused_write"]
     assert any(".acq_rel." in atom and ".add." in atom for atom in fused["atomics"]) and fused["l2_loads"], fused
     assert not report["decode_splits4"]["atomics"], report["decode_splits4"]
+    # software pipelining: K/V read by pointer (through the block tables, or the step's own rows without TMA) are
+    # async copies into shared memory, several tiles in flight; fresh prompts with TMA read no K/V by pointer
+    for name, kernel in report.items():
+        if name.startswith("decode") or (name.startswith("prefill") and not name.endswith("_fresh")):
+            assert kernel["async_copies"], (name, kernel)
+    # the engine's paths hold their tiles in registers (ptxas -v, where triton bundles it)
+    for name, kernel in report.items():
+        if "spill_bytes" in kernel and (name.startswith("decode") or "_own_kv" in name):
+            assert kernel["spill_bytes"] == 0, (name, kernel)
     # fresh prompts: without the block-table loops the engine's prefill kernel holds no more than with them
     for group in (4, 1):
         fresh = report[f"prefill_group{group}_own_kv_tma_write_fresh"]
