@@ -2,6 +2,14 @@
 
 `attend` runs the query rows of one tile over a KV range ([start, full_end) unmasked, then a masked stretch);
 `attend_loop` runs one stretch; `attend_tile` one BLOCK_N-key step; `attend_key` one single key.
+
+Software pipelining through a block table: triton's pipeliner copies K/V tiles into shared memory (`cp.async`)
+num_stages - 1 tiles ahead of the tile being computed, but only when their addresses do not hang on another load
+of the same iteration. Read in the loop, the block-table entries made each K/V copy an "indirect" load: the
+pipeliner then issued a tile's K/V only just before waiting for them (every copy group at wait 0, offline sm_90
+TTGIR), so no copy of a program overlapped its tensor-core work. `attend_loop` therefore gathers each tile's rows
+(`tile_rows`) one iteration ahead and carries them: the copies see a loop-carried address, like a plain strided
+loop's, and stay num_stages - 1 tiles ahead (wait 2 at 3 stages).
 kernels/paged_decode.py and kernels/paged_prefill.py build the decode and prefill kernels from them.
 """
 
@@ -12,6 +20,9 @@ import triton.language as tl
 
 # Whether the @triton.jit below ran under TRITON_INTERPRET=1 (read, as triton does, when they are decorated).
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+# HF_PAGED_GATHER_AHEAD=0: gather a tile's block-table rows in its own iteration, as before 2026-12-01 (the A/B
+# switch for the device's timings; see the module docstring). Read at import, a compile-time constant.
+GATHER_AHEAD = tl.constexpr(os.environ.get("HF_PAGED_GATHER_AHEAD", "1") != "0")
 
 
 # NOTE: the kernels call only triton builtins and these @triton.jit helpers, never triton's own jit'd library
@@ -48,7 +59,7 @@ def attend_tile(
     acc, m_i, l_i,  # (BLOCK_M, HEAD_PAD) f32, (BLOCK_M,) f32 running max (log2 units), (BLOCK_M,) f32 running sum
     q,  # (BLOCK_M, HEAD_PAD)
     q_pos,  # (BLOCK_M,) absolute query positions, -1 on padding rows (read only when MASKED)
-    k_cache, v_cache, block_table,  # block_table points at this sequence's row
+    k_cache, v_cache, block_table,  # KV_MODE 0: the tile's (BLOCK_N,) row offsets (`tile_rows`); else unused
     stride_kb, stride_kt, head_off,  # KV_MODE 1: (row shift, row stride, head offset); 2: (row shift, -, head)
     n0, end,  # this tile's first KV token; the range's end
     qk_scale, softcap_scale, window,
@@ -68,17 +79,13 @@ def attend_tile(
     offs_n = n0 + tl.arange(0, BLOCK_N)  # (BLOCK_N,) token positions
     if MASKED:
         in_range = offs_n < end
+    if KV_MODE == 0:
+        rows = block_table  # the tile's rows, gathered by attend_loop one tile ahead
     if KV_MODE == 2:
         k = tl.reshape(k_cache.load([n0 + stride_kb, head_off, 0]), [BLOCK_N, HEAD_PAD])  # HEAD_PAD == HEAD_DIM
     else:
         if KV_MODE == 1:
             rows = (offs_n + stride_kb).to(tl.int64) * stride_kt + head_off  # (BLOCK_N,)
-        else:
-            if MASKED:
-                blk = tl.load(block_table + offs_n // BLOCK_SIZE, mask=in_range, other=0)
-            else:
-                blk = tl.load(block_table + offs_n // BLOCK_SIZE)
-            rows = blk.to(tl.int64) * stride_kb + (offs_n % BLOCK_SIZE) * stride_kt + head_off  # (BLOCK_N,)
         kv_offs = rows[:, None] + offs_d[None, :]  # (BLOCK_N, HEAD_PAD)
         if MASKED:
             kv_mask = in_range[:, None] & d_mask[None, :]
@@ -117,6 +124,41 @@ def attend_tile(
 
 
 @triton.jit
+def tile_rows(block_table, n0, end, stride_kb, stride_kt, head_off, BLOCK_SIZE: tl.constexpr,
+              BLOCK_N: tl.constexpr):
+    """The pool offsets of the KV tokens [n0, n0 + BLOCK_N) (those before `end`; block 0 for the rest, never read)."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    blk = tl.load(block_table + offs_n // BLOCK_SIZE, mask=offs_n < end, other=0)
+    return blk.to(tl.int64) * stride_kb + (offs_n % BLOCK_SIZE) * stride_kt + head_off  # (BLOCK_N,)
+
+
+@triton.jit
+def attend_step(
+    acc, m_i, l_i, rows, q, q_pos, k_cache, v_cache, block_table, stride_kb, stride_kt, head_off, n0, end,
+    qk_scale, softcap_scale, window, offs_d, d_mask,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+    MASKED: tl.constexpr, SLIDING: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    INTERPRET: tl.constexpr, KV_MODE: tl.constexpr,
+):
+    """One tile of `attend_loop`; KV_MODE 0 also gathers the next tile's rows (returned, carried to the next step)."""
+    if KV_MODE == 0:
+        if GATHER_AHEAD:
+            following = tile_rows(block_table, n0 + BLOCK_N, end, stride_kb, stride_kt, head_off, BLOCK_SIZE,
+                                  BLOCK_N)
+            tile = rows
+        else:
+            following = rows
+            tile = tile_rows(block_table, n0, end, stride_kb, stride_kt, head_off, BLOCK_SIZE, BLOCK_N)
+    else:
+        following = rows
+        tile = block_table
+    acc, m_i, l_i = attend_tile(acc, m_i, l_i, q, q_pos, k_cache, v_cache, tile, stride_kb, stride_kt, head_off, n0,
+                                end, qk_scale, softcap_scale, window, offs_d, d_mask, BLOCK_SIZE, BLOCK_N, HEAD_PAD,
+                                HEAD_DIM, MASKED, SLIDING, SOFTCAP, DOT_PRECISION, INTERPRET, KV_MODE)
+    return acc, m_i, l_i, following
+
+
+@triton.jit
 def attend_loop(
     acc, m_i, l_i, q, q_pos, k_cache, v_cache, block_table, stride_kb, stride_kt, head_off,
     start, end,  # KV token range [start, end); a whole number of tiles unless MASKED
@@ -125,22 +167,28 @@ def attend_loop(
     MASKED: tl.constexpr, SLIDING: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
     INTERPRET: tl.constexpr, KV_MODE: tl.constexpr,
 ):
+    """KV_MODE 0: `block_table` points at the sequence's row; each tile's rows are gathered a tile ahead (module
+    docstring). Else the K/V are packed rows (see `attend_tile`)."""
+    if KV_MODE == 0:
+        rows = tile_rows(block_table, start, end, stride_kb, stride_kt, head_off, BLOCK_SIZE, BLOCK_N)
+    else:
+        rows = start  # unused
     if INTERPRET:
         # NOTE: the CPU interpreter cannot bound range() by tensors under numpy >= 2.4 (its scalars are shape-(1,)
         # arrays); compiled code keeps the for loop, which is what the software pipeliner works on.
         n0 = start
         while n0 < end:
-            acc, m_i, l_i = attend_tile(acc, m_i, l_i, q, q_pos, k_cache, v_cache, block_table, stride_kb, stride_kt,
-                                         head_off, n0, end, qk_scale, softcap_scale, window, offs_d, d_mask,
-                                         BLOCK_SIZE, BLOCK_N, HEAD_PAD, HEAD_DIM, MASKED, SLIDING, SOFTCAP,
-                                         DOT_PRECISION, INTERPRET, KV_MODE)
+            acc, m_i, l_i, rows = attend_step(acc, m_i, l_i, rows, q, q_pos, k_cache, v_cache, block_table,
+                                              stride_kb, stride_kt, head_off, n0, end, qk_scale, softcap_scale,
+                                              window, offs_d, d_mask, BLOCK_SIZE, BLOCK_N, HEAD_PAD, HEAD_DIM,
+                                              MASKED, SLIDING, SOFTCAP, DOT_PRECISION, INTERPRET, KV_MODE)
             n0 += BLOCK_N
     else:
         for n0 in range(start, end, BLOCK_N):
-            acc, m_i, l_i = attend_tile(acc, m_i, l_i, q, q_pos, k_cache, v_cache, block_table, stride_kb, stride_kt,
-                                         head_off, n0, end, qk_scale, softcap_scale, window, offs_d, d_mask,
-                                         BLOCK_SIZE, BLOCK_N, HEAD_PAD, HEAD_DIM, MASKED, SLIDING, SOFTCAP,
-                                         DOT_PRECISION, INTERPRET, KV_MODE)
+            acc, m_i, l_i, rows = attend_step(acc, m_i, l_i, rows, q, q_pos, k_cache, v_cache, block_table,
+                                              stride_kb, stride_kt, head_off, n0, end, qk_scale, softcap_scale,
+                                              window, offs_d, d_mask, BLOCK_SIZE, BLOCK_N, HEAD_PAD, HEAD_DIM,
+                                              MASKED, SLIDING, SOFTCAP, DOT_PRECISION, INTERPRET, KV_MODE)
     return acc, m_i, l_i
 
 
