@@ -20,6 +20,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from hf_paged.kernels.attention_tile import attend, attend_key, row_max, row_sum
+from hf_paged.kernels.prefetch import prefetch_l2
 from hf_paged.kernels.tuning import DecodeConfig
 
 # NOTE: the arrival counters of FUSED_REDUCE, per device: all zero between launches (the last split of each
@@ -78,11 +79,15 @@ def _decode_kernel(
     stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_kt, stride_kh, stride_bt,
     qk_scale, softcap_scale, window,
     new_k, new_v, stride_nt, stride_nh, slot_mapping,  # NEW_KV: the step's K/V (T, Hkv, D); WRITE: its slots (T,)
+    prefetch, prefetch_bytes,  # PREFETCH: bytes to pull into L2 meanwhile (the layer's o_proj; kernels/prefetch.py)
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
     SLIDING: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
     NEW_KV: tl.constexpr, WRITE: tl.constexpr, FUSED_REDUCE: tl.constexpr, PDL: tl.constexpr,
+    PREFETCH: tl.constexpr, LANES: tl.constexpr,  # LANES: threads a program
 ):
+    if PREFETCH:  # a weight no kernel of this step writes: before the wait for the kernel ahead
+        prefetch_l2(prefetch, prefetch_bytes, LANES)
     if PDL:  # launched early (programmatic dependent launch): wait for the kernel before, then let the next start
         gdc_wait()
         gdc_launch_dependents()
@@ -183,9 +188,10 @@ def _reduce_kernel(
 
 
 def launch_decode(out, args, common, cfg: DecodeConfig, num_seqs, num_kv_heads, num_q_heads, head_dim, key=None,
-                  value=None, slot_mapping=None) -> None:
+                  value=None, slot_mapping=None, prefetch=None) -> None:
     """Grid (S, Hkv, splits); `args` are the kernel's arguments from `query` to `window`, as the launcher built
-    them. key/value: the step's own K/V (NEW_KV); slot_mapping: store them too (WRITE)."""
+    them. key/value: the step's own K/V (NEW_KV); slot_mapping: store them too (WRITE); prefetch: a tensor to pull
+    into L2 meanwhile (PREFETCH; kernels/prefetch.py)."""
     splits = cfg.num_splits
     block_h = max(16, triton.next_power_of_2(common["GROUP"]))
     counters = None
@@ -202,9 +208,11 @@ def launch_decode(out, args, common, cfg: DecodeConfig, num_seqs, num_kv_heads, 
     else:
         new = (key, value, key.stride(0), key.stride(1), slot_mapping if slot_mapping is not None else out)
     _decode_kernel[(num_seqs, num_kv_heads, splits)](
-        out, part_acc, part_ml, counters if fused else out, *args, *new, BLOCK_H=block_h, BLOCK_N=cfg.block_n,
-        NUM_SPLITS=splits, **common, NEW_KV=key is not None, WRITE=slot_mapping is not None, FUSED_REDUCE=fused,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=common["PDL"])
+        out, part_acc, part_ml, counters if fused else out, *args, *new,
+        prefetch if prefetch is not None else out, prefetch.nbytes if prefetch is not None else 0,
+        BLOCK_H=block_h, BLOCK_N=cfg.block_n, NUM_SPLITS=splits, **common, NEW_KV=key is not None,
+        WRITE=slot_mapping is not None, FUSED_REDUCE=fused, PREFETCH=prefetch is not None and not common["INTERPRET"],
+        LANES=32 * cfg.num_warps, num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=common["PDL"])
     if splits > 1 and not fused:
         _reduce_kernel[(num_seqs, num_q_heads)](
             out, part_acc, part_ml, args[5], out.stride(0), out.stride(1),

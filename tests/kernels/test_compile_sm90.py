@@ -24,7 +24,8 @@ def test_kernels_compile_for_hopper():
     prefill = [f"prefill_group{g}{suffix}" for g in (4, 1)
                for suffix in ("", "_own_kv", "_own_kv_tma", "_own_kv_tma_write", "_own_kv_tma_write_pdl",
                               "_own_kv_tma_write_fresh")]
-    decode = ["decode_splits1", "decode_splits4", "decode_splits4_fused_write", "decode_splits2_fused_write_pdl"]
+    decode = ["decode_splits1", "decode_splits4", "decode_splits4_fused_write", "decode_splits2_fused_write_pdl",
+              "decode_splits2_fused_write_prefetch"]
     assert set(report) == {*prefill, *decode, "reduce", "reduce_pdl", "write_kv"}
     # HF_PAGED_PDL: programmatic dependent launch waits for the kernel before and lets the next one start
     for name, kernel in report.items():
@@ -35,6 +36,9 @@ def test_kernels_compile_for_hopper():
     for name in prefill:
         assert report[name]["wgmma"], name  # Hopper's tensor-core MMA
         assert report[name]["tma"] == ("_tma" in name), name  # the descriptors' loads are bulk tensor copies
+    # HF_PAGED_PREFETCH: one bulk L2 prefetch a thread, only where asked for
+    for name, kernel in report.items():
+        assert (kernel["l2_prefetches"] > 0) == name.endswith("_prefetch"), (name, kernel)
     # the last split's merge: an acquire-release atomic on the arrival counter, then the partials read from L2
     fused = report["decode_splits4_fused_write"]
     assert any(".acq_rel." in atom and ".add." in atom for atom in fused["atomics"]) and fused["l2_loads"], fused
