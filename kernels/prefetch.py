@@ -3,8 +3,8 @@
 A decode step of a few sequences is latency-bound in its attention (a few us a layer in which HBM is mostly idle)
 and then reads the layer's o_proj weight (32 MiB for a 7B model) at well under the copy bandwidth. With the
 switch on, every program of the decode kernel first hands the TMA unit a slice of that weight to pull into L2
-(`cp.async.bulk.prefetch.L2`, Hopper and newer: no registers, no wait), so the weight streams while the attention
-runs and the matmul after it reads L2. Only for batches of at most `PREFETCH_MAX_SEQS` sequences: a larger batch's
+(`cp.async.bulk.prefetch.L2`, Hopper and newer: no registers, no wait; marked evict_last, so the attention's own
+K/V lines leave L2 first), so the weight streams while the attention runs and the matmul after it reads L2. Only for batches of at most `PREFETCH_MAX_SEQS` sequences: a larger batch's
 K/V would evict the lines and its attention is bandwidth-bound already. Results do not depend on it (a prefetch
 moves no data that any kernel reads).
 """
@@ -47,6 +47,9 @@ def prefetch_l2(base, nbytes, LANES: tl.constexpr):
     start = (program * LANES + tl.arange(0, LANES)).to(tl.int64) * piece  # (LANES,)
     size = tl.minimum(tl.maximum(nbytes - start, 0), piece).to(tl.int32)
     ptrs = base.to(tl.pointer_type(tl.int8)) + start
+    # evict_last: the attention's own K/V stream (evict_normal) goes first, not the weight it is waiting for
     tl.inline_asm_elementwise(
-        "{ .reg .pred p; setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
+        "{ .reg .pred p; .reg .b64 policy; setp.gt.s32 p, $2, 0; "
+        "createpolicy.fractional.L2::evict_last.b64 policy, 1.0; "
+        "@p cp.async.bulk.prefetch.L2.global.L2::cache_hint [$1], $2, policy; mov.u32 $0, 0; }",
         "=r,l,r", [ptrs, size], dtype=tl.int32, is_pure=False, pack=1)
