@@ -17,12 +17,14 @@ import torch
 import triton
 import triton.language as tl
 
+from hf_paged.kernels.tuning import hopper_or_newer
+
 PREFETCH_MAX_SEQS = 4
 
 
 def prefetch_enabled(device: torch.device) -> bool:
-    return (os.environ.get("HF_PAGED_PREFETCH") == "1" and device.type == "cuda"
-            and torch.cuda.get_device_capability(device)[0] >= 9)
+    """The switch is on and the device is a Hopper or newer GPU (bulk prefetches are sm_90 instructions)."""
+    return os.environ.get("HF_PAGED_PREFETCH") == "1" and device.type == "cuda" and hopper_or_newer(device)
 
 
 def prefetch_target(weight: torch.Tensor | None, num_seqs: int) -> torch.Tensor | None:

@@ -34,7 +34,7 @@ def _num_sms(device: torch.device) -> int:
 
 
 @functools.cache
-def _has_pdl(device: torch.device) -> bool:
+def hopper_or_newer(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device)[0] >= 9
 
 
@@ -43,7 +43,7 @@ def use_pdl(device: torch.device) -> bool:
     default, an experiment): a launch may start while the kernel before it finishes, and waits for it
     (`griddepcontrol.wait`) before reading anything, so a CUDA graph's back-to-back small kernels overlap their
     launch latency. The engine's compilations then ask inductor for the same (engine/compiled.py)."""
-    return os.environ.get("HF_PAGED_PDL") == "1" and device.type == "cuda" and _has_pdl(device)
+    return os.environ.get("HF_PAGED_PDL") == "1" and device.type == "cuda" and hopper_or_newer(device)
 
 
 def default_decode_config(num_seqs: int, num_kv_heads: int, head_dim: int, device: torch.device) -> DecodeConfig:

@@ -271,7 +271,7 @@ def test_pdl_switch_reaches_the_compiled_layers(monkeypatch):
     from hf_paged.engine.compiled import compile_options
     from hf_paged.kernels import tuning
 
-    monkeypatch.setattr(tuning, "_has_pdl", lambda device: True)
+    monkeypatch.setattr(tuning, "hopper_or_newer", lambda device: True)
     monkeypatch.delenv("HF_PAGED_PDL", raising=False)
     assert compile_options(torch.device("cuda")) is None
     monkeypatch.setenv("HF_PAGED_PDL", "1")

@@ -567,7 +567,7 @@ def test_default_decode_split_rule(monkeypatch, num_seqs, num_kv_heads, splits):
 def test_pdl_is_an_opt_in_for_hopper(monkeypatch):
     from hf_paged.kernels import tuning
 
-    monkeypatch.setattr(tuning, "_has_pdl", lambda device: True)
+    monkeypatch.setattr(tuning, "hopper_or_newer", lambda device: True)
     monkeypatch.delenv("HF_PAGED_PDL", raising=False)
     assert not tuning.use_pdl(torch.device("cuda"))
     monkeypatch.setenv("HF_PAGED_PDL", "1")
