@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements, one step a device call (each call is capped at 10 minutes), from the repo root:
 #   run(command="bash .ci/device-plan.sh STEP", carry=[".whl"])      (../shared/device/prepare-wheels first, here)
-# STEP: tests-kernels | tests-models | kernels | sweep | decode-tiles | gather | prefetch | steps | pdl | throughput | lognormal | thousand | memory. Results go
+# STEP: tests-kernels | tests-models | kernels | sweep | decode-tiles | pipeline | prefetch | steps | pdl | throughput | lognormal | thousand | memory. Results go
 # to $OUT (the device tool's folder that comes back) or /tmp/out, logs as they are written (a call cut off at its
 # limit still brings them back); record them in docs/benchmarks.md and docs/kernels.md with the command.
 # Together the two test steps ran past one 8-minute call on a fresh H200 (most of it Triton and inductor
@@ -13,7 +13,7 @@ mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader || true
 tp="python3 -P -m hf_paged.bench.throughput --model llama2-7b"
 pytest="python3 -P -m pytest -m cuda -q -rs -p no:cacheprovider --durations=10"
-case "${1:?STEP: tests-kernels | tests-models | kernels | sweep | decode-tiles | gather | prefetch | steps | pdl | throughput | lognormal | thousand | memory}" in
+case "${1:?STEP: tests-kernels | tests-models | kernels | sweep | decode-tiles | pipeline | prefetch | steps | pdl | throughput | lognormal | thousand | memory}" in
   tests-kernels) $pytest tests/kernels 2>&1 | tee "$out/tests_kernels.log" ;;
   tests-models) $pytest tests/hf/test_cuda.py tests/engine tests/integrations 2>&1 | tee "$out/tests_models.log" ;;
   kernels) python3 -P -m hf_paged.bench.kernels --out "$out/kernels.json" ;;
@@ -25,15 +25,15 @@ case "${1:?STEP: tests-kernels | tests-models | kernels | sweep | decode-tiles |
           --block-size $bs --prefill 1x256 --step-batches "" --out "$out/decode_tiles_bs$bs.json" \
           2>&1 | tee "$out/decode_tiles_bs$bs.log"
       done ;;
-  gather) # K/V gathered through the block table a tile ahead (kernels/attention_tile.py) against the old in-loop
-      # gather, each side its own process: attention rows (decode, prefill, prefix, mixed), then decode steps
+  pipeline) # K/V loops pipelined through the block table (kernels/attention_tile.py KV_PIPELINE) against the old
+      # schedule, each side its own process: attention rows (decode, prefill, prefix, mixed), then decode steps
       for on in 0 1; do
-        HF_PAGED_GATHER_AHEAD=$on python3 -P -m hf_paged.bench.kernels --only attention --heads 32/8,32/32 \
-          --contexts 1024 4096 --step-batches 1,16 --out "$out/gather$on.json" 2>&1 | tee "$out/gather$on.log"
+        HF_PAGED_KV_PIPELINE=$on python3 -P -m hf_paged.bench.kernels --only attention --heads 32/8,32/32 \
+          --contexts 1024 4096 --step-batches 1,16 --out "$out/pipeline$on.json" 2>&1 | tee "$out/pipeline$on.log"
       done
       for on in 0 1; do
-        HF_PAGED_GATHER_AHEAD=$on python3 -P -m hf_paged.bench.steps --model llama2-7b --batch 1,16,128 \
-          --context 512 --out "$out/steps_gather$on.json" 2>&1 | tee "$out/steps_gather$on.log"
+        HF_PAGED_KV_PIPELINE=$on python3 -P -m hf_paged.bench.steps --model llama2-7b --batch 1,16,128 \
+          --context 512 --out "$out/steps_pipeline$on.json" 2>&1 | tee "$out/steps_pipeline$on.log"
       done ;;
   prefetch) # o_proj pulled into L2 during the decode attention of <= 4 sequences (kernels/prefetch.py), both ways
       $pytest tests/kernels/test_paged_attention.py -k prefetch 2>&1 | tee "$out/prefetch_tests.log"

@@ -20,9 +20,10 @@ import triton.language as tl
 
 # Whether the @triton.jit below ran under TRITON_INTERPRET=1 (read, as triton does, when they are decorated).
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-# HF_PAGED_GATHER_AHEAD=0: gather a tile's block-table rows in its own iteration, as before 2026-12-01 (the A/B
-# switch for the device's timings; see the module docstring). Read at import, a compile-time constant.
-GATHER_AHEAD = tl.constexpr(os.environ.get("HF_PAGED_GATHER_AHEAD", "1") != "0")
+# HF_PAGED_KV_PIPELINE=0: the K/V loops as before 2026-12-01 (each tile's block-table rows gathered in its own
+# iteration; the decode kernel's range in two loops), the A/B switch for the device's timings (module docstring,
+# paged_decode.py). Read at import, a compile-time constant.
+KV_PIPELINE = tl.constexpr(os.environ.get("HF_PAGED_KV_PIPELINE", "1") != "0")
 
 
 # NOTE: the kernels call only triton builtins and these @triton.jit helpers, never triton's own jit'd library
@@ -142,7 +143,7 @@ def attend_step(
 ):
     """One tile of `attend_loop`; KV_MODE 0 also gathers the next tile's rows (returned, carried to the next step)."""
     if KV_MODE == 0:
-        if GATHER_AHEAD:
+        if KV_PIPELINE:
             following = tile_rows(block_table, n0 + BLOCK_N, end, stride_kb, stride_kt, head_off, BLOCK_SIZE,
                                   BLOCK_N)
             tile = rows

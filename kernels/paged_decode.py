@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from hf_paged.kernels.attention_tile import attend, attend_key, row_max, row_sum
+from hf_paged.kernels.attention_tile import KV_PIPELINE, attend, attend_key, attend_loop, row_max, row_sum
 from hf_paged.kernels.prefetch import prefetch_l2
 from hf_paged.kernels.tuning import DecodeConfig
 
@@ -104,12 +104,9 @@ def _decode_kernel(
     cached_end = seq_len  # keys read through the block table: all, or all but the step's own (NEW_KV)
     if NEW_KV:
         cached_end = seq_len - 1
-    # NOTE: the only query sits at seq_len - 1, so every key in [lo, seq_len) is visible: only the last partial
-    # tile of each split needs a (bounds) mask.
     tiles_per_split = ((cached_end - lo + BLOCK_N - 1) // BLOCK_N + NUM_SPLITS - 1) // NUM_SPLITS
     start = lo + split * tiles_per_split * BLOCK_N
     end = tl.minimum(start + tiles_per_split * BLOCK_N, cached_end)
-    full_end = start + tl.maximum(end - start, 0) // BLOCK_N * BLOCK_N
 
     heads = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, HEAD_PAD)
@@ -119,10 +116,23 @@ def _decode_kernel(
     q = tl.load(query + q_start * stride_qt + q_heads[:, None] * stride_qh + offs_d[None, :],
                 mask=h_mask[:, None] & d_mask[None, :], other=0.0)  # (BLOCK_H, HEAD_PAD)
     q_pos = tl.full([BLOCK_H], 0, dtype=tl.int32) + seq_len - 1
-    acc, m_i, l_i = attend(q, q_pos, k_cache, v_cache, block_tables + seq.to(tl.int64) * stride_bt, stride_kb,
-                            stride_kt, kv_head * stride_kh, start, full_end, end, qk_scale, softcap_scale, window,
-                            offs_d, d_mask, BLOCK_H, BLOCK_SIZE, BLOCK_N, HEAD_PAD, HEAD_DIM, SLIDING, SOFTCAP,
-                            DOT_PRECISION, INTERPRET)
+    table = block_tables + seq.to(tl.int64) * stride_bt
+    if KV_PIPELINE:
+        # NOTE: one loop over the split's whole range, every tile bounds-masked (the only query sits at seq_len - 1,
+        # so every key in range is visible): a memory-bound loop pays nothing for the masks, where in two loops
+        # (whole tiles, then the partial last one) the pipeline drains before the last tile's copies are issued.
+        acc = tl.full([BLOCK_H, HEAD_PAD], 0.0, dtype=tl.float32)
+        m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+        l_i = tl.full([BLOCK_H], 0.0, dtype=tl.float32)
+        acc, m_i, l_i = attend_loop(acc, m_i, l_i, q, q_pos, k_cache, v_cache, table, stride_kb, stride_kt,
+                                    kv_head * stride_kh, start, end, qk_scale, softcap_scale, window, offs_d, d_mask,
+                                    BLOCK_SIZE, BLOCK_N, HEAD_PAD, HEAD_DIM, True, SLIDING, SOFTCAP, DOT_PRECISION,
+                                    INTERPRET, 0)
+    else:
+        full_end = start + tl.maximum(end - start, 0) // BLOCK_N * BLOCK_N  # whole tiles, unmasked
+        acc, m_i, l_i = attend(q, q_pos, k_cache, v_cache, table, stride_kb, stride_kt, kv_head * stride_kh, start,
+                                full_end, end, qk_scale, softcap_scale, window, offs_d, d_mask, BLOCK_H, BLOCK_SIZE,
+                                BLOCK_N, HEAD_PAD, HEAD_DIM, SLIDING, SOFTCAP, DOT_PRECISION, INTERPRET)
     if NEW_KV:
         if split == NUM_SPLITS - 1:  # the step's own token, from the packed K/V (and into its slot)
             src = q_start.to(tl.int64) * stride_nt + kv_head * stride_nh + offs_d  # (HEAD_PAD,)
