@@ -1,7 +1,8 @@
 """The tile step the paged-attention kernels share: online softmax over K/V read through a block table.
 
-`attend` runs the query rows of one tile over a KV range ([start, full_end) unmasked, then a masked stretch);
-`attend_loop` runs one stretch; `attend_tile` one BLOCK_N-key step; `attend_key` one single key.
+`attend` runs the query rows of one tile over a KV range (whole tiles every row sees in full, then a masked
+stretch; `attend_range` for a running softmax); `attend_loop` runs one loop over it; `attend_tile` one BLOCK_N-key
+step; `attend_key` one single key.
 
 Software pipelining through a block table: triton's pipeliner copies K/V tiles into shared memory (`cp.async`)
 num_stages - 1 tiles ahead of the tile being computed, but only when their addresses do not hang on another load
@@ -9,7 +10,9 @@ of the same iteration. Read in the loop, the block-table entries made each K/V c
 pipeliner then issued a tile's K/V only just before waiting for them (every copy group at wait 0, offline sm_90
 TTGIR), so no copy of a program overlapped its tensor-core work. `attend_loop` therefore gathers each tile's rows
 (`tile_rows`) one iteration ahead and carries them: the copies see a loop-carried address, like a plain strided
-loop's, and stay num_stages - 1 tiles ahead (wait 2 at 3 stages).
+loop's, and stay num_stages - 1 tiles ahead (wait 2 at 3 stages). And a range runs as one loop that masks only the
+tiles from `mask_from` on (a uniform branch, MASKED=2): as two loops, unmasked then masked, the pipeline drained
+between them, and the masked tile's copies were issued only after the last unmasked tile was done.
 kernels/paged_decode.py and kernels/paged_prefill.py build the decode and prefill kernels from them.
 """
 
@@ -21,7 +24,7 @@ import triton.language as tl
 # Whether the @triton.jit below ran under TRITON_INTERPRET=1 (read, as triton does, when they are decorated).
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 # HF_PAGED_KV_PIPELINE=0: the K/V loops as before 2026-12-01 (each tile's block-table rows gathered in its own
-# iteration; the decode kernel's range in two loops), the A/B switch for the device's timings (module docstring,
+# iteration; a range in two loops, unmasked then masked), the A/B switch for the device's timings (module docstring,
 # paged_decode.py). Read at import, a compile-time constant.
 KV_PIPELINE = tl.constexpr(os.environ.get("HF_PAGED_KV_PIPELINE", "1") != "0")
 
@@ -62,7 +65,7 @@ def attend_tile(
     q_pos,  # (BLOCK_M,) absolute query positions, -1 on padding rows (read only when MASKED)
     k_cache, v_cache, block_table,  # KV_MODE 0: the tile's (BLOCK_N,) row offsets (`tile_rows`); else unused
     stride_kb, stride_kt, head_off,  # KV_MODE 1: (row shift, row stride, head offset); 2: (row shift, -, head)
-    n0, end,  # this tile's first KV token; the range's end
+    n0, end, mask_from,  # this tile's first KV token; the range's end; MASKED=2: mask tiles reaching past it
     qk_scale, softcap_scale, window,
     offs_d, d_mask,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -74,8 +77,9 @@ def attend_tile(
     keys), by pointer (1) or through TMA tensor descriptors (2: whole tiles; rows past `end` belong to other
     tokens, masked out of the scores, and rows past the tensor read as zeros).
 
-    MASKED=False promises that every key of the tile exists and is visible to every real row: no bounds, causal
-    or window masks then.
+    MASKED=0 promises that every key of the tile exists and is visible to every real row: no bounds, causal or
+    window masks then. MASKED=1 masks the tile; 2 masks it only if it reaches past `mask_from` (the keys before
+    it are whole tiles every row sees), bounds-masking the loads of every tile.
     """
     offs_n = n0 + tl.arange(0, BLOCK_N)  # (BLOCK_N,) token positions
     if MASKED:
@@ -98,11 +102,11 @@ def attend_tile(
     s = dot(q, tl.trans(k), None, DOT_PRECISION, INTERPRET)  # (BLOCK_M, BLOCK_N) raw scores
     if SOFTCAP:
         s = tanh(s * softcap_scale)  # the cap itself is folded into qk_scale
-    if MASKED:
-        visible = (offs_n[None, :] <= q_pos[:, None]) & in_range[None, :]
-        if SLIDING:
-            visible = visible & ((q_pos[:, None] - offs_n[None, :]) < window)
-        s = tl.where(visible, s, float("-inf"))
+    if MASKED == 1:
+        s = mask_scores(s, offs_n, in_range, q_pos, window, SLIDING)
+    elif MASKED == 2:
+        if n0 + BLOCK_N > mask_from:
+            s = mask_scores(s, offs_n, in_range, q_pos, window, SLIDING)
     # Scores in log2 units are s * qk_scale; the scaling folds into one FMA with the max subtraction.
     m_new = tl.maximum(m_i, row_max(s, 1) * qk_scale)
     if MASKED:
@@ -125,6 +129,15 @@ def attend_tile(
 
 
 @triton.jit
+def mask_scores(s, offs_n, in_range, q_pos, window, SLIDING: tl.constexpr):
+    """-inf for the keys a row may not see: past the range, after the row's position, or out of its window."""
+    visible = (offs_n[None, :] <= q_pos[:, None]) & in_range[None, :]
+    if SLIDING:
+        visible = visible & ((q_pos[:, None] - offs_n[None, :]) < window)
+    return tl.where(visible, s, float("-inf"))
+
+
+@triton.jit
 def tile_rows(block_table, n0, end, stride_kb, stride_kt, head_off, BLOCK_SIZE: tl.constexpr,
               BLOCK_N: tl.constexpr):
     """The pool offsets of the KV tokens [n0, n0 + BLOCK_N) (those before `end`; block 0 for the rest, never read)."""
@@ -136,7 +149,7 @@ def tile_rows(block_table, n0, end, stride_kb, stride_kt, head_off, BLOCK_SIZE: 
 @triton.jit
 def attend_step(
     acc, m_i, l_i, rows, q, q_pos, k_cache, v_cache, block_table, stride_kb, stride_kt, head_off, n0, end,
-    qk_scale, softcap_scale, window, offs_d, d_mask,
+    mask_from, qk_scale, softcap_scale, window, offs_d, d_mask,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     MASKED: tl.constexpr, SLIDING: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
     INTERPRET: tl.constexpr, KV_MODE: tl.constexpr,
@@ -154,8 +167,8 @@ def attend_step(
         following = rows
         tile = block_table
     acc, m_i, l_i = attend_tile(acc, m_i, l_i, q, q_pos, k_cache, v_cache, tile, stride_kb, stride_kt, head_off, n0,
-                                end, qk_scale, softcap_scale, window, offs_d, d_mask, BLOCK_SIZE, BLOCK_N, HEAD_PAD,
-                                HEAD_DIM, MASKED, SLIDING, SOFTCAP, DOT_PRECISION, INTERPRET, KV_MODE)
+                                end, mask_from, qk_scale, softcap_scale, window, offs_d, d_mask, BLOCK_SIZE, BLOCK_N,
+                                HEAD_PAD, HEAD_DIM, MASKED, SLIDING, SOFTCAP, DOT_PRECISION, INTERPRET, KV_MODE)
     return acc, m_i, l_i, following
 
 
@@ -163,6 +176,7 @@ def attend_step(
 def attend_loop(
     acc, m_i, l_i, q, q_pos, k_cache, v_cache, block_table, stride_kb, stride_kt, head_off,
     start, end,  # KV token range [start, end); a whole number of tiles unless MASKED
+    mask_from,  # MASKED=2: the tiles reaching past it are masked
     qk_scale, softcap_scale, window, offs_d, d_mask,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     MASKED: tl.constexpr, SLIDING: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -180,16 +194,44 @@ def attend_loop(
         n0 = start
         while n0 < end:
             acc, m_i, l_i, rows = attend_step(acc, m_i, l_i, rows, q, q_pos, k_cache, v_cache, block_table,
-                                              stride_kb, stride_kt, head_off, n0, end, qk_scale, softcap_scale,
+                                              stride_kb, stride_kt, head_off, n0, end, mask_from, qk_scale, softcap_scale,
                                               window, offs_d, d_mask, BLOCK_SIZE, BLOCK_N, HEAD_PAD, HEAD_DIM,
                                               MASKED, SLIDING, SOFTCAP, DOT_PRECISION, INTERPRET, KV_MODE)
             n0 += BLOCK_N
     else:
         for n0 in range(start, end, BLOCK_N):
             acc, m_i, l_i, rows = attend_step(acc, m_i, l_i, rows, q, q_pos, k_cache, v_cache, block_table,
-                                              stride_kb, stride_kt, head_off, n0, end, qk_scale, softcap_scale,
+                                              stride_kb, stride_kt, head_off, n0, end, mask_from, qk_scale, softcap_scale,
                                               window, offs_d, d_mask, BLOCK_SIZE, BLOCK_N, HEAD_PAD, HEAD_DIM,
                                               MASKED, SLIDING, SOFTCAP, DOT_PRECISION, INTERPRET, KV_MODE)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def attend_range(
+    acc, m_i, l_i, q, q_pos, k_cache, v_cache, block_table, stride_kb, stride_kt, head_off,
+    start, full_end, end,  # [start, full_end): whole tiles every row sees in full; [full_end, end): masked
+    qk_scale, softcap_scale, window, offs_d, d_mask,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+    SLIDING: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    KV_MODE: tl.constexpr,
+):
+    """The running softmax (acc, max, sum) carried over the KV tokens [start, end): one loop masking the tiles from
+    full_end on (KV_PIPELINE), else an unmasked loop and a masked one."""
+    if KV_PIPELINE:
+        acc, m_i, l_i = attend_loop(acc, m_i, l_i, q, q_pos, k_cache, v_cache, block_table, stride_kb, stride_kt,
+                                    head_off, start, end, full_end, qk_scale, softcap_scale, window, offs_d, d_mask,
+                                    BLOCK_SIZE, BLOCK_N, HEAD_PAD, HEAD_DIM, 2, SLIDING, SOFTCAP, DOT_PRECISION,
+                                    INTERPRET, KV_MODE)
+    else:
+        acc, m_i, l_i = attend_loop(acc, m_i, l_i, q, q_pos, k_cache, v_cache, block_table, stride_kb, stride_kt,
+                                    head_off, start, full_end, full_end, qk_scale, softcap_scale, window, offs_d,
+                                    d_mask, BLOCK_SIZE, BLOCK_N, HEAD_PAD, HEAD_DIM, 0, SLIDING, SOFTCAP,
+                                    DOT_PRECISION, INTERPRET, KV_MODE)
+        acc, m_i, l_i = attend_loop(acc, m_i, l_i, q, q_pos, k_cache, v_cache, block_table, stride_kb, stride_kt,
+                                    head_off, full_end, end, full_end, qk_scale, softcap_scale, window, offs_d,
+                                    d_mask, BLOCK_SIZE, BLOCK_N, HEAD_PAD, HEAD_DIM, 1, SLIDING, SOFTCAP,
+                                    DOT_PRECISION, INTERPRET, KV_MODE)
     return acc, m_i, l_i
 
 
@@ -202,18 +244,14 @@ def attend(
     HEAD_DIM: tl.constexpr, SLIDING: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
-    """Unnormalised attention of the ROWS query rows over the KV tokens [start, end). Returns (acc, max, sum)."""
+    """Unnormalised attention of the ROWS query rows over the KV tokens [start, end) through the block table.
+    Returns (acc, max, sum)."""
     acc = tl.full([ROWS, HEAD_PAD], 0.0, dtype=tl.float32)
     m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
     l_i = tl.full([ROWS], 0.0, dtype=tl.float32)
-    acc, m_i, l_i = attend_loop(acc, m_i, l_i, q, q_pos, k_cache, v_cache, block_table, stride_kb, stride_kt,
-                                 head_off, start, full_end, qk_scale, softcap_scale, window, offs_d, d_mask,
-                                 BLOCK_SIZE, BLOCK_N, HEAD_PAD, HEAD_DIM, False, SLIDING, SOFTCAP, DOT_PRECISION,
-                                 INTERPRET, 0)
-    return attend_loop(acc, m_i, l_i, q, q_pos, k_cache, v_cache, block_table, stride_kb, stride_kt, head_off,
-                        full_end, end, qk_scale, softcap_scale, window, offs_d, d_mask,
-                        BLOCK_SIZE, BLOCK_N, HEAD_PAD, HEAD_DIM, True, SLIDING, SOFTCAP, DOT_PRECISION, INTERPRET,
-                        0)
+    return attend_range(acc, m_i, l_i, q, q_pos, k_cache, v_cache, block_table, stride_kb, stride_kt, head_off,
+                        start, full_end, end, qk_scale, softcap_scale, window, offs_d, d_mask, BLOCK_SIZE, BLOCK_N,
+                        HEAD_PAD, HEAD_DIM, SLIDING, SOFTCAP, DOT_PRECISION, INTERPRET, 0)
 
 
 @triton.jit

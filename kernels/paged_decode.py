@@ -125,9 +125,9 @@ def _decode_kernel(
         m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
         l_i = tl.full([BLOCK_H], 0.0, dtype=tl.float32)
         acc, m_i, l_i = attend_loop(acc, m_i, l_i, q, q_pos, k_cache, v_cache, table, stride_kb, stride_kt,
-                                    kv_head * stride_kh, start, end, qk_scale, softcap_scale, window, offs_d, d_mask,
-                                    BLOCK_SIZE, BLOCK_N, HEAD_PAD, HEAD_DIM, True, SLIDING, SOFTCAP, DOT_PRECISION,
-                                    INTERPRET, 0)
+                                    kv_head * stride_kh, start, end, start, qk_scale, softcap_scale, window, offs_d,
+                                    d_mask, BLOCK_SIZE, BLOCK_N, HEAD_PAD, HEAD_DIM, 1, SLIDING, SOFTCAP,
+                                    DOT_PRECISION, INTERPRET, 0)
     else:
         full_end = start + tl.maximum(end - start, 0) // BLOCK_N * BLOCK_N  # whole tiles, unmasked
         acc, m_i, l_i = attend(q, q_pos, k_cache, v_cache, table, stride_kb, stride_kt, kv_head * stride_kh, start,

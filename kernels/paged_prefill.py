@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from hf_paged.kernels.attention_tile import attend, attend_loop
+from hf_paged.kernels.attention_tile import attend, attend_range
 from hf_paged.kernels.tuning import PrefillConfig
 
 
@@ -115,14 +115,10 @@ def _prefill_kernel(
         # NOTE: without PREFIX the block-table loops are not even compiled (offline, with the launch's alignment
         # hints, the 64 x 64 TMA tile then holds 146-151 registers instead of 198).
         if PREFIX:
-            acc, m_i, l_i = attend_loop(acc, m_i, l_i, q, q_pos, k_cache, v_cache, table, stride_kb, stride_kt,
-                                         kv_head * stride_kh, lo, cached_full, qk_scale, softcap_scale, window,
-                                         offs_d, d_mask, BLOCK_SIZE, BLOCK_N, HEAD_PAD, HEAD_DIM, False, SLIDING,
-                                         SOFTCAP, DOT_PRECISION, INTERPRET, 0)
-            acc, m_i, l_i = attend_loop(acc, m_i, l_i, q, q_pos, k_cache, v_cache, table, stride_kb, stride_kt,
-                                         kv_head * stride_kh, cached_full, cached_end, qk_scale, softcap_scale,
-                                         window, offs_d, d_mask, BLOCK_SIZE, BLOCK_N, HEAD_PAD, HEAD_DIM, True,
-                                         SLIDING, SOFTCAP, DOT_PRECISION, INTERPRET, 0)
+            acc, m_i, l_i = attend_range(acc, m_i, l_i, q, q_pos, k_cache, v_cache, table, stride_kb, stride_kt,
+                                          kv_head * stride_kh, lo, cached_full, cached_end, qk_scale, softcap_scale,
+                                          window, offs_d, d_mask, BLOCK_SIZE, BLOCK_N, HEAD_PAD, HEAD_DIM, SLIDING,
+                                          SOFTCAP, DOT_PRECISION, INTERPRET, 0)
         new_start = tl.maximum(lo, ctx_start)
         new_full = new_start + tl.maximum(first + 1 - new_start, 0) // BLOCK_N * BLOCK_N  # below the diagonal
         if SLIDING:
@@ -131,14 +127,10 @@ def _prefill_kernel(
         new_head = kv_head * stride_nh
         if NEW_KV == 2:
             new_head = kv_head
-        acc, m_i, l_i = attend_loop(acc, m_i, l_i, q, q_pos, new_k, new_v, table, shift, stride_nt,
-                                     new_head, new_start, new_full, qk_scale, softcap_scale, window,
-                                     offs_d, d_mask, BLOCK_SIZE, BLOCK_N, HEAD_PAD, HEAD_DIM, False, SLIDING, SOFTCAP,
-                                     DOT_PRECISION, INTERPRET, NEW_KV)
-        acc, m_i, l_i = attend_loop(acc, m_i, l_i, q, q_pos, new_k, new_v, table, shift, stride_nt,
-                                     new_head, new_full, end, qk_scale, softcap_scale, window,
-                                     offs_d, d_mask, BLOCK_SIZE, BLOCK_N, HEAD_PAD, HEAD_DIM, True, SLIDING, SOFTCAP,
-                                     DOT_PRECISION, INTERPRET, NEW_KV)
+        acc, m_i, l_i = attend_range(acc, m_i, l_i, q, q_pos, new_k, new_v, table, shift, stride_nt, new_head,
+                                      new_start, new_full, end, qk_scale, softcap_scale, window, offs_d, d_mask,
+                                      BLOCK_SIZE, BLOCK_N, HEAD_PAD, HEAD_DIM, SLIDING, SOFTCAP, DOT_PRECISION,
+                                      INTERPRET, NEW_KV)
     else:
         acc, m_i, l_i = attend(q, q_pos, k_cache, v_cache, table, stride_kb, stride_kt, kv_head * stride_kh, lo,
                                 full_end, end, qk_scale, softcap_scale, window, offs_d, d_mask, BLOCK_M, BLOCK_SIZE,

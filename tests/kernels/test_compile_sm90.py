@@ -45,10 +45,11 @@ def test_kernels_compile_for_hopper():
     assert not report["decode_splits4"]["atomics"], report["decode_splits4"]
     # software pipelining: K/V read by pointer (through the block tables, or the step's own rows without TMA) are
     # async copies into shared memory, several tiles in flight; fresh prompts with TMA read no K/V by pointer
-    # and stay num_stages - 1 tiles ahead of the tile being computed (3 stages: 2), block tables included
+    # and stay num_stages - 1 tiles ahead of the tile being computed (3 stages: 2 tiles, K and V apart: 2-3 copy
+    # groups still in flight at a wait), block tables included
     for name, kernel in report.items():
         if name.startswith("decode") or (name.startswith("prefill") and not name.endswith("_fresh")):
-            assert kernel["async_copies"] and kernel["copies_ahead"] == 2, (name, kernel)
+            assert kernel["async_copies"] and kernel["copies_ahead"] >= 2, (name, kernel)
     # the engine's paths hold their tiles in registers (ptxas -v, where triton bundles it)
     for name, kernel in report.items():
         if "spill_bytes" in kernel and (name.startswith("decode") or "_own_kv" in name):
