@@ -88,9 +88,6 @@ def _decode_kernel(
 ):
     if PREFETCH:  # a weight no kernel of this step writes: before the wait for the kernel ahead
         prefetch_l2(prefetch, prefetch_bytes, LANES)
-    if PDL:  # launched early (programmatic dependent launch): wait for the kernel before, then let the next start
-        gdc_wait()
-        gdc_launch_dependents()
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -98,6 +95,11 @@ def _decode_kernel(
     if tl.load(cu_seqlens_q + seq + 1) == q_start:
         return
     seq_len = tl.load(seq_lens + seq)
+    # PDL (programmatic dependent launch): launched early, wait for the kernel before, then let the next start. The
+    # step's metadata above was written before the forward, never by the kernel just before: read while it runs.
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     lo = 0
     if SLIDING:
         lo = tl.maximum(seq_len - window, 0)

@@ -51,9 +51,6 @@ def _prefill_kernel(
     PREFIX: tl.constexpr,  # with NEW_KV: False promises no sequence has keys before its new tokens (fresh prompts)
     PDL: tl.constexpr,  # launched early (programmatic dependent launch): wait for the kernel before first
 ):
-    if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
     # The query tiles of all sequences back to back: sequence s owns the programs from cu_seqlens_q[s] // BLOCK_Q + s
     # to the next sequence's first (at least its ceil(q_len / BLOCK_Q) tiles; a spare one returns at once). So a
     # mixed batch of long prefills and many decodes launches ~T / BLOCK_Q + S programs, not max_q / BLOCK_Q x S.
@@ -67,6 +64,11 @@ def _prefill_kernel(
     if tile * BLOCK_Q >= q_len:
         return
     seq_len = tl.load(seq_lens + seq)
+    # PDL: launched early, wait for the kernel before (it wrote the queries and K/V), then let the next start; the
+    # step's metadata above was written before the forward, never by the kernel just before: read while it runs.
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     ctx_start = seq_len - q_len  # position of the sequence's first query token
     offs_d = tl.arange(0, HEAD_PAD)
     d_mask = offs_d < HEAD_DIM

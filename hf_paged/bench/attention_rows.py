@@ -190,7 +190,7 @@ def causal_flops(q_lens, seq_lens, num_q_heads, head_dim) -> int:
 def decode_configs():
     from hf_paged.kernels.tuning import DecodeConfig
 
-    tiles = [(32, 4, 3), (64, 4, 2), (64, 4, 3), (64, 4, 4), (64, 8, 3), (128, 4, 2), (128, 8, 3)]
+    tiles = [(32, 4, 3), (32, 4, 4), (64, 4, 2), (64, 4, 3), (64, 4, 4), (64, 8, 3), (128, 4, 2), (128, 8, 3)]
     return [DecodeConfig(n, s, w, st) for s in (1, 2, 4) for n, w, st in tiles]
 
 def prefill_configs():
