@@ -49,7 +49,7 @@ def _prefill_kernel(
     SLIDING: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
     NEW_KV: tl.constexpr, WRITE: tl.constexpr, WRITE_Q: tl.constexpr,  # WRITE_Q: tokens stored at a time
     PREFIX: tl.constexpr,  # with NEW_KV: False promises no sequence has keys before its new tokens (fresh prompts)
-    PDL: tl.constexpr,  # launched early (programmatic dependent launch): wait for the kernel before first
+    PDL: tl.constexpr,  # launched early (programmatic dependent launch): wait for the kernel before, see below
 ):
     # The query tiles of all sequences back to back: sequence s owns the programs from cu_seqlens_q[s] // BLOCK_Q + s
     # to the next sequence's first (at least its ceil(q_len / BLOCK_Q) tiles; a spare one returns at once). So a
