@@ -194,16 +194,16 @@ def attend_loop(
         n0 = start
         while n0 < end:
             acc, m_i, l_i, rows = attend_step(acc, m_i, l_i, rows, q, q_pos, k_cache, v_cache, block_table,
-                                              stride_kb, stride_kt, head_off, n0, end, mask_from, qk_scale, softcap_scale,
-                                              window, offs_d, d_mask, BLOCK_SIZE, BLOCK_N, HEAD_PAD, HEAD_DIM,
-                                              MASKED, SLIDING, SOFTCAP, DOT_PRECISION, INTERPRET, KV_MODE)
+                                              stride_kb, stride_kt, head_off, n0, end, mask_from, qk_scale,
+                                              softcap_scale, window, offs_d, d_mask, BLOCK_SIZE, BLOCK_N, HEAD_PAD,
+                                              HEAD_DIM, MASKED, SLIDING, SOFTCAP, DOT_PRECISION, INTERPRET, KV_MODE)
             n0 += BLOCK_N
     else:
         for n0 in range(start, end, BLOCK_N):
             acc, m_i, l_i, rows = attend_step(acc, m_i, l_i, rows, q, q_pos, k_cache, v_cache, block_table,
-                                              stride_kb, stride_kt, head_off, n0, end, mask_from, qk_scale, softcap_scale,
-                                              window, offs_d, d_mask, BLOCK_SIZE, BLOCK_N, HEAD_PAD, HEAD_DIM,
-                                              MASKED, SLIDING, SOFTCAP, DOT_PRECISION, INTERPRET, KV_MODE)
+                                              stride_kb, stride_kt, head_off, n0, end, mask_from, qk_scale,
+                                              softcap_scale, window, offs_d, d_mask, BLOCK_SIZE, BLOCK_N, HEAD_PAD,
+                                              HEAD_DIM, MASKED, SLIDING, SOFTCAP, DOT_PRECISION, INTERPRET, KV_MODE)
     return acc, m_i, l_i
 
 

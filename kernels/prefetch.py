@@ -4,13 +4,15 @@ A decode step of a few sequences is latency-bound in its attention (a few us a l
 and then reads the layer's o_proj weight (32 MiB for a 7B model) at well under the copy bandwidth. With the
 switch on, every program of the decode kernel first hands the TMA unit a slice of that weight to pull into L2
 (`cp.async.bulk.prefetch.L2`, Hopper and newer: no registers, no wait; marked evict_last, so the attention's own
-K/V lines leave L2 first), so the weight streams while the attention runs and the matmul after it reads L2. Only for batches of at most `PREFETCH_MAX_SEQS` sequences: a larger batch's
-K/V would evict the lines and its attention is bandwidth-bound already. Results do not depend on it (a prefetch
+K/V lines leave L2 first), so the weight streams while the attention runs and the matmul after it reads L2. Only
+for batches of at most `PREFETCH_MAX_SEQS` sequences: a larger batch's K/V would evict the lines, and its
+attention is bandwidth-bound already. Results do not depend on it (a prefetch
 moves no data that any kernel reads).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -27,13 +29,19 @@ def prefetch_enabled(device: torch.device) -> bool:
     return os.environ.get("HF_PAGED_PREFETCH") == "1" and device.type == "cuda" and hopper_or_newer(device)
 
 
+@functools.cache
+def l2_bytes(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).L2_cache_size
+
+
 def prefetch_target(weight: torch.Tensor | None, num_seqs: int) -> torch.Tensor | None:
     """`weight` where the decode kernel can prefetch it for this batch (16-byte aligned, a multiple of 16 bytes,
-    contiguous, on a Hopper+ GPU, few sequences, the switch on), else None."""
+    contiguous, at most 3/4 of L2 (a 70B model's 128 MiB o_proj would only thrash it), on a Hopper+ GPU, few
+    sequences, the switch on), else None."""
     if weight is None or num_seqs > PREFETCH_MAX_SEQS or not prefetch_enabled(weight.device):
         return None
     nbytes = weight.numel() * weight.element_size()
-    if not weight.is_contiguous() or weight.data_ptr() % 16 or nbytes % 16 or nbytes >= 2**31:
+    if not weight.is_contiguous() or weight.data_ptr() % 16 or nbytes % 16 or 4 * nbytes > 3 * l2_bytes(weight.device):
         return None
     return weight
 

@@ -9,9 +9,10 @@ from hf_paged.kernels.prefetch import PREFETCH_MAX_SEQS, prefetch_target
 
 @pytest.fixture
 def hopper(monkeypatch):
-    """A CPU tensor stands in for a GPU one: the device check says yes, as an H100's would."""
+    """A CPU tensor stands in for a GPU one: the device check says yes, as an H100's would, with its 50 MB L2."""
     monkeypatch.setenv("HF_PAGED_PREFETCH", "1")
     monkeypatch.setattr(prefetch, "prefetch_enabled", lambda device: True)
+    monkeypatch.setattr(prefetch, "l2_bytes", lambda device: 50 * 2**20)
 
 
 def test_off_without_the_switch(monkeypatch):
@@ -39,6 +40,13 @@ def test_only_what_one_bulk_prefetch_can_name(hopper):
     assert prefetch_target(base[:, :64], 1) is None  # not contiguous
     assert prefetch_target(torch.zeros(7, dtype=torch.bfloat16), 1) is None  # 14 bytes: not a multiple of 16
     assert prefetch_target(torch.zeros(72, dtype=torch.bfloat16)[1:65], 1) is None  # not 16-byte aligned
+
+
+def test_only_what_fits_l2(hopper):
+    o_proj_7b = torch.empty(4096, 4096, dtype=torch.bfloat16)  # 32 MiB of a 50 MiB L2
+    assert prefetch_target(o_proj_7b, 1) is o_proj_7b
+    o_proj_70b = torch.empty(8192, 8192, dtype=torch.bfloat16)  # 128 MiB: would only thrash it
+    assert prefetch_target(o_proj_70b, 1) is None
 
 
 def test_the_engine_offers_o_proj():
