@@ -12,6 +12,7 @@ out=${OUT:-/tmp/out}
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader || true
 tp="python3 -P -m hf_paged.bench.throughput --model llama2-7b"
+diff="python3 -P -m hf_paged.bench.diff"  # A/B tables (bench diff) of the switch steps
 pytest="python3 -P -m pytest -m cuda -q -rs -p no:cacheprovider --durations=10"
 case "${1:?STEP: tests-kernels | tests-models | kernels | sweep | decode-tiles | pipeline | prefetch | steps | pdl | throughput | lognormal | thousand | memory}" in
   tests-kernels) $pytest tests/kernels 2>&1 | tee "$out/tests_kernels.log" ;;
@@ -34,13 +35,15 @@ case "${1:?STEP: tests-kernels | tests-models | kernels | sweep | decode-tiles |
       for on in 0 1; do
         HF_PAGED_KV_PIPELINE=$on python3 -P -m hf_paged.bench.steps --model llama2-7b --batch 1,16,128 \
           --context 512 --out "$out/steps_pipeline$on.json" 2>&1 | tee "$out/steps_pipeline$on.log"
-      done ;;
+      done
+      for f in pipeline steps_pipeline; do $diff "$out/${f}0.json" "$out/${f}1.json" | tee "$out/${f}_diff.md"; done ;;
   prefetch) # o_proj pulled into L2 during the decode attention of <= 4 sequences (kernels/prefetch.py), both ways
       $pytest tests/kernels/test_paged_attention.py -k prefetch 2>&1 | tee "$out/prefetch_tests.log"
       for on in 0 1; do
         HF_PAGED_PREFETCH=$on python3 -P -m hf_paged.bench.steps --model llama2-7b --batch 1,4,16 \
           --context 512 --out "$out/steps_prefetch$on.json" 2>&1 | tee "$out/steps_prefetch$on.log"
       done
+      $diff "$out/steps_prefetch0.json" "$out/steps_prefetch1.json" | tee "$out/steps_prefetch_diff.md"
       HF_PAGED_PREFETCH=1 $tp --workload sharegpt --num-requests 128 --systems d \
         --out "$out/tp_prefetch.json" 2>&1 | tee "$out/tp_prefetch.log" ;;
   steps) python3 -P -m hf_paged.bench.steps --model llama2-7b --batch 1,16,128 --context 512 --out "$out/steps.json" ;;
@@ -49,6 +52,7 @@ case "${1:?STEP: tests-kernels | tests-models | kernels | sweep | decode-tiles |
         HF_PAGED_PDL=$on python3 -P -m hf_paged.bench.steps --model llama2-7b \
           --batch 1,16,128 --context 512 --out "$out/steps_pdl$on.json" 2>&1 | tee "$out/steps_pdl$on.log"
       done
+      $diff "$out/steps_pdl0.json" "$out/steps_pdl1.json" | tee "$out/steps_pdl_diff.md"
       HF_PAGED_PDL=1 $tp --workload sharegpt --num-requests 128 --systems d \
         --out "$out/tp_pdl.json" 2>&1 | tee "$out/tp_pdl.log" ;;
   throughput) $tp --workload sharegpt --num-requests 128 --time-budget 1 --systems d,b,a \

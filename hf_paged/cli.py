@@ -137,6 +137,7 @@ def _add_bench_parser(subparsers) -> None:
         "memory": "KV bytes of beam search and parallel sampling vs DynamicCache (--help for options)",
         "steps": "where an engine decode step's time goes: wall, kernels, host (--help for options)",
         "host": "the engine's host work per decode step, the model forward taken out (--help for options)",
+        "diff": "two runs of one benchmark (JSON) side by side, row by row: A/B runs of a switch",
     }
     for name, text in helps.items():
         bench = benches.add_parser(name, add_help=False, help=text)
