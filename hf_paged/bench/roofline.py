@@ -59,6 +59,20 @@ def measure_device(device: torch.device, dtype: torch.dtype) -> dict:
     return facts
 
 
+def step_roofline(rows: list[dict], facts: ModelFacts, copy_gbps: float) -> list[dict]:
+    """`rows` of decode steps by batch size (bench/systems.py `decode_by_batch`) with what the roofline charges such
+    a step (the weights and the KV held, over the copy bandwidth), its fraction of the measured step, and the
+    bucket's share of all decode time."""
+    total = sum(row["total_s"] for row in rows) or 1.0
+    out = []
+    for row in rows:
+        ideal_ms = 1e3 * (facts.weight_bytes_per_step + facts.kv_bytes_per_token * row["mean_kv_tokens"]) / (
+            copy_gbps * 1e9)
+        out.append({**row, "roofline_ms": ideal_ms, "vs_roofline": ideal_ms / row["mean_ms"],
+                    "share_of_decode": row["total_s"] / total})
+    return out
+
+
 def roofline(lengths: list[tuple[int, int]], facts: ModelFacts, kv_capacity_tokens: int, copy_gbps: float,
              matmul_tflops: float) -> dict:
     """An ideal continuous-batching schedule bound by HBM bandwidth (formula in docs/benchmarks.md).

@@ -173,6 +173,8 @@ class EngineRun:
     held_at_peak: int  # tokens in the KV of the running sequences at that step
     decode_steps: list[float] = field(default_factory=list)  # wall seconds of each step that only decoded
     other_steps: list[float] = field(default_factory=list)  # steps with prefill chunks
+    decode_batches: list[int] = field(default_factory=list)  # sequences of each decode step
+    decode_kv_blocks: list[int] = field(default_factory=list)  # KV blocks in use as it began (its context)
 
 
 def drive_engine(llm, prompts: list[list[int]], params: list, desc: str = "") -> EngineRun:
@@ -183,13 +185,17 @@ def drive_engine(llm, prompts: list[list[int]], params: list, desc: str = "") ->
     start = time.perf_counter()
     for i, (prompt, p) in enumerate(zip(prompts, params)):
         engine.add_request(f"bench-{i}", prompt, p)
+    blocks = 0  # in use after the last step: what the next one reads
     with frozen_heap():
         while engine.has_unfinished_requests():
             computed, running, began = engine.computed_tokens, engine.scheduler.num_running_seqs(), time.perf_counter()
             outputs = engine.step(only_finished=True)
             # A decode-only step computes at most one token per sequence that was running.
-            kind = run.decode_steps if engine.computed_tokens - computed <= running else run.other_steps
-            kind.append(time.perf_counter() - began)
+            decode = engine.computed_tokens - computed <= running
+            (run.decode_steps if decode else run.other_steps).append(time.perf_counter() - began)
+            if decode:
+                run.decode_batches.append(running)
+                run.decode_kv_blocks.append(blocks)
             for out in outputs:
                 if out.finished:
                     i = int(out.request_id.removeprefix("bench-"))
@@ -231,8 +237,27 @@ def run_engine(model, requests: list[Request], args, result: SystemResult, kv_bu
                         decode_step_ms_mean=1e3 * sum(run.decode_steps) / max(1, len(run.decode_steps)),
                         other_steps_s=sum(run.other_steps),
                         slowest_step_s=max(run.decode_steps + run.other_steps, default=0.0),
-                        compilations_in_run=_compiled_graphs() - compiled_before)
+                        compilations_in_run=_compiled_graphs() - compiled_before,
+                        decode_by_batch=decode_by_batch(run, args.block_size))
     return run.finish
+
+
+BATCH_BUCKETS = ((1, 1), (2, 4), (5, 16), (17, 64), (65, 256), (257, math.inf))  # decode steps by sequences
+
+
+def decode_by_batch(run: EngineRun, block_size: int) -> list[dict]:
+    """The decode steps by batch size: how many, their mean wall ms, and the mean KV tokens they held (whole
+    blocks: at most a block a sequence more than they read). bench throughput adds each bucket's roofline."""
+    rows = []
+    for low, high in BATCH_BUCKETS:
+        steps = [(seconds, blocks * block_size) for seconds, batch, blocks
+                 in zip(run.decode_steps, run.decode_batches, run.decode_kv_blocks) if low <= batch <= high]
+        if steps:
+            label = str(low) if low == high else f"{low}+" if high == math.inf else f"{low}-{high}"
+            rows.append({"batch": label, "steps": len(steps), "total_s": sum(s for s, _ in steps),
+                         "mean_ms": 1e3 * sum(s for s, _ in steps) / len(steps),
+                         "mean_kv_tokens": sum(t for _, t in steps) / len(steps)})
+    return rows
 
 
 def _compiled_graphs() -> int:

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from hf_paged.bench import environment_knobs
-from hf_paged.bench.roofline import ModelFacts, kv_capacity_tokens, measure_device, roofline
+from hf_paged.bench.roofline import ModelFacts, kv_capacity_tokens, measure_device, roofline, step_roofline
 from hf_paged.bench.systems import SYSTEMS, SystemResult, run_system
 from hf_paged.bench.workloads import MODEL_SHAPES, WORKLOADS, build_model, sample_workload
 from hf_paged.blocks import DEFAULT_BLOCK_SIZE
@@ -59,6 +59,16 @@ def format_table(results: list[SystemResult], roof: dict) -> str:
             f"{cell(r.vs_roofline, '7.3f'):>7}")
     lines.append(f"{'HBM roofline (estimate)':<56} {'':>5} {roof['requests_per_s']:>7.2f} "
                  f"{roof['output_tok_per_s']:>10.1f} {roof['total_tok_per_s']:>10.1f}")
+    return "\n".join(lines)
+
+
+def format_steps(result: SystemResult) -> str:
+    """The engine's decode steps by batch size against what the roofline charges them (markdown)."""
+    lines = [f"({result.system}) decode steps by batch size", "| sequences | steps | share of decode time | mean ms |"
+             " roofline ms | vs roofline |", "|---|---|---|---|---|---|"]
+    for row in result.extra["decode_by_batch"]:
+        lines.append(f"| {row['batch']} | {row['steps']} | {row['share_of_decode']:.1%} | {row['mean_ms']:.3f} | "
+                     f"{row['roofline_ms']:.3f} | {row['vs_roofline']:.3f} |")
     return "\n".join(lines)
 
 
@@ -230,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     for key, run_args, suffix in runs:
         result = run_system(key, model, requests, run_args, facts, kv_budget)
         result.system, result.name = key + suffix, result.name + (f" [{suffix[1:]}]" if suffix else "")
+        if "decode_by_batch" in result.extra:
+            result.extra["decode_by_batch"] = step_roofline(result.extra["decode_by_batch"], facts,
+                                                            device["copy_gbps"])
         results.append(result)
         base_a = next((r for r in results if r.system == "a" and not r.error), None)
         base_b = next((r for r in results if r.system == "b" and not r.error), None)
@@ -243,6 +256,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.out:
             args.out.write_text(json.dumps(report, indent=1) + "\n")
     print(format_table(results, roof))
+    for result in results:
+        if result.extra.get("decode_by_batch"):
+            print(format_steps(result))
     if args.plot:
         plot(report, args.plot)
     return 1 if any(r.error for r in results) else 0

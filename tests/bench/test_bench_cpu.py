@@ -108,6 +108,17 @@ def test_throughput_bench_every_system(tmp_path, workload, extra):
     d = next(r for r in report["systems"] if r["system"] == "d")["extra"]
     assert d["compilations_in_run"] == 0 and d["compile_model"] is False  # CPU: the LLM's default is eager
     assert 0 < d["slowest_step_s"] <= d["decode_step_ms_mean"] / 1e3 * d["decode_steps"] + d["other_steps_s"]
+    # the decode steps by batch size: every one counted once, the roofline's charge for such a step beside it
+    by_batch = d["decode_by_batch"]
+    assert sum(row["steps"] for row in by_batch) == d["decode_steps"]
+    assert sum(row["total_s"] for row in by_batch) == pytest.approx(d["decode_step_ms_mean"] / 1e3 * d["decode_steps"])
+    assert sum(row["share_of_decode"] for row in by_batch) == pytest.approx(1.0)
+    facts, copy = report["model_facts"], report["device"]["copy_gbps"]
+    for row in by_batch:
+        charge = facts["weight_bytes_per_step"] + facts["kv_bytes_per_token"] * row["mean_kv_tokens"]
+        assert row["roofline_ms"] == pytest.approx(1e3 * charge / (copy * 1e9))
+        assert row["vs_roofline"] == pytest.approx(row["roofline_ms"] / row["mean_ms"])
+        assert row["batch"] in ("1", "2-4", "5-16") and row["mean_kv_tokens"] > 0  # 5 requests at once
     if workload == "sharegpt":
         systems = _check_report(report, 5, [12] * 5)
         # Ragged real prompts (10 to 516 tokens): left padding wastes more than partial 16-token blocks.
