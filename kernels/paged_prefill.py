@@ -143,7 +143,6 @@ def _prefill_kernel(
     tl.store(out + o_offs, o.to(out.dtype.element_ty), mask=row_ok[:, None] & d_mask[None, :])
 
 
-
 def new_kv_args(query, key, value, cfg: PrefillConfig) -> tuple[int, tuple]:
     """The prefill kernel's NEW_KV mode and its (new_k, new_v, stride_nt, stride_nh) arguments: 0 without the step's
     own K/V; 2 with TMA descriptors where they can describe it (power-of-2 head_dim, 16-byte aligned rows); else 1."""

@@ -40,7 +40,7 @@ def prefetch_target(weight: torch.Tensor | None, num_seqs: int) -> torch.Tensor 
     sequences, the switch on), else None."""
     if weight is None or num_seqs > PREFETCH_MAX_SEQS or not prefetch_enabled(weight.device):
         return None
-    nbytes = weight.numel() * weight.element_size()
+    nbytes = weight.nbytes
     if not weight.is_contiguous() or weight.data_ptr() % 16 or nbytes % 16 or 4 * nbytes > 3 * l2_bytes(weight.device):
         return None
     return weight

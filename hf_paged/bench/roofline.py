@@ -59,15 +59,23 @@ def measure_device(device: torch.device, dtype: torch.dtype) -> dict:
     return facts
 
 
-def step_roofline(rows: list[dict], facts: ModelFacts, copy_gbps: float) -> list[dict]:
+def decode_step_seconds(facts: ModelFacts, batch: float, context_tokens: float, bandwidth: float,
+                        flops: float) -> float:
+    """What the roofline charges a decode step: the weights and the KV held over the bandwidth (bytes/s), or the
+    batch's matmuls at the matmul rate (FLOP/s), whichever is longer."""
+    return max((facts.weight_bytes_per_step + facts.kv_bytes_per_token * context_tokens) / bandwidth,
+               2 * facts.matmul_params * batch / flops)
+
+
+def step_roofline(rows: list[dict], facts: ModelFacts, copy_gbps: float, matmul_tflops: float) -> list[dict]:
     """`rows` of decode steps by batch size (bench/systems.py `decode_by_batch`) with what the roofline charges such
-    a step (the weights and the KV held, over the copy bandwidth), its fraction of the measured step, and the
+    a step (`decode_step_seconds` at the bucket's mean batch and KV), its fraction of the measured step, and the
     bucket's share of all decode time."""
     total = sum(row["total_s"] for row in rows) or 1.0
     out = []
     for row in rows:
-        ideal_ms = 1e3 * (facts.weight_bytes_per_step + facts.kv_bytes_per_token * row["mean_kv_tokens"]) / (
-            copy_gbps * 1e9)
+        ideal_ms = 1e3 * decode_step_seconds(facts, row["mean_batch"], row["mean_kv_tokens"], copy_gbps * 1e9,
+                                             matmul_tflops * 1e12)
         out.append({**row, "roofline_ms": ideal_ms, "vs_roofline": ideal_ms / row["mean_ms"],
                     "share_of_decode": row["total_s"] / total})
     return out
@@ -96,9 +104,7 @@ def roofline(lengths: list[tuple[int, int]], facts: ModelFacts, kv_capacity_toke
             if waiting:
                 raise ValueError(f"a request of {sum(waiting[0])} tokens exceeds the KV capacity ({kv_capacity_tokens})")
             break
-        context = sum(r[0] for r in running)
-        decode_s += max((facts.weight_bytes_per_step + facts.kv_bytes_per_token * context) / bandwidth,
-                        2 * params * len(running) / flops)
+        decode_s += decode_step_seconds(facts, len(running), sum(r[0] for r in running), bandwidth, flops)
         steps, max_batch = steps + 1, max(max_batch, len(running))
         for r in running:
             r[0], r[1] = r[0] + 1, r[1] - 1

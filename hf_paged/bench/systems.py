@@ -246,17 +246,18 @@ BATCH_BUCKETS = ((1, 1), (2, 4), (5, 16), (17, 64), (65, 256), (257, math.inf)) 
 
 
 def decode_by_batch(run: EngineRun, block_size: int) -> list[dict]:
-    """The decode steps by batch size: how many, their mean wall ms, and the mean KV tokens they held (whole
-    blocks: at most a block a sequence more than they read). bench throughput adds each bucket's roofline."""
+    """The decode steps by batch size: how many, their mean wall ms, mean sequences, and the mean KV tokens they held
+    (whole blocks: at most a block a sequence more than they read). bench throughput adds each bucket's roofline."""
     rows = []
     for low, high in BATCH_BUCKETS:
-        steps = [(seconds, blocks * block_size) for seconds, batch, blocks
+        steps = [(seconds, batch, blocks * block_size) for seconds, batch, blocks
                  in zip(run.decode_steps, run.decode_batches, run.decode_kv_blocks) if low <= batch <= high]
         if steps:
             label = str(low) if low == high else f"{low}+" if high == math.inf else f"{low}-{high}"
-            rows.append({"batch": label, "steps": len(steps), "total_s": sum(s for s, _ in steps),
-                         "mean_ms": 1e3 * sum(s for s, _ in steps) / len(steps),
-                         "mean_kv_tokens": sum(t for _, t in steps) / len(steps)})
+            rows.append({"batch": label, "steps": len(steps), "total_s": sum(s for s, _, _ in steps),
+                         "mean_ms": 1e3 * sum(s for s, _, _ in steps) / len(steps),
+                         "mean_batch": sum(b for _, b, _ in steps) / len(steps),
+                         "mean_kv_tokens": sum(t for _, _, t in steps) / len(steps)})
     return rows
 
 

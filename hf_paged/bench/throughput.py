@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         result.system, result.name = key + suffix, result.name + (f" [{suffix[1:]}]" if suffix else "")
         if "decode_by_batch" in result.extra:
             result.extra["decode_by_batch"] = step_roofline(result.extra["decode_by_batch"], facts,
-                                                            device["copy_gbps"])
+                                                            device["copy_gbps"], device["matmul_tflops"])
         results.append(result)
         base_a = next((r for r in results if r.system == "a" and not r.error), None)
         base_b = next((r for r in results if r.system == "b" and not r.error), None)
