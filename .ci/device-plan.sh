@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements, one step a device call (each call is capped at 10 minutes), from the repo root:
 #   run(command="bash .ci/device-plan.sh STEP", carry=[".whl"])      (../shared/device/prepare-wheels first, here)
-# STEP: tests-kernels | tests-models | kernels | sweep | decode-tiles | pipeline | prefetch | steps | pdl | throughput | lognormal | thousand | memory. Results go
+# STEP: tests-kernels | tests-models | kernels | sweep | decode-tiles | pipeline | steps | pdl | throughput | lognormal | thousand | memory. Results go
 # to $OUT (the device tool's folder that comes back) or /tmp/out, logs as they are written (a call cut off at its
 # limit still brings them back); record them in docs/benchmarks.md and docs/kernels.md with the command.
 # Together the two test steps ran past one 8-minute call on a fresh H200 (most of it Triton and inductor
@@ -14,7 +14,7 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader || 
 tp="python3 -P -m hf_paged.bench.throughput --model llama2-7b"
 diff="python3 -P -m hf_paged.bench.diff"  # A/B tables (bench diff) of the switch steps
 pytest="python3 -P -m pytest -m cuda -q -rs -p no:cacheprovider --durations=10"
-case "${1:?STEP: tests-kernels | tests-models | kernels | sweep | decode-tiles | pipeline | prefetch | steps | pdl | throughput | lognormal | thousand | memory}" in
+case "${1:?STEP: tests-kernels | tests-models | kernels | sweep | decode-tiles | pipeline | steps | pdl | throughput | lognormal | thousand | memory}" in
   tests-kernels) $pytest tests/kernels 2>&1 | tee "$out/tests_kernels.log" ;;
   tests-models) $pytest tests/hf/test_cuda.py tests/engine tests/integrations 2>&1 | tee "$out/tests_models.log" ;;
   kernels) python3 -P -m hf_paged.bench.kernels --out "$out/kernels.json" ;;
@@ -26,26 +26,19 @@ case "${1:?STEP: tests-kernels | tests-models | kernels | sweep | decode-tiles |
           --block-size $bs --prefill 1x256 --step-batches "" --out "$out/decode_tiles_bs$bs.json" \
           2>&1 | tee "$out/decode_tiles_bs$bs.log"
       done ;;
-  pipeline) # K/V loops pipelined through the block table (kernels/attention_tile.py KV_PIPELINE) against the old
-      # schedule, each side its own process: attention rows (decode, prefill, prefix, mixed), then decode steps
-      for on in 0 1; do
-        HF_PAGED_KV_PIPELINE=$on python3 -P -m hf_paged.bench.kernels --only attention --heads 32/8,32/32 \
-          --contexts 1024 4096 --step-batches 1,16 --out "$out/pipeline$on.json" 2>&1 | tee "$out/pipeline$on.log"
+  pipeline) # K/V loops pipelined through the block table (kernels/attention_tile.py HF_PAGED_KV_PIPELINE): none,
+      # the default (prefill) and all, each its own process: attention rows (decode, prefill, prefix, mixed), then
+      # decode steps; tables none -> prefill and prefill -> all
+      for mode in none prefill all; do
+        HF_PAGED_KV_PIPELINE=$mode python3 -P -m hf_paged.bench.kernels --only attention --heads 32/8,32/32 \
+          --contexts 1024 4096 --step-batches 1,16 --out "$out/pipeline_$mode.json" 2>&1 | tee "$out/pipeline_$mode.log"
+        HF_PAGED_KV_PIPELINE=$mode python3 -P -m hf_paged.bench.steps --model llama2-7b --batch 1,16,128 \
+          --context 512 --out "$out/steps_pipeline_$mode.json" 2>&1 | tee "$out/steps_pipeline_$mode.log"
       done
-      for on in 0 1; do
-        HF_PAGED_KV_PIPELINE=$on python3 -P -m hf_paged.bench.steps --model llama2-7b --batch 1,16,128 \
-          --context 512 --out "$out/steps_pipeline$on.json" 2>&1 | tee "$out/steps_pipeline$on.log"
-      done
-      for f in pipeline steps_pipeline; do $diff "$out/${f}0.json" "$out/${f}1.json" | tee "$out/${f}_diff.md"; done ;;
-  prefetch) # o_proj pulled into L2 during the decode attention of <= 4 sequences (kernels/prefetch.py), both ways
-      $pytest tests/kernels/test_paged_attention.py -k prefetch 2>&1 | tee "$out/prefetch_tests.log"
-      for on in 0 1; do
-        HF_PAGED_PREFETCH=$on python3 -P -m hf_paged.bench.steps --model llama2-7b --batch 1,4,16 \
-          --context 512 --out "$out/steps_prefetch$on.json" 2>&1 | tee "$out/steps_prefetch$on.log"
-      done
-      $diff "$out/steps_prefetch0.json" "$out/steps_prefetch1.json" | tee "$out/steps_prefetch_diff.md"
-      HF_PAGED_PREFETCH=1 $tp --workload sharegpt --num-requests 128 --systems d \
-        --out "$out/tp_prefetch.json" 2>&1 | tee "$out/tp_prefetch.log" ;;
+      for f in pipeline steps_pipeline; do
+        $diff "$out/${f}_none.json" "$out/${f}_prefill.json" | tee "$out/${f}_none_prefill.md"
+        $diff "$out/${f}_prefill.json" "$out/${f}_all.json" | tee "$out/${f}_prefill_all.md"
+      done ;;
   steps) python3 -P -m hf_paged.bench.steps --model llama2-7b --batch 1,16,128 --context 512 --out "$out/steps.json" ;;
   pdl) # programmatic dependent launch (kernels/tuning.py use_pdl, engine/compiled.py), each side its own process
       for on in 0 1; do

@@ -89,8 +89,7 @@ def paged_attention_forward(
     tables = (meta.block_tables, meta.seq_lens, meta.cu_seqlens_q)
     if slots is not None and own_kv:  # store and attend in one launch (Triton)
         packed_out = ops.write_and_attend(packed_q, new_k, new_v, layer.key_cache, layer.value_cache, slots, *tables,
-                                          scale, window, softcap, meta.max_seqlen_q, meta.fresh,
-                                          _output_weight(module))  # (T, Hq, D)
+                                          scale, window, softcap, meta.max_seqlen_q, meta.fresh)  # (T, Hq, D)
     else:
         if slots is not None:
             ops.write_kv(token_rows(key), token_rows(value), layer.key_cache, layer.value_cache, slots)
@@ -103,15 +102,6 @@ def paged_attention_forward(
         out = packed_out.new_zeros(batch * q_len, num_q_heads, head_dim)
         out.index_copy_(0, meta.query_index, packed_out)
     return out.view(batch, q_len, num_q_heads, head_dim), None
-
-
-def _output_weight(module: torch.nn.Module) -> torch.Tensor | None:
-    """The weight the attention's output meets next (Llama-style `o_proj`), for the decode kernel to prefetch into
-    L2 under HF_PAGED_PREFETCH=1 (kernels/prefetch.py decides per launch); None where the module has none."""
-    weight = getattr(getattr(module, "o_proj", None), "weight", None)
-    # NOTE: plain parameters only: quantized weights are tensor subclasses that a custom op need not meet
-    plain = type(weight) in (torch.nn.Parameter, torch.Tensor) and weight.is_floating_point()
-    return weight if plain else None
 
 
 def bind_pools(module: torch.nn.Module, layer: LayerKV | None) -> None:

@@ -23,10 +23,16 @@ import triton.language as tl
 
 # Whether the @triton.jit below ran under TRITON_INTERPRET=1 (read, as triton does, when they are decorated).
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-# HF_PAGED_KV_PIPELINE=0: the K/V loops as before 2026-12-01 (each tile's block-table rows gathered in its own
-# iteration; a range in two loops, unmasked then masked), the A/B switch for the device's timings (module docstring,
-# paged_decode.py). Read at import, a compile-time constant.
-KV_PIPELINE = tl.constexpr(os.environ.get("HF_PAGED_KV_PIPELINE", "1") != "0")
+# HF_PAGED_KV_PIPELINE: which kernels run their K/V loops pipelined through the block table (module docstring):
+# "prefill" (the default), "all" (or 1), "decode", "none" (or 0: the loops as before 2026-12-01, each tile's rows
+# gathered in its own iteration, a range in two loops). The H200 timed the prefill 9-15% faster pipelined and the
+# decode 1-19% slower (docs/kernels.md "Pipelined through the block table"). Read at import, compile-time constants
+# the kernels pass down as PIPELINE.
+_KV_PIPELINE = os.environ.get("HF_PAGED_KV_PIPELINE", "prefill").strip().lower()
+if _KV_PIPELINE not in ("prefill", "decode", "all", "none", "1", "0"):
+    raise ValueError(f"HF_PAGED_KV_PIPELINE={_KV_PIPELINE!r}: expected prefill, decode, all or none")
+PIPELINE_PREFILL = tl.constexpr(_KV_PIPELINE in ("prefill", "all", "1"))
+PIPELINE_DECODE = tl.constexpr(_KV_PIPELINE in ("decode", "all", "1"))
 
 
 # NOTE: the kernels call only triton builtins and these @triton.jit helpers, never triton's own jit'd library
@@ -152,11 +158,12 @@ def attend_step(
     mask_from, qk_scale, softcap_scale, window, offs_d, d_mask,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     MASKED: tl.constexpr, SLIDING: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    INTERPRET: tl.constexpr, KV_MODE: tl.constexpr,
+    INTERPRET: tl.constexpr, KV_MODE: tl.constexpr, PIPELINE: tl.constexpr,
 ):
-    """One tile of `attend_loop`; KV_MODE 0 also gathers the next tile's rows (returned, carried to the next step)."""
+    """One tile of `attend_loop`; KV_MODE 0 gathers the tile's rows, or (PIPELINE) the next tile's (returned, carried
+    to the next step)."""
     if KV_MODE == 0:
-        if KV_PIPELINE:
+        if PIPELINE:
             following = tile_rows(block_table, n0 + BLOCK_N, end, stride_kb, stride_kt, head_off, BLOCK_SIZE,
                                   BLOCK_N)
             tile = rows
@@ -180,11 +187,11 @@ def attend_loop(
     qk_scale, softcap_scale, window, offs_d, d_mask,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     MASKED: tl.constexpr, SLIDING: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    INTERPRET: tl.constexpr, KV_MODE: tl.constexpr,
+    INTERPRET: tl.constexpr, KV_MODE: tl.constexpr, PIPELINE: tl.constexpr,
 ):
-    """KV_MODE 0: `block_table` points at the sequence's row; each tile's rows are gathered a tile ahead (module
-    docstring). Else the K/V are packed rows (see `attend_tile`)."""
-    if KV_MODE == 0:
+    """KV_MODE 0: `block_table` points at the sequence's row; each tile's rows are gathered a tile ahead under
+    PIPELINE (module docstring), else in the tile's own iteration. Else the K/V are packed rows (see `attend_tile`)."""
+    if KV_MODE == 0 and PIPELINE:
         rows = tile_rows(block_table, start, end, stride_kb, stride_kt, head_off, BLOCK_SIZE, BLOCK_N)
     else:
         rows = start  # unused
@@ -196,14 +203,16 @@ def attend_loop(
             acc, m_i, l_i, rows = attend_step(acc, m_i, l_i, rows, q, q_pos, k_cache, v_cache, block_table,
                                               stride_kb, stride_kt, head_off, n0, end, mask_from, qk_scale,
                                               softcap_scale, window, offs_d, d_mask, BLOCK_SIZE, BLOCK_N, HEAD_PAD,
-                                              HEAD_DIM, MASKED, SLIDING, SOFTCAP, DOT_PRECISION, INTERPRET, KV_MODE)
+                                              HEAD_DIM, MASKED, SLIDING, SOFTCAP, DOT_PRECISION, INTERPRET, KV_MODE,
+                                              PIPELINE)
             n0 += BLOCK_N
     else:
         for n0 in range(start, end, BLOCK_N):
             acc, m_i, l_i, rows = attend_step(acc, m_i, l_i, rows, q, q_pos, k_cache, v_cache, block_table,
                                               stride_kb, stride_kt, head_off, n0, end, mask_from, qk_scale,
                                               softcap_scale, window, offs_d, d_mask, BLOCK_SIZE, BLOCK_N, HEAD_PAD,
-                                              HEAD_DIM, MASKED, SLIDING, SOFTCAP, DOT_PRECISION, INTERPRET, KV_MODE)
+                                              HEAD_DIM, MASKED, SLIDING, SOFTCAP, DOT_PRECISION, INTERPRET, KV_MODE,
+                                              PIPELINE)
     return acc, m_i, l_i
 
 
@@ -214,24 +223,24 @@ def attend_range(
     qk_scale, softcap_scale, window, offs_d, d_mask,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     SLIDING: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
-    KV_MODE: tl.constexpr,
+    KV_MODE: tl.constexpr, PIPELINE: tl.constexpr,
 ):
     """The running softmax (acc, max, sum) carried over the KV tokens [start, end): one loop masking the tiles from
-    full_end on (KV_PIPELINE), else an unmasked loop and a masked one."""
-    if KV_PIPELINE:
+    full_end on (PIPELINE), else an unmasked loop and a masked one."""
+    if PIPELINE:
         acc, m_i, l_i = attend_loop(acc, m_i, l_i, q, q_pos, k_cache, v_cache, block_table, stride_kb, stride_kt,
                                     head_off, start, end, full_end, qk_scale, softcap_scale, window, offs_d, d_mask,
                                     BLOCK_SIZE, BLOCK_N, HEAD_PAD, HEAD_DIM, 2, SLIDING, SOFTCAP, DOT_PRECISION,
-                                    INTERPRET, KV_MODE)
+                                    INTERPRET, KV_MODE, PIPELINE)
     else:
         acc, m_i, l_i = attend_loop(acc, m_i, l_i, q, q_pos, k_cache, v_cache, block_table, stride_kb, stride_kt,
                                     head_off, start, full_end, full_end, qk_scale, softcap_scale, window, offs_d,
                                     d_mask, BLOCK_SIZE, BLOCK_N, HEAD_PAD, HEAD_DIM, 0, SLIDING, SOFTCAP,
-                                    DOT_PRECISION, INTERPRET, KV_MODE)
+                                    DOT_PRECISION, INTERPRET, KV_MODE, PIPELINE)
         acc, m_i, l_i = attend_loop(acc, m_i, l_i, q, q_pos, k_cache, v_cache, block_table, stride_kb, stride_kt,
                                     head_off, full_end, end, full_end, qk_scale, softcap_scale, window, offs_d,
                                     d_mask, BLOCK_SIZE, BLOCK_N, HEAD_PAD, HEAD_DIM, 1, SLIDING, SOFTCAP,
-                                    DOT_PRECISION, INTERPRET, KV_MODE)
+                                    DOT_PRECISION, INTERPRET, KV_MODE, PIPELINE)
     return acc, m_i, l_i
 
 
@@ -242,7 +251,7 @@ def attend(
     qk_scale, softcap_scale, window, offs_d, d_mask,
     ROWS: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, SLIDING: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    INTERPRET: tl.constexpr,
+    INTERPRET: tl.constexpr, PIPELINE: tl.constexpr,
 ):
     """Unnormalised attention of the ROWS query rows over the KV tokens [start, end) through the block table.
     Returns (acc, max, sum)."""
@@ -251,7 +260,7 @@ def attend(
     l_i = tl.full([ROWS], 0.0, dtype=tl.float32)
     return attend_range(acc, m_i, l_i, q, q_pos, k_cache, v_cache, block_table, stride_kb, stride_kt, head_off,
                         start, full_end, end, qk_scale, softcap_scale, window, offs_d, d_mask, BLOCK_SIZE, BLOCK_N,
-                        HEAD_PAD, HEAD_DIM, SLIDING, SOFTCAP, DOT_PRECISION, INTERPRET, 0)
+                        HEAD_PAD, HEAD_DIM, SLIDING, SOFTCAP, DOT_PRECISION, INTERPRET, 0, PIPELINE)
 
 
 @triton.jit

@@ -121,33 +121,30 @@ def write_and_attend(
     softcap: float | None = None,
     max_seqlen_q: int | None = None,
     fresh: bool = False,
-    prefetch: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`write_kv(key, value, ..., slot_mapping)`, then `paged_attention` with the step's own K/V: one launch on the
     Triton path (the kernels store the new tokens while they attend), the two calls on the torch paths.
 
     key, value: [num_tokens, num_kv_heads, head_dim] in the caches' dtype, rows packed like query's.
     fresh: no sequence has context before its new tokens (see `paged_attention`).
-    prefetch: a weight a Triton decode launch may pull into L2 meanwhile (HF_PAGED_PREFETCH; kernels/prefetch.py).
     NOTE: a token with slot -1 (padding) stores nothing, and which K/V the rows that see it read is unspecified.
     Under torch.compile it is the custom op `hf_paged::write_and_attend`, which mutates the two caches.
     """
     if torch.compiler.is_compiling():
         return torch.ops.hf_paged.write_and_attend(query, key, value, key_cache, value_cache, slot_mapping,
                                                    block_tables, seq_lens, cu_seqlens_q, scale, sliding_window,
-                                                   softcap, max_seqlen_q, fresh, prefetch)
+                                                   softcap, max_seqlen_q, fresh)
     return _write_and_attend(query, key, value, key_cache, value_cache, slot_mapping, block_tables, seq_lens,
-                             cu_seqlens_q, scale, sliding_window, softcap, max_seqlen_q, fresh, prefetch)
+                             cu_seqlens_q, scale, sliding_window, softcap, max_seqlen_q, fresh)
 
 
 def _write_and_attend(query, key, value, key_cache, value_cache, slot_mapping, block_tables, seq_lens, cu_seqlens_q,
-                      scale, sliding_window, softcap, max_seqlen_q, fresh=False, prefetch=None) -> torch.Tensor:
+                      scale, sliding_window, softcap, max_seqlen_q, fresh=False) -> torch.Tensor:
     if _use_triton(query):
         from hf_paged.kernels.paged_attention import paged_attention as triton_paged_attention
 
         return triton_paged_attention(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale,
-                                      sliding_window, softcap, max_seqlen_q, key, value, slot_mapping, fresh=fresh,
-                                      prefetch=prefetch)
+                                      sliding_window, softcap, max_seqlen_q, key, value, slot_mapping, fresh=fresh)
     _write_kv(key, value, key_cache, value_cache, slot_mapping)
     return _paged_attention(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale,
                             sliding_window, softcap, max_seqlen_q)
@@ -157,14 +154,13 @@ _write_and_attend_op = torch.library.custom_op(
     "hf_paged::write_and_attend", _write_and_attend, mutates_args=("key_cache", "value_cache"),
     schema="(Tensor query, Tensor key, Tensor value, Tensor(a!) key_cache, Tensor(b!) value_cache, "
            "Tensor slot_mapping, Tensor block_tables, Tensor seq_lens, Tensor cu_seqlens_q, float scale, "
-           "SymInt? sliding_window, float? softcap, SymInt? max_seqlen_q, bool fresh=False, "
-           "Tensor? prefetch=None) -> Tensor",
+           "SymInt? sliding_window, float? softcap, SymInt? max_seqlen_q, bool fresh=False) -> Tensor",
 )
 
 
 @_write_and_attend_op.register_fake
 def _(query, key, value, key_cache, value_cache, slot_mapping, block_tables, seq_lens, cu_seqlens_q, scale,
-      sliding_window, softcap, max_seqlen_q, fresh=False, prefetch=None):
+      sliding_window, softcap, max_seqlen_q, fresh=False):
     return torch.empty_like(query, memory_format=torch.contiguous_format)  # (T, Hq, D)
 
 

@@ -15,7 +15,6 @@ import triton
 from hf_paged.kernels.attention_tile import INTERPRET
 from hf_paged.kernels.paged_decode import launch_decode
 from hf_paged.kernels.paged_prefill import launch_prefill
-from hf_paged.kernels.prefetch import prefetch_target
 from hf_paged.kernels.tuning import (DecodeConfig, PrefillConfig, default_decode_config, default_prefill_config,
                                     use_pdl)
 
@@ -112,7 +111,6 @@ def paged_attention(
     slot_mapping: torch.Tensor | None = None,
     *,
     fresh: bool = False,
-    prefetch: torch.Tensor | None = None,
     config: DecodeConfig | PrefillConfig | None = None,
 ) -> torch.Tensor:
     """Varlen causal attention of packed queries over paged K/V; `reference.paged_attention` is the spec.
@@ -133,8 +131,6 @@ def paged_attention(
             q_len: prompts without a cached prefix); the prefill kernel then reads nothing through the block
             tables, and compiles without that code (fewer registers). Not checked (that would read the device):
             a batch with cached context gives wrong results under it.
-        prefetch: a tensor for a decode launch to pull into L2 while it runs (kernels/prefetch.py `prefetch_target`
-            decides; compiled GPU code only). No effect on the result.
         config: a DecodeConfig / PrefillConfig to override the tuned defaults (benchmarks, tests).
     Returns:
         [num_tokens, num_q_heads, head_dim] in query's dtype.
@@ -170,7 +166,7 @@ def paged_attention(
         if not isinstance(cfg, DecodeConfig):
             raise TypeError(f"a decode batch (max_seqlen_q = 1) needs a DecodeConfig, got {cfg!r}")
         launch_decode(out, args, common, cfg, num_seqs, num_kv_heads, num_q_heads, head_dim, key, value,
-                      slot_mapping, prefetch_target(prefetch, num_seqs))
+                      slot_mapping)
     else:
         cfg = config or default_prefill_config(group, head_dim, query.device, own_kv=key is not None)
         if not isinstance(cfg, PrefillConfig):

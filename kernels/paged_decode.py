@@ -19,8 +19,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from hf_paged.kernels.attention_tile import KV_PIPELINE, attend, attend_key, attend_loop, row_max, row_sum
-from hf_paged.kernels.prefetch import prefetch_l2
+from hf_paged.kernels.attention_tile import PIPELINE_DECODE, attend, attend_key, attend_loop, row_max, row_sum
 from hf_paged.kernels.tuning import DecodeConfig
 
 # NOTE: the arrival counters of FUSED_REDUCE, per device: all zero between launches (the last split of each
@@ -79,15 +78,11 @@ def _decode_kernel(
     stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_kt, stride_kh, stride_bt,
     qk_scale, softcap_scale, window,
     new_k, new_v, stride_nt, stride_nh, slot_mapping,  # NEW_KV: the step's K/V (T, Hkv, D); WRITE: its slots (T,)
-    prefetch, prefetch_bytes,  # PREFETCH: bytes to pull into L2 meanwhile (the layer's o_proj; kernels/prefetch.py)
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
     SLIDING: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
     NEW_KV: tl.constexpr, WRITE: tl.constexpr, FUSED_REDUCE: tl.constexpr, PDL: tl.constexpr,
-    PREFETCH: tl.constexpr, LANES: tl.constexpr,  # LANES: threads a program
 ):
-    if PREFETCH:  # a weight no kernel of this step writes: before the wait for the kernel ahead
-        prefetch_l2(prefetch, prefetch_bytes, LANES)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -119,7 +114,7 @@ def _decode_kernel(
                 mask=h_mask[:, None] & d_mask[None, :], other=0.0)  # (BLOCK_H, HEAD_PAD)
     q_pos = tl.full([BLOCK_H], 0, dtype=tl.int32) + seq_len - 1
     table = block_tables + seq.to(tl.int64) * stride_bt
-    if KV_PIPELINE:
+    if PIPELINE_DECODE:
         # NOTE: one loop over the split's whole range, every tile bounds-masked (the only query sits at seq_len - 1,
         # so every key in range is visible): a memory-bound loop pays nothing for the masks, where in two loops
         # (whole tiles, then the partial last one) the pipeline drains before the last tile's copies are issued.
@@ -129,12 +124,13 @@ def _decode_kernel(
         acc, m_i, l_i = attend_loop(acc, m_i, l_i, q, q_pos, k_cache, v_cache, table, stride_kb, stride_kt,
                                     kv_head * stride_kh, start, end, start, qk_scale, softcap_scale, window, offs_d,
                                     d_mask, BLOCK_SIZE, BLOCK_N, HEAD_PAD, HEAD_DIM, 1, SLIDING, SOFTCAP,
-                                    DOT_PRECISION, INTERPRET, 0)
+                                    DOT_PRECISION, INTERPRET, 0, PIPELINE_DECODE)
     else:
         full_end = start + tl.maximum(end - start, 0) // BLOCK_N * BLOCK_N  # whole tiles, unmasked
         acc, m_i, l_i = attend(q, q_pos, k_cache, v_cache, table, stride_kb, stride_kt, kv_head * stride_kh, start,
                                 full_end, end, qk_scale, softcap_scale, window, offs_d, d_mask, BLOCK_H, BLOCK_SIZE,
-                                BLOCK_N, HEAD_PAD, HEAD_DIM, SLIDING, SOFTCAP, DOT_PRECISION, INTERPRET)
+                                BLOCK_N, HEAD_PAD, HEAD_DIM, SLIDING, SOFTCAP, DOT_PRECISION, INTERPRET,
+                                PIPELINE_DECODE)
     if NEW_KV:
         if split == NUM_SPLITS - 1:  # the step's own token, from the packed K/V (and into its slot)
             src = q_start.to(tl.int64) * stride_nt + kv_head * stride_nh + offs_d  # (HEAD_PAD,)
@@ -200,10 +196,9 @@ def _reduce_kernel(
 
 
 def launch_decode(out, args, common, cfg: DecodeConfig, num_seqs, num_kv_heads, num_q_heads, head_dim, key=None,
-                  value=None, slot_mapping=None, prefetch=None) -> None:
+                  value=None, slot_mapping=None) -> None:
     """Grid (S, Hkv, splits); `args` are the kernel's arguments from `query` to `window`, as the launcher built
-    them. key/value: the step's own K/V (NEW_KV); slot_mapping: store them too (WRITE); prefetch: a tensor to pull
-    into L2 meanwhile (PREFETCH; kernels/prefetch.py)."""
+    them. key/value: the step's own K/V (NEW_KV); slot_mapping: store them too (WRITE)."""
     splits = cfg.num_splits
     block_h = max(16, triton.next_power_of_2(common["GROUP"]))
     counters = None
@@ -221,10 +216,8 @@ def launch_decode(out, args, common, cfg: DecodeConfig, num_seqs, num_kv_heads, 
         new = (key, value, key.stride(0), key.stride(1), slot_mapping if slot_mapping is not None else out)
     _decode_kernel[(num_seqs, num_kv_heads, splits)](
         out, part_acc, part_ml, counters if fused else out, *args, *new,
-        prefetch if prefetch is not None else out, prefetch.nbytes if prefetch is not None else 0,
         BLOCK_H=block_h, BLOCK_N=cfg.block_n, NUM_SPLITS=splits, **common, NEW_KV=key is not None,
-        WRITE=slot_mapping is not None, FUSED_REDUCE=fused, PREFETCH=prefetch is not None and not common["INTERPRET"],
-        LANES=32 * cfg.num_warps, num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=common["PDL"])
+        WRITE=slot_mapping is not None, FUSED_REDUCE=fused, num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=common["PDL"])
     if splits > 1 and not fused:
         _reduce_kernel[(num_seqs, num_q_heads)](
             out, part_acc, part_ml, args[5], out.stride(0), out.stride(1),

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from hf_paged.kernels.attention_tile import attend, attend_range
+from hf_paged.kernels.attention_tile import PIPELINE_PREFILL, attend, attend_range
 from hf_paged.kernels.tuning import PrefillConfig
 
 
@@ -120,7 +120,7 @@ def _prefill_kernel(
             acc, m_i, l_i = attend_range(acc, m_i, l_i, q, q_pos, k_cache, v_cache, table, stride_kb, stride_kt,
                                           kv_head * stride_kh, lo, cached_full, cached_end, qk_scale, softcap_scale,
                                           window, offs_d, d_mask, BLOCK_SIZE, BLOCK_N, HEAD_PAD, HEAD_DIM, SLIDING,
-                                          SOFTCAP, DOT_PRECISION, INTERPRET, 0)
+                                          SOFTCAP, DOT_PRECISION, INTERPRET, 0, PIPELINE_PREFILL)
         new_start = tl.maximum(lo, ctx_start)
         new_full = new_start + tl.maximum(first + 1 - new_start, 0) // BLOCK_N * BLOCK_N  # below the diagonal
         if SLIDING:
@@ -132,11 +132,12 @@ def _prefill_kernel(
         acc, m_i, l_i = attend_range(acc, m_i, l_i, q, q_pos, new_k, new_v, table, shift, stride_nt, new_head,
                                       new_start, new_full, end, qk_scale, softcap_scale, window, offs_d, d_mask,
                                       BLOCK_SIZE, BLOCK_N, HEAD_PAD, HEAD_DIM, SLIDING, SOFTCAP, DOT_PRECISION,
-                                      INTERPRET, NEW_KV)
+                                      INTERPRET, NEW_KV, PIPELINE_PREFILL)
     else:
         acc, m_i, l_i = attend(q, q_pos, k_cache, v_cache, table, stride_kb, stride_kt, kv_head * stride_kh, lo,
                                 full_end, end, qk_scale, softcap_scale, window, offs_d, d_mask, BLOCK_M, BLOCK_SIZE,
-                                BLOCK_N, HEAD_PAD, HEAD_DIM, SLIDING, SOFTCAP, DOT_PRECISION, INTERPRET)
+                                BLOCK_N, HEAD_PAD, HEAD_DIM, SLIDING, SOFTCAP, DOT_PRECISION, INTERPRET,
+                                PIPELINE_PREFILL)
     l_i = tl.where(l_i == 0.0, 1.0, l_i)  # padding rows
     o = acc / l_i[:, None]
     o_offs = (q_start + tok).to(tl.int64)[:, None] * stride_ot + q_heads[:, None] * stride_oh + offs_d[None, :]

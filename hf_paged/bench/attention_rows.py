@@ -222,7 +222,7 @@ def _split_launch(inputs, q_lens, scale, new_kv=None):
                   seq_lens=inputs["seq_lens"][:nd], cu_seqlens_q=cu[: nd + 1])
     prefill = dict(inputs, query=inputs["query"][nd:], block_tables=inputs["block_tables"][nd:],
                    seq_lens=inputs["seq_lens"][nd:], cu_seqlens_q=cu[nd:] - nd,
-                   **{name: t[nd:] for name, t in (new_kv or {}).items()})
+                   **{name: t[nd:] if torch.is_tensor(t) else t for name, t in (new_kv or {}).items()})
     max_q = max(q_lens[nd:])
 
     def run():

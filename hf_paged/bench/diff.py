@@ -1,6 +1,6 @@
 """`hf-paged bench diff A.json B.json`: two runs of one benchmark side by side, row by row, as B over A.
 
-For the A/B runs of a switch (`.ci/device-plan.sh pipeline`, `prefetch`, `pdl`: the same command with an
+For the A/B runs of a switch (`.ci/device-plan.sh pipeline`, `pdl`: the same command with an
 environment variable off, then on): rows are matched by what they measured, and each gets its figure in both runs
 and the ratio. Below 1 is faster for times, slower for rates (the column says which).
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.fx.experimental._config
 
@@ -112,9 +114,9 @@ class ModelRunner:
         groups: dict[str | None, list] = {}
         for item in out.scheduled:
             groups.setdefault(item.seq.adapter, []).append(item)
+        if self._graph_ready(out, groups) and not self.graphs.graphs:
+            self._capture_graphs()  # at the first decode step, while nothing is timed yet
         if self._graph_ready(out, groups):
-            if not self.graphs.graphs:
-                self.graphs.capture_all()  # at the first decode step, while nothing is timed yet
             self.cache.apply_copies(out.copies)
             items = out.scheduled
             return self.graphs.run(
@@ -137,6 +139,20 @@ class ModelRunner:
         position = {seq_id: row for row, seq_id in enumerate(order)}
         wanted = [position[item.seq.seq_id] for item in out.scheduled if item.sample]
         return logits[to_device(wanted, torch.long, logits.device)]
+
+    def _capture_graphs(self) -> None:
+        """Capture the decode graphs, or run every step eagerly from now on when the model's forward cannot be
+        captured: a module that reads a device value back on the host (bitsandbytes' int8 matmul checks its
+        activations for outliers with `.any()`) or launches outside the capturing stream. The failed capture's
+        forwards store nothing (every slot is -1), so the step runs eagerly as if graphs had been off."""
+        try:
+            self.graphs.capture_all()
+        except RuntimeError as exc:  # torch.AcceleratorError (CUDA errors) included
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            warnings.warn(f"the decode CUDA graphs could not be captured, so decode steps run eagerly ({exc!r:.300}); "
+                          "pass enable_cuda_graphs=False to skip the attempt", RuntimeWarning, stacklevel=3)
+            self.graphs = None
 
     def _graph_ready(self, out: SchedulerOutput, groups: dict) -> bool:
         """Pure decode, one adapter, a bucket big enough, and pools allocated (never inside a capture)."""

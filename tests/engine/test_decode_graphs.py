@@ -281,3 +281,25 @@ def test_pdl_switch_reaches_the_compiled_layers(monkeypatch):
     x = torch.randn(8, 4)
     fn = torch.compile(lambda t: torch.nn.functional.silu(t) * 2 + 1, options=options)
     torch.testing.assert_close(fn(x), torch.nn.functional.silu(x) * 2 + 1)
+
+
+def test_a_forward_that_cannot_be_captured_runs_eagerly(make_llm, monkeypatch):
+    """A model whose decode forward breaks a capture (bitsandbytes' int8 matmul reads `.any()` back on the host)
+    keeps its requests: the engine warns, drops the graphs and decodes eagerly, with the tokens of graphs off."""
+    def failing_capture(self, b):
+        ids, pos, plan, keep = self._plan(b)
+        self.forward(ids, pos, plan, keep)  # the capture's warm-up forwards really run: they must store nothing
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(DecodeGraphs, "_capture", failing_capture)
+    rng = random.Random(1)
+    prompts = [[rng.randrange(3, VOCAB) for _ in range(rng.randint(2, 30))] for _ in range(5)]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    ref = make_llm(max_num_seqs=8).generate(prompts, params, use_tqdm=False)
+    llm = make_llm(max_num_seqs=8)
+    runner = _graph_runner(llm)
+    with pytest.warns(RuntimeWarning, match="could not be captured"):
+        out = llm.generate(prompts, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in out] == [o.outputs[0].token_ids for o in ref]
+    assert runner.graphs is None
+    assert llm.generate(prompts[:2], params, use_tqdm=False)[1].outputs[0].token_ids == ref[1].outputs[0].token_ids

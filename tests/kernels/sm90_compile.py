@@ -50,7 +50,6 @@ def compile_for_hopper(kernel, constants: dict, num_warps: int, num_stages: int,
     return {"shared": compiled.metadata.shared, "wgmma": "wgmma" in compiled.asm["ptx"],
             "tma": "cp.async.bulk.tensor" in compiled.asm["ptx"],
             "async_copies": "cp.async.cg" in compiled.asm["ptx"] or "cp.async.ca" in compiled.asm["ptx"],
-            "l2_prefetches": compiled.asm["ptx"].count("cp.async.bulk.prefetch.L2.global"),
             # copy groups still in flight when a loop waits for its tile: 0 means no copy overlaps compute
             "copies_ahead": max(map(int, re.findall(r"ttg\.async_wait [^\n]*num = (\d+)", compiled.asm["ttgir"])),
                                 default=0),
@@ -99,17 +98,15 @@ def main() -> dict:
                                                     PREFIX=not suffix.endswith("_fresh")),
                 cfg.num_warps, cfg.num_stages, types)
     # one split; four merged by a second launch; four merged by the last split, with the step's own K/V stored;
-    # also launched early (_pdl) or prefetching a weight into L2 (_prefetch, kernels/prefetch.py)
+    # also launched early (_pdl)
     for name, splits, special, fused, pdl in (("decode_splits1", 1, False, False, False),
                                               ("decode_splits4", 4, True, False, False),
                                               ("decode_splits4_fused_write", 4, False, True, False),
-                                              ("decode_splits2_fused_write_pdl", 2, False, True, True),
-                                              ("decode_splits2_fused_write_prefetch", 2, False, True, False)):
+                                              ("decode_splits2_fused_write_pdl", 2, False, True, True)):
         report[name] = compile_for_hopper(
             paged_decode._decode_kernel, dict(COMMON, GROUP=4, BLOCK_H=16, BLOCK_N=64, NUM_SPLITS=splits,
                                               SLIDING=special, SOFTCAP=special, NEW_KV=fused, WRITE=fused,
-                                              FUSED_REDUCE=fused, PDL=pdl, PREFETCH=name.endswith("_prefetch"),
-                                              LANES=128), 4, 3, {"prefetch": "*bf16", "prefetch_bytes": "i32"})
+                                              FUSED_REDUCE=fused, PDL=pdl), 4, 3)
     for name, pdl in (("reduce", False), ("reduce_pdl", True)):
         report[name] = compile_for_hopper(paged_decode._reduce_kernel, dict(
             NUM_SPLITS=4, SPLITS_PAD=4, HEAD_DIM=128, HEAD_PAD=128, PDL=pdl), 4, 1)

@@ -425,37 +425,6 @@ def test_gpu_pdl_chain_in_a_cuda_graph(monkeypatch, decode_config):
 
 @pytest.mark.cuda
 @on_gpu
-@pytest.mark.parametrize("num_seqs", [1, 4])
-def test_gpu_decode_prefetching_a_weight_is_bit_identical(monkeypatch, num_seqs):
-    """HF_PAGED_PREFETCH=1: the decode launch pulls a weight into L2 while it attends (kernels/prefetch.py); the
-    output is the same bits as without, eagerly and replayed from a CUDA graph, and the weight is untouched."""
-    from hf_paged.kernels.prefetch import prefetch_target
-
-    inputs = attention_inputs([1] * num_seqs, ragged_lengths(num_seqs, 1, 2000, seed=4), 32, 8, 128, 8,
-                              torch.bfloat16, seed=4)
-    weight = torch.randn(4096, 4096, dtype=torch.bfloat16, device="cuda")
-    kept = weight.clone()
-    key, value = (torch.randn(num_seqs, 8, 128, dtype=torch.bfloat16, device="cuda") for _ in range(2))
-    slots = torch.full((num_seqs,), -1, device="cuda")
-
-    def launch():
-        return paged_attention(**inputs, scale=128**-0.5, max_seqlen_q=1, key=key, value=value, slot_mapping=slots,
-                               prefetch=weight)
-
-    plain = launch()
-    monkeypatch.setenv("HF_PAGED_PREFETCH", "1")
-    assert prefetch_target(weight, num_seqs) is weight
-    torch.testing.assert_close(launch(), plain, atol=0, rtol=0)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = launch()
-    graph.replay()
-    torch.testing.assert_close(out, plain, atol=0, rtol=0)
-    torch.testing.assert_close(weight, kept, atol=0, rtol=0)
-
-
-@pytest.mark.cuda
-@on_gpu
 @pytest.mark.parametrize("window, softcap", [(4096, None), (255, 50.0), (None, 30.0), (1, None)])
 @pytest.mark.parametrize("num_seqs", [2, 64])
 def test_gpu_decode_window_softcap(window, softcap, num_seqs):
@@ -572,3 +541,22 @@ def test_pdl_is_an_opt_in_for_hopper(monkeypatch):
     assert not tuning.use_pdl(torch.device("cuda"))
     monkeypatch.setenv("HF_PAGED_PDL", "1")
     assert tuning.use_pdl(torch.device("cuda")) and not tuning.use_pdl(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("value, flags", [("prefill", "True False"), ("1", "True True"), ("decode", "False True"),
+                                          ("bogus", None)])
+def test_kv_pipeline_switch(value, flags):
+    """HF_PAGED_KV_PIPELINE picks the pipelined kernels at import; an unknown value is a ValueError, not a default."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from hf_paged.kernels.attention_tile import PIPELINE_DECODE, PIPELINE_PREFILL; "
+            "print(bool(PIPELINE_PREFILL), bool(PIPELINE_DECODE))")
+    done = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "HF_PAGED_KV_PIPELINE": value})
+    if flags is None:
+        assert done.returncode != 0 and "ValueError" in done.stderr and "expected prefill" in done.stderr
+    else:
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert done.stdout.split() == flags.split()
