@@ -34,6 +34,23 @@ def _find_seq(cu_seqlens_q, target, num_seqs, BLOCK_Q: tl.constexpr):
     return lo
 
 
+@triton.jit
+def store_tile(k_cache, v_cache, key_rows, value_rows, slot_mapping, q_start, q_len, tile, kv_head, stride_nt,
+               stride_nh, stride_kb, stride_kt, stride_kh, offs_d, d_mask, BLOCK_Q: tl.constexpr,
+               BLOCK_SIZE: tl.constexpr, WRITE_Q: tl.constexpr):
+    """The K/V of query tile `tile`'s tokens, for one KV head, from the packed rows into their slots (-1: none)."""
+    for chunk in tl.static_range(0, BLOCK_Q, WRITE_Q):  # WRITE_Q tokens at a time
+        w_tok = tile * BLOCK_Q + chunk + tl.arange(0, WRITE_Q)  # (WRITE_Q,)
+        w_ok = (chunk + tl.arange(0, WRITE_Q) < BLOCK_Q) & (w_tok < q_len)
+        slots = tl.load(slot_mapping + q_start + w_tok, mask=w_ok, other=-1).to(tl.int64)
+        w_mask = (w_ok & (slots >= 0))[:, None] & d_mask[None, :]  # (WRITE_Q, HEAD_PAD)
+        src = (q_start + w_tok).to(tl.int64)[:, None] * stride_nt + kv_head * stride_nh + offs_d[None, :]
+        dst = ((slots // BLOCK_SIZE) * stride_kb + (slots % BLOCK_SIZE) * stride_kt + kv_head * stride_kh)
+        dst = dst[:, None] + offs_d[None, :]
+        tl.store(k_cache + dst, tl.load(key_rows + src, mask=w_mask).to(k_cache.dtype.element_ty), mask=w_mask)
+        tl.store(v_cache + dst, tl.load(value_rows + src, mask=w_mask).to(v_cache.dtype.element_ty), mask=w_mask)
+
+
 # NOTE: do_not_specialize: a num_seqs of 1 would become a constant and change _find_seq's loop-carried types; the
 # block-table width (stride_bt) changes every step, and each specialisation of it would be another compilation.
 @triton.jit(do_not_specialize=["num_seqs", "stride_bt"])
@@ -50,6 +67,7 @@ def _prefill_kernel(
     NEW_KV: tl.constexpr, WRITE: tl.constexpr, WRITE_Q: tl.constexpr,  # WRITE_Q: tokens stored at a time
     PREFIX: tl.constexpr,  # with NEW_KV: False promises no sequence has keys before its new tokens (fresh prompts)
     PDL: tl.constexpr,  # launched early (programmatic dependent launch): wait for the kernel before, see below
+    STORE_LAST: tl.constexpr,  # WRITE after the attention instead of before (PrefillConfig.store_last)
 ):
     # The query tiles of all sequences back to back: sequence s owns the programs from cu_seqlens_q[s] // BLOCK_Q + s
     # to the next sequence's first (at least its ceil(q_len / BLOCK_Q) tiles; a spare one returns at once). So a
@@ -72,21 +90,12 @@ def _prefill_kernel(
     ctx_start = seq_len - q_len  # position of the sequence's first query token
     offs_d = tl.arange(0, HEAD_PAD)
     d_mask = offs_d < HEAD_DIM
-    # WRITE: this tile's tokens, for this KV head, into their slots, first, while nothing is live in registers; no
-    # program reads this step's slots through the block tables (the new tokens come from the packed rows), so
-    # order is free.
-    if WRITE:
-        for chunk in tl.static_range(0, BLOCK_Q, WRITE_Q):  # WRITE_Q tokens at a time
-            w_tok = tile * BLOCK_Q + chunk + tl.arange(0, WRITE_Q)  # (WRITE_Q,)
-            w_ok = (chunk + tl.arange(0, WRITE_Q) < BLOCK_Q) & (w_tok < q_len)
-            slots = tl.load(slot_mapping + q_start + w_tok, mask=w_ok, other=-1).to(tl.int64)
-            w_mask = (w_ok & (slots >= 0))[:, None] & d_mask[None, :]  # (WRITE_Q, HEAD_PAD)
-            src = (q_start + w_tok).to(tl.int64)[:, None] * stride_nt + kv_head * stride_nh + offs_d[None, :]
-            dst = ((slots // BLOCK_SIZE) * stride_kb + (slots % BLOCK_SIZE) * stride_kt + kv_head * stride_kh)
-            dst = dst[:, None] + offs_d[None, :]
-            tl.store(k_cache + dst, tl.load(key_rows + src, mask=w_mask).to(k_cache.dtype.element_ty), mask=w_mask)
-            tl.store(v_cache + dst, tl.load(value_rows + src, mask=w_mask).to(v_cache.dtype.element_ty),
-                     mask=w_mask)
+    # WRITE: this tile's tokens, for this KV head, into their slots, before the attention (nothing is live in
+    # registers yet) or, STORE_LAST, after it; no program reads this step's slots through the block tables (the
+    # new tokens come from the packed rows), so order is free.
+    if WRITE and not STORE_LAST:
+        store_tile(k_cache, v_cache, key_rows, value_rows, slot_mapping, q_start, q_len, tile, kv_head, stride_nt,
+                   stride_nh, stride_kb, stride_kt, stride_kh, offs_d, d_mask, BLOCK_Q, BLOCK_SIZE, WRITE_Q)
     rows = tl.arange(0, BLOCK_M)
     tok = tile * BLOCK_Q + rows // GROUP  # (BLOCK_M,) query token within the sequence
     q_heads = kv_head * GROUP + rows % GROUP
@@ -142,6 +151,9 @@ def _prefill_kernel(
     o = acc / l_i[:, None]
     o_offs = (q_start + tok).to(tl.int64)[:, None] * stride_ot + q_heads[:, None] * stride_oh + offs_d[None, :]
     tl.store(out + o_offs, o.to(out.dtype.element_ty), mask=row_ok[:, None] & d_mask[None, :])
+    if WRITE and STORE_LAST:
+        store_tile(k_cache, v_cache, key_rows, value_rows, slot_mapping, q_start, q_len, tile, kv_head, stride_nt,
+                   stride_nh, stride_kb, stride_kt, stride_kh, offs_d, d_mask, BLOCK_Q, BLOCK_SIZE, WRITE_Q)
 
 
 def new_kv_args(query, key, value, cfg: PrefillConfig) -> tuple[int, tuple]:
@@ -175,5 +187,5 @@ def launch_prefill(out, args, common, cfg: PrefillConfig, num_seqs, num_kv_heads
     rows = (key, value, slot_mapping) if write else (query, query, query)
     _prefill_kernel[grid](out, *args, num_seqs, *new, *rows, BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=cfg.block_n,
                           **common, NEW_KV=new_kv, WRITE=write, WRITE_Q=min(16, triton.next_power_of_2(block_q)),
-                          PREFIX=not (fresh and new_kv),
+                          PREFIX=not (fresh and new_kv), STORE_LAST=write and cfg.store_last,
                           num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=common["PDL"])

@@ -26,6 +26,9 @@ class PrefillConfig:
     num_warps: int = 4
     num_stages: int = 3
     tma: bool = True  # the step's own K/V, when given, through TMA tensor descriptors (else by pointer)
+    # with slots to store the step's own K/V into: after the tile's attention (its output written) instead of
+    # before it; the stores then overlap other programs' tensor-core work rather than all programs' first wave
+    store_last: bool = False
 
 
 @functools.cache

@@ -81,11 +81,13 @@ def main() -> dict:
     report = {}
     for group in (4, 1):  # GQA 4 (llama3-8b), MHA (llama2-7b)
         # K/V all through the block tables; the step's own K/V apart, by pointer and through TMA, and stored into
-        # its slots as the engine's forwards do (_write), also launched early (_pdl); each with its tuned config
-        # fresh prompts (_fresh: no block-table loops compiled)
+        # its slots as the engine's forwards do (_write), also launched early (_pdl) or storing after the attention
+        # (_last, PrefillConfig.store_last); each with its tuned config; fresh prompts (_fresh: no block-table loops
+        # compiled)
         for suffix, new_kv, write, pdl in (("", 0, False, False), ("_own_kv", 1, False, False),
                                            ("_own_kv_tma", 2, False, False), ("_own_kv_tma_write", 2, True, False),
                                            ("_own_kv_tma_write_pdl", 2, True, True),
+                                           ("_own_kv_tma_write_last", 2, True, False),
                                            ("_own_kv_tma_write_fresh", 2, True, False)):
             cfg = tuning.default_prefill_config(group, 128, torch.device("cuda"), own_kv=new_kv > 0)  # no GPU touched
             block_q = cfg.block_m // group
@@ -95,7 +97,8 @@ def main() -> dict:
                 paged_prefill._prefill_kernel, dict(COMMON, GROUP=group, BLOCK_M=cfg.block_m, BLOCK_Q=block_q,
                                                     BLOCK_N=cfg.block_n, NEW_KV=new_kv, WRITE=write,
                                                     WRITE_Q=min(16, triton.next_power_of_2(block_q)), PDL=pdl,
-                                                    PREFIX=not suffix.endswith("_fresh")),
+                                                    PREFIX=not suffix.endswith("_fresh"),
+                                                    STORE_LAST=suffix.endswith("_last")),
                 cfg.num_warps, cfg.num_stages, types)
     # one split; four merged by a second launch; four merged by the last split, with the step's own K/V stored;
     # also launched early (_pdl)

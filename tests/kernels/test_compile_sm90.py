@@ -25,7 +25,7 @@ def test_kernels_compile_for_hopper():
     report = json.loads(done.stdout.strip().splitlines()[-1])
     prefill = [f"prefill_group{g}{suffix}" for g in (4, 1)
                for suffix in ("", "_own_kv", "_own_kv_tma", "_own_kv_tma_write", "_own_kv_tma_write_pdl",
-                              "_own_kv_tma_write_fresh")]
+                              "_own_kv_tma_write_last", "_own_kv_tma_write_fresh")]
     decode = ["decode_splits1", "decode_splits4", "decode_splits4_fused_write", "decode_splits2_fused_write_pdl"]
     assert set(report) == {*prefill, *decode, "reduce", "reduce_pdl", "write_kv"}
     # HF_PAGED_PDL: programmatic dependent launch waits for the kernel before and lets the next one start

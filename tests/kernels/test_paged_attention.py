@@ -144,14 +144,17 @@ def test_decode_own_kv_sliding_window_and_softcap(window, softcap):
                  config=config, write=True)
 
 
-@pytest.mark.parametrize("tma", [True, False], ids=["tma", "pointers"])
+@pytest.mark.parametrize("tma, store_last", [(True, False), (False, False), (True, True)],
+                         ids=["tma", "pointers", "tma_store_last"])
 @pytest.mark.parametrize("shape", SHAPES[:4] + SHAPES[6:], ids=str)
-def test_prefill_writes_the_steps_own_kv(shape, tma):
-    """The prefill kernel stores its tiles' new tokens (each once) while it attends; slot -1 stores nothing."""
+def test_prefill_writes_the_steps_own_kv(shape, tma, store_last):
+    """The prefill kernel stores its tiles' new tokens (each once) before or after it attends; slot -1 stores
+    nothing."""
     dtype, block_size, hq, hkv, d = shape
     q_lens = [7, 1, 20, 13]
     prefix = ragged_lengths(4, 0, 30, seed=d + 2)
-    config = dataclasses.replace(default_prefill_config(hq // hkv, d, torch.device(DEVICE)), tma=tma)
+    config = dataclasses.replace(default_prefill_config(hq // hkv, d, torch.device(DEVICE)), tma=tma,
+                                 store_last=store_last)
     check_new_kv(q_lens, [q + p for q, p in zip(q_lens, prefix)], hq, hkv, d, block_size, dtype, seed=block_size,
                  head_major=d == 64, config=config, write=True, skip=(3, 7))
 
