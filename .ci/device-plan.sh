@@ -18,8 +18,10 @@ case "${1:?STEP: tests-kernels | tests-models | kernels | sweep | decode-tiles |
   tests-kernels) $pytest tests/kernels 2>&1 | tee "$out/tests_kernels.log" ;;
   tests-models) $pytest tests/hf/test_cuda.py tests/engine tests/integrations 2>&1 | tee "$out/tests_models.log" ;;
   kernels) python3 -P -m hf_paged.bench.kernels --out "$out/kernels.json" ;;
-  sweep) python3 -P -m hf_paged.bench.kernels --only attention --sweep --heads 32/8,32/32 --contexts 1024 \
-             --step-batches 1,16 --out "$out/kernels_sweep.json" ;;
+  sweep) # tiles, PrefillConfig.store_last, and the decode layer at 1/16/64 sequences, even and ragged contexts
+         # (DecodeConfig.min_split_tiles in the sweep)
+      python3 -P -m hf_paged.bench.kernels --only attention --sweep --heads 32/8,32/32 --contexts 1024 \
+             --step-batches 1,16,64 --out "$out/kernels_sweep.json" 2>&1 | tee "$out/kernels_sweep.log" ;;
   decode-tiles) # the GQA decode tile at block size 8 (the default) and 16 (docs/kernels.md "Measured on an H200")
       for bs in 8 16; do
         python3 -P -m hf_paged.bench.kernels --only attention --sweep --heads 32/8 --contexts 1024 4096 \

@@ -79,7 +79,7 @@ def _decode_kernel(
     qk_scale, softcap_scale, window,
     new_k, new_v, stride_nt, stride_nh, slot_mapping,  # NEW_KV: the step's K/V (T, Hkv, D); WRITE: its slots (T,)
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, MIN_SPLIT_TILES: tl.constexpr,
     SLIDING: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
     NEW_KV: tl.constexpr, WRITE: tl.constexpr, FUSED_REDUCE: tl.constexpr, PDL: tl.constexpr,
 ):
@@ -102,6 +102,8 @@ def _decode_kernel(
     if NEW_KV:
         cached_end = seq_len - 1
     tiles_per_split = ((cached_end - lo + BLOCK_N - 1) // BLOCK_N + NUM_SPLITS - 1) // NUM_SPLITS
+    if MIN_SPLIT_TILES > 1:  # short sequences fill fewer splits; the others' ranges are empty
+        tiles_per_split = tl.maximum(tiles_per_split, MIN_SPLIT_TILES)
     start = lo + split * tiles_per_split * BLOCK_N
     end = tl.minimum(start + tiles_per_split * BLOCK_N, cached_end)
 
@@ -216,8 +218,10 @@ def launch_decode(out, args, common, cfg: DecodeConfig, num_seqs, num_kv_heads, 
         new = (key, value, key.stride(0), key.stride(1), slot_mapping if slot_mapping is not None else out)
     _decode_kernel[(num_seqs, num_kv_heads, splits)](
         out, part_acc, part_ml, counters if fused else out, *args, *new,
-        BLOCK_H=block_h, BLOCK_N=cfg.block_n, NUM_SPLITS=splits, **common, NEW_KV=key is not None,
-        WRITE=slot_mapping is not None, FUSED_REDUCE=fused, num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=common["PDL"])
+        BLOCK_H=block_h, BLOCK_N=cfg.block_n, NUM_SPLITS=splits,
+        MIN_SPLIT_TILES=cfg.min_split_tiles if splits > 1 else 1, **common, NEW_KV=key is not None,
+        WRITE=slot_mapping is not None, FUSED_REDUCE=fused, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        launch_pdl=common["PDL"])
     if splits > 1 and not fused:
         _reduce_kernel[(num_seqs, num_q_heads)](
             out, part_acc, part_ml, args[5], out.stride(0), out.stride(1),

@@ -30,6 +30,8 @@ def bench_attention_rows(timer, heads, prefill_seqs, prefill_len, args, rows):
                         hkv, args, rows, sweep=False)
         for batch in [int(x) for x in args.step_batches.split(",") if x] if timer.gpu else []:
             bench_decode_step(timer, batch, args.step_context, hq, hkv, args, rows, args.sweep)
+            if batch > 1:  # the same mean context, spread as a serving batch's is (a few long, most short)
+                bench_decode_step(timer, batch, args.step_context, hq, hkv, args, rows, args.sweep, ragged=True)
 
 
 def bench_attention(timer, kind, q_lens, seq_lens, hq, hkv, args, rows, sweep):
@@ -96,19 +98,30 @@ def bench_attention(timer, kind, q_lens, seq_lens, hq, hkv, args, rows, sweep):
                                 best_ms / row.baseline_ms if row.baseline_ms else None)))
     del inputs
 
-def bench_decode_step(timer, batch, ctx, hq, hkv, args, rows, sweep=False):
+def serving_lengths(batch: int, mean: int, seed: int = 0) -> list[int]:
+    """Context lengths of a serving batch: lognormal (sigma 1) with the given mean, 16 to 16 x mean tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    mu = torch.tensor(float(mean)).log() - 0.5
+    lengths = (torch.randn(batch, generator=gen) + mu).exp().round().clamp(16, 16 * mean)
+    return [int(n) for n in lengths]
+
+
+def bench_decode_step(timer, batch, ctx, hq, hkv, args, rows, sweep=False, ragged=False):
     """One layer's attention in a decode step as the engine's graphs run it: the step's K/V stored and attended in
     one launch (two where a second merges the splits), against `write_kv`, then the decode kernel, then the
     reduction kernel, apart. Each is timed as 32 layers replayed from one CUDA graph, per layer: at small batches
-    the launches, not the bytes, set the time. `sweep`: also every split count with either merge."""
+    the launches, not the bytes, set the time. `ragged`: contexts of mean `ctx` spread as `serving_lengths`.
+    `sweep`: also every split count with either merge, and splits only for the long sequences
+    (`min_split_tiles`)."""
     from hf_paged.kernels.kv_write import write_kv
     from hf_paged.kernels.paged_attention import paged_attention
     from hf_paged.kernels.tuning import default_decode_config
 
     dtype, device, d = _DTYPES[args.dtype], timer.device, args.head_dim
-    inputs = attention_inputs([1] * batch, [ctx] * batch, hq, hkv, d, args.block_size, dtype, device)
+    seq_lens = serving_lengths(batch, ctx) if ragged else [ctx] * batch
+    inputs = attention_inputs([1] * batch, seq_lens, hq, hkv, d, args.block_size, dtype, device)
     key, value = (torch.randn(batch, hkv, d, dtype=dtype, device=device) for _ in range(2))  # (B, Hkv, D)
-    slots = new_token_slots(inputs["block_tables"], [1] * batch, [ctx] * batch, args.block_size)
+    slots = new_token_slots(inputs["block_tables"], [1] * batch, seq_lens, args.block_size)
     scale = d**-0.5
     config = default_decode_config(batch, hkv, d, torch.device(device))
     apart_config = dataclasses.replace(config, fused_reduce=False)
@@ -124,8 +137,9 @@ def bench_decode_step(timer, batch, ctx, hq, hkv, args, rows, sweep=False):
     layers = 32
     ms = timer.ms(_graphed(fused, layers)) / layers
     base_ms = timer.ms(_graphed(apart, layers)) / layers
-    nbytes = attention_bytes(inputs, [1] * batch, [ctx] * batch) + 2 * key.numel() * key.element_size()
-    shape = f"{batch}x(q1,ctx{ctx}) {hq}/{hkv}h d{d} bs{args.block_size}"
+    nbytes = attention_bytes(inputs, [1] * batch, seq_lens) + 2 * key.numel() * key.element_size()
+    context = f"ctx~{ctx} ragged, max {max(seq_lens)}" if ragged else f"ctx{ctx}"
+    shape = f"{batch}x(q1,{context}) {hq}/{hkv}h d{d} bs{args.block_size}"
     rows.append(Row("decode layer: write+attend, 1 launch", shape, ms, *timer.frac(nbytes, ms), config=repr(config),
                     baseline="write_kv + decode" + (" + reduce" if config.num_splits > 1 else "") + ", apart",
                     baseline_ms=base_ms, baseline_frac_copy=timer.frac(nbytes, base_ms)[1],
@@ -133,6 +147,8 @@ def bench_decode_step(timer, batch, ctx, hq, hkv, args, rows, sweep=False):
     if sweep:
         configs = [dataclasses.replace(config, num_splits=s, fused_reduce=f) for s in (1, 2, 4, 8, 16)
                    for f in ((True,) if s == 1 else (True, False))]
+        configs += [dataclasses.replace(config, num_splits=s, fused_reduce=s <= 2, min_split_tiles=m)
+                    for s in (2, 4, 8) for m in (2, 4, 8)]
         times = {repr(c): timer.ms(_graphed(functools.partial(fused, c), layers)) / layers for c in configs}
         best, best_ms = min(times.items(), key=lambda kv: kv[1])
         rows.append(Row("decode layer: write+attend best of sweep", shape, best_ms, *timer.frac(nbytes, best_ms),

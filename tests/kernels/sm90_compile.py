@@ -42,6 +42,9 @@ def aligned_args(kernel, signature: dict) -> dict:
 
 def compile_for_hopper(kernel, constants: dict, num_warps: int, num_stages: int, types: dict | None = None) -> dict:
     names = kernel.arg_names
+    missing = [p.name for p in kernel.params if p.is_constexpr and p.name not in constants]
+    if missing:  # it would compile as a runtime i32: not the kernel a launch compiles
+        raise ValueError(f"{kernel.__name__}: no value for the constexpr parameters {missing}")
     signature = {n: "constexpr" if n in constants else {**POINTERS, **(types or {})}.get(n, "i32") for n in names}
     source = ASTSource(fn=kernel, signature=signature, constexprs={(names.index(k),): v for k, v in constants.items()},
                        attrs=aligned_args(kernel, signature))
@@ -101,13 +104,15 @@ def main() -> dict:
                                                     STORE_LAST=suffix.endswith("_last")),
                 cfg.num_warps, cfg.num_stages, types)
     # one split; four merged by a second launch; four merged by the last split, with the step's own K/V stored;
-    # also launched early (_pdl)
+    # also launched early (_pdl), or splitting only sequences of 4+ tiles a split (_min4, min_split_tiles)
     for name, splits, special, fused, pdl in (("decode_splits1", 1, False, False, False),
                                               ("decode_splits4", 4, True, False, False),
                                               ("decode_splits4_fused_write", 4, False, True, False),
+                                              ("decode_splits4_fused_write_min4", 4, False, True, False),
                                               ("decode_splits2_fused_write_pdl", 2, False, True, True)):
         report[name] = compile_for_hopper(
             paged_decode._decode_kernel, dict(COMMON, GROUP=4, BLOCK_H=16, BLOCK_N=64, NUM_SPLITS=splits,
+                                              MIN_SPLIT_TILES=4 if name.endswith("_min4") else 1,
                                               SLIDING=special, SOFTCAP=special, NEW_KV=fused, WRITE=fused,
                                               FUSED_REDUCE=fused, PDL=pdl), 4, 3)
     for name, pdl in (("reduce", False), ("reduce_pdl", True)):

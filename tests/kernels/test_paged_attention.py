@@ -52,6 +52,18 @@ def test_decode_split_k_matches_reference(num_splits, fused):
           config=DecodeConfig(block_n=16, num_splits=num_splits, num_warps=1, num_stages=1, fused_reduce=fused))
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "two_launches"])
+@pytest.mark.parametrize("num_splits, min_tiles", [(4, 2), (3, 5)])
+def test_decode_splits_only_long_sequences(num_splits, min_tiles, fused):
+    """min_split_tiles: a sequence fills only the splits its length needs (1 token .. all of them); the rest
+    leave empty partials that the merge must ignore. With the step's own K/V too (the last split's key)."""
+    seq_lens = [1, 9, 16, 33, 50, 80, 200]
+    config = DecodeConfig(block_n=16, num_splits=num_splits, num_warps=1, num_stages=1, fused_reduce=fused,
+                          min_split_tiles=min_tiles)
+    check([1] * 7, seq_lens, 8, 2, 64, 16, torch.float32, seed=num_splits, config=config)
+    check_new_kv([1] * 7, seq_lens, 8, 2, 64, 16, torch.float32, seed=min_tiles, config=config, write=True)
+
+
 @pytest.mark.parametrize("window, softcap", [(1, None), (5, None), (24, 2.0), (None, 1.5), (100, 30.0)])
 @pytest.mark.parametrize("num_splits", [1, 2])
 def test_decode_sliding_window_and_softcap(window, softcap, num_splits):
@@ -501,9 +513,11 @@ def test_bench_new_token_slots_are_where_the_tables_put_them():
     torch.testing.assert_close(torch.cat(read), rows, atol=0, rtol=0)
 
 
-def test_bench_decode_layer_row_compares_one_launch_with_three(monkeypatch):
+@pytest.mark.parametrize("ragged", [False, True], ids=["even", "ragged"])
+def test_bench_decode_layer_row_compares_one_launch_with_three(monkeypatch, ragged):
     """The kernel bench's `decode layer` row (CUDA graphs on a GPU; here each 'graph' is one call on the
-    interpreter): it times the fused launch against write_kv + decode + reduce apart, and both store the token."""
+    interpreter): it times the fused launch against write_kv + decode + reduce apart, and both store the token;
+    `ragged` spreads the contexts as a serving batch's."""
     import argparse
 
     from hf_paged.bench import attention_rows
@@ -513,12 +527,18 @@ def test_bench_decode_layer_row_compares_one_launch_with_three(monkeypatch):
     monkeypatch.setattr(attention_rows, "_graphed", lambda fn, times: lambda: calls.append(fn()))
     rows = []
     args = argparse.Namespace(dtype="float32", head_dim=64, block_size=8)
-    attention_rows.bench_decode_step(Timer(gpu=False), 3, 20, 4, 2, args, rows, sweep=True)
-    row, best = rows
+    attention_rows.bench_decode_step(Timer(gpu=False), 3, 20, 4, 2, args, rows, sweep=not ragged, ragged=ragged)
+    row, *best = rows
     assert row.kernel.startswith("decode layer") and row.vs_baseline == pytest.approx(row.ms / row.baseline_ms)
-    assert "write_kv + decode" in row.baseline and "3x(q1,ctx20)" in row.shape
-    # the sweep: 1 split, then 2-16 merged by the last split or by a second launch; the best is the fastest
-    assert len(best.detail["sweep_ms"]) == 9 and best.ms == min(best.detail["sweep_ms"].values())
+    lengths = attention_rows.serving_lengths(3, 20)
+    assert "write_kv + decode" in row.baseline
+    assert (f"3x(q1,ctx~20 ragged, max {max(lengths)})" if ragged else "3x(q1,ctx20)") in row.shape
+    assert len(set(lengths)) > 1 and all(16 <= n <= 320 for n in lengths)
+    # the sweep (the even batch's): 1 split, then 2-16 merged by the last split or by a second launch, then 2-8
+    # splits of at least 2-8 tiles each; the best is the fastest
+    assert len(best) == (0 if ragged else 1)
+    for row in best:
+        assert len(row.detail["sweep_ms"]) == 18 and row.ms == min(row.detail["sweep_ms"].values())
     fused, apart, *swept = calls  # the default config in one launch, the launches apart, then the sweep's
     for out in [fused, *swept]:
         torch.testing.assert_close(out, apart, atol=1e-4, rtol=1e-4)
