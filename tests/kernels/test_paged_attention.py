@@ -359,6 +359,31 @@ def test_gpu_decode_writes_the_steps_own_kv(shape, num_seqs):
 
 @pytest.mark.cuda
 @on_gpu
+@pytest.mark.parametrize("num_splits, fused", [(2, True), (8, False)])
+def test_gpu_decode_splits_only_long_sequences(num_splits, fused):
+    """DecodeConfig.min_split_tiles on the device's tiles: a serving batch's lengths (most short, a few long), the
+    step's own K/V stored, the splits past a short sequence's range left empty."""
+    from hf_paged.bench.attention_rows import serving_lengths
+
+    config = DecodeConfig(block_n=64, num_splits=num_splits, fused_reduce=fused, min_split_tiles=4)
+    check_new_kv([1] * 96, serving_lengths(96, 300, seed=num_splits), 32, 8, 128, 8, torch.bfloat16, seed=3,
+                 write=True, skip=(0,), config=config)
+
+
+@pytest.mark.cuda
+@on_gpu
+@pytest.mark.parametrize("fresh", [False, True], ids=["prefix", "fresh"])
+def test_gpu_prefill_stores_last(fresh):
+    """PrefillConfig.store_last on the device's tile: the step's own K/V stored after each tile's attention."""
+    q_lens = [1000, 1, 333, 64]
+    seq_lens = q_lens if fresh else [q + p for q, p in zip(q_lens, [0, 700, 1029, 5])]
+    config = dataclasses.replace(default_prefill_config(4, 128, torch.device("cuda"), own_kv=True), store_last=True)
+    check_new_kv(q_lens, seq_lens, 32, 8, 128, 8, torch.bfloat16, seed=6, write=True, skip=(5, 1001), fresh=fresh,
+                 config=config)
+
+
+@pytest.mark.cuda
+@on_gpu
 def test_gpu_fused_reduce_in_a_cuda_graph():
     """Replays of one captured decode launch (16 splits, the last one merging) on new K/V each time: every replay
     matches the reference, so the arrival counters come back to zero inside the graph."""
