@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The GPU measurements, one step a device call (each call is capped at 10 minutes), from the repo root:
 #   run(command="bash .ci/device-plan.sh STEP", carry=[".whl"])      (../shared/device/prepare-wheels first, here)
-# STEP: tests-kernels | tests-models | kernels | sweep | decode-tiles | pipeline | steps | pdl | throughput | lognormal | thousand | memory. Results go
+# STEP: tests-kernels | tests-decode | tests-prefill | tests-models | kernels | sweep | decode-tiles | pipeline | steps | pdl | throughput | lognormal | thousand | memory. Results go
 # to $OUT (the device tool's folder that comes back) or /tmp/out, logs as they are written (a call cut off at its
 # limit still brings them back); record them in docs/benchmarks.md and docs/kernels.md with the command.
 # Together the two test steps ran past one 8-minute call on a fresh H200 (most of it Triton and inductor
-# compiling); apart, 48 of the 106 kernel tests took 100 s and tests/hf/test_cuda.py's 8 took 77 s.
+# compiling); on 2026-12-02 105 of the 108 kernel tests took 240 s on a fresh H200 and the model tests 110 s, so
+# the kernel tests also run as two halves (tests-decode, tests-prefill: every test in exactly one).
 set -euo pipefail
 . .ci/device-env.sh
 out=${OUT:-/tmp/out}
@@ -14,8 +15,11 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader || 
 tp="python3 -P -m hf_paged.bench.throughput --model llama2-7b"
 diff="python3 -P -m hf_paged.bench.diff"  # A/B tables (bench diff) of the switch steps
 pytest="python3 -P -m pytest -m cuda -q -rs -p no:cacheprovider --durations=10"
-case "${1:?STEP: tests-kernels | tests-models | kernels | sweep | decode-tiles | pipeline | steps | pdl | throughput | lognormal | thousand | memory}" in
+decode_tests="decode or reduce or write_kv or block_copy"  # tests-decode; tests-prefill runs the rest
+case "${1:?STEP: tests-kernels | tests-decode | tests-prefill | tests-models | kernels | sweep | decode-tiles | pipeline | steps | pdl | throughput | lognormal | thousand | memory}" in
   tests-kernels) $pytest tests/kernels 2>&1 | tee "$out/tests_kernels.log" ;;
+  tests-decode) $pytest tests/kernels -k "$decode_tests" 2>&1 | tee "$out/tests_decode.log" ;;
+  tests-prefill) $pytest tests/kernels -k "not ($decode_tests)" 2>&1 | tee "$out/tests_prefill.log" ;;
   tests-models) $pytest tests/hf/test_cuda.py tests/engine tests/integrations 2>&1 | tee "$out/tests_models.log" ;;
   kernels) python3 -P -m hf_paged.bench.kernels --out "$out/kernels.json" ;;
   sweep) # tiles, PrefillConfig.store_last, and the decode layer at 1/16/64 sequences, even and ragged contexts
