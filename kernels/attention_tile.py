@@ -25,7 +25,7 @@ import triton.language as tl
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 # HF_PAGED_KV_PIPELINE: which kernels run their K/V loops pipelined through the block table (module docstring):
 # "prefill" (the default), "all" (or 1), "decode", "none" (or 0: the loops as before 2026-12-01, each tile's rows
-# gathered in its own iteration, a range in two loops). The H200 timed the prefill 9-15% faster pipelined and the
+# gathered in its own iteration, a range in two loops). The H200 timed the prefill 4-15% faster pipelined and the
 # decode 1-19% slower (docs/kernels.md "Pipelined through the block table"). Read at import, compile-time constants
 # the kernels pass down as PIPELINE.
 _KV_PIPELINE = os.environ.get("HF_PAGED_KV_PIPELINE", "prefill").strip().lower()
