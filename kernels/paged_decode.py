@@ -43,25 +43,49 @@ def arrival_counters(device: torch.device, needed: int) -> torch.Tensor | None:
 
 
 @triton.jit
-def _merge_splits(out_ptrs, out_mask, part_acc, part_ml, rows, h_mask, offs_d,
+def split_range(seq_len, window, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, MIN_SPLIT_TILES: tl.constexpr,
+                SLIDING: tl.constexpr, NEW_KV: tl.constexpr):
+    """The KV tokens [lo, cached_end) a sequence reads through its block table, the tiles of each split, and how
+    many splits hold any (all NUM_SPLITS unless MIN_SPLIT_TILES > 1: then the splits past `active` are left out,
+    by the decode kernel and by both merges)."""
+    lo = seq_len * 0
+    if SLIDING:
+        lo = tl.maximum(seq_len - window, 0)
+    cached_end = seq_len  # keys read through the block table: all, or all but the step's own (NEW_KV)
+    if NEW_KV:
+        cached_end = seq_len - 1
+    tiles = (cached_end - lo + BLOCK_N - 1) // BLOCK_N
+    tiles_per_split = (tiles + NUM_SPLITS - 1) // NUM_SPLITS
+    active = seq_len * 0 + NUM_SPLITS
+    if MIN_SPLIT_TILES > 1:  # short sequences fill fewer splits
+        tiles_per_split = tl.maximum(tiles_per_split, MIN_SPLIT_TILES)
+        active = tl.maximum((tiles + tiles_per_split - 1) // tiles_per_split, 1)
+    return lo, cached_end, tiles_per_split, active
+
+
+@triton.jit
+def _merge_splits(out_ptrs, out_mask, part_acc, part_ml, rows, h_mask, offs_d, active,
                   NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, ROWS: tl.constexpr):
-    """Merge the NUM_SPLITS partial softmaxes of ROWS query heads; rows[i] * NUM_SPLITS is head i's first partial.
+    """Merge the first `active` of the NUM_SPLITS partial softmaxes of ROWS query heads; rows[i] * NUM_SPLITS is
+    head i's first partial.
 
     NOTE: .cg loads: the partials were written by other SMs, read here from L2, never from a stale L1 line.
     """
     m_max = tl.full([ROWS], float("-inf"), dtype=tl.float32)
     for s in range(NUM_SPLITS):
-        m = tl.load(part_ml + (rows * NUM_SPLITS + s) * 2, mask=h_mask, other=float("-inf"), cache_modifier=".cg")
+        m = tl.load(part_ml + (rows * NUM_SPLITS + s) * 2, mask=h_mask & (s < active), other=float("-inf"),
+                    cache_modifier=".cg")
         m_max = tl.maximum(m_max, m)
     m_max = tl.where(h_mask, m_max, 0.0)  # finite for real rows: the split holding the last token saw it
     o = tl.full([ROWS, HEAD_PAD], 0.0, dtype=tl.float32)
     denom = tl.full([ROWS], 0.0, dtype=tl.float32)
     for s in range(NUM_SPLITS):
         part = rows * NUM_SPLITS + s  # (ROWS,)
-        m = tl.load(part_ml + part * 2, mask=h_mask, other=float("-inf"), cache_modifier=".cg")
-        l = tl.load(part_ml + part * 2 + 1, mask=h_mask, other=0.0, cache_modifier=".cg")
-        acc = tl.load(part_acc + part[:, None] * HEAD_DIM + offs_d[None, :], mask=out_mask, other=0.0,
-                      cache_modifier=".cg")  # (ROWS, HEAD_PAD)
+        held = h_mask & (s < active)  # a left-out split's partial was never written
+        m = tl.load(part_ml + part * 2, mask=held, other=float("-inf"), cache_modifier=".cg")
+        l = tl.load(part_ml + part * 2 + 1, mask=held, other=0.0, cache_modifier=".cg")
+        acc = tl.load(part_acc + part[:, None] * HEAD_DIM + offs_d[None, :], mask=out_mask & held[:, None],
+                      other=0.0, cache_modifier=".cg")  # (ROWS, HEAD_PAD)
         w = tl.exp2(m - m_max)  # 0 for empty splits (m = -inf)
         o += acc * w[:, None]
         denom += l * w
@@ -95,15 +119,10 @@ def _decode_kernel(
     if PDL:
         gdc_wait()
         gdc_launch_dependents()
-    lo = 0
-    if SLIDING:
-        lo = tl.maximum(seq_len - window, 0)
-    cached_end = seq_len  # keys read through the block table: all, or all but the step's own (NEW_KV)
-    if NEW_KV:
-        cached_end = seq_len - 1
-    tiles_per_split = ((cached_end - lo + BLOCK_N - 1) // BLOCK_N + NUM_SPLITS - 1) // NUM_SPLITS
-    if MIN_SPLIT_TILES > 1:  # short sequences fill fewer splits; the others' ranges are empty
-        tiles_per_split = tl.maximum(tiles_per_split, MIN_SPLIT_TILES)
+    lo, cached_end, tiles_per_split, active = split_range(seq_len, window, BLOCK_N, NUM_SPLITS, MIN_SPLIT_TILES,
+                                                          SLIDING, NEW_KV)
+    if split >= active:  # MIN_SPLIT_TILES: a split this sequence is too short for; the merges leave it out
+        return
     start = lo + split * tiles_per_split * BLOCK_N
     end = tl.minimum(start + tiles_per_split * BLOCK_N, cached_end)
 
@@ -134,7 +153,7 @@ def _decode_kernel(
                                 BLOCK_N, HEAD_PAD, HEAD_DIM, SLIDING, SOFTCAP, DOT_PRECISION, INTERPRET,
                                 PIPELINE_DECODE)
     if NEW_KV:
-        if split == NUM_SPLITS - 1:  # the step's own token, from the packed K/V (and into its slot)
+        if split == active - 1:  # the step's own token, from the packed K/V (and into its slot)
             src = q_start.to(tl.int64) * stride_nt + kv_head * stride_nh + offs_d  # (HEAD_PAD,)
             k = tl.load(new_k + src, mask=d_mask, other=0.0)
             v = tl.load(new_v + src, mask=d_mask, other=0.0)
@@ -161,19 +180,21 @@ def _decode_kernel(
             tl.debug_barrier()
             counter = counters + seq * tl.num_programs(1) + kv_head
             arrived = tl.atomic_add(counter, 1, sem="acq_rel")
-            if arrived == NUM_SPLITS - 1:
-                _merge_splits(out_ptrs, out_mask, part_acc, part_ml, rows, h_mask, offs_d, NUM_SPLITS, HEAD_DIM,
-                              HEAD_PAD, BLOCK_H)
+            if arrived == active - 1:
+                _merge_splits(out_ptrs, out_mask, part_acc, part_ml, rows, h_mask, offs_d, active, NUM_SPLITS,
+                              HEAD_DIM, HEAD_PAD, BLOCK_H)
                 tl.atomic_xchg(counter, 0)  # zero again for the next launch
 
 
 @triton.jit
 def _reduce_kernel(
-    out, part_acc, part_ml, cu_seqlens_q, stride_ot, stride_oh,
+    out, part_acc, part_ml, cu_seqlens_q, seq_lens, window, stride_ot, stride_oh,
     NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr, MIN_SPLIT_TILES: tl.constexpr, SLIDING: tl.constexpr, NEW_KV: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    """Merge the NUM_SPLITS partial softmaxes of one (sequence, query head): the second launch without FUSED_REDUCE."""
+    """Merge the partial softmaxes of one (sequence, query head): the second launch without FUSED_REDUCE. The split
+    constants are the decode launch's (they say which splits hold partials)."""
     if PDL:
         gdc_wait()
         gdc_launch_dependents()
@@ -185,6 +206,10 @@ def _reduce_kernel(
     splits = tl.arange(0, SPLITS_PAD)
     offs_d = tl.arange(0, HEAD_PAD)
     s_mask = splits < NUM_SPLITS
+    if MIN_SPLIT_TILES > 1:
+        active = split_range(tl.load(seq_lens + seq), window, BLOCK_N, NUM_SPLITS, MIN_SPLIT_TILES, SLIDING,
+                             NEW_KV)[3]
+        s_mask = splits < active
     row = (seq * tl.num_programs(1) + head) * NUM_SPLITS + splits  # (SPLITS_PAD,)
     m = tl.load(part_ml + row * 2, mask=s_mask, other=float("-inf"))
     l = tl.load(part_ml + row * 2 + 1, mask=s_mask, other=0.0)
@@ -202,6 +227,7 @@ def launch_decode(out, args, common, cfg: DecodeConfig, num_seqs, num_kv_heads, 
     """Grid (S, Hkv, splits); `args` are the kernel's arguments from `query` to `window`, as the launcher built
     them. key/value: the step's own K/V (NEW_KV); slot_mapping: store them too (WRITE)."""
     splits = cfg.num_splits
+    min_tiles = cfg.min_split_tiles if splits > 1 else 1
     block_h = max(16, triton.next_power_of_2(common["GROUP"]))
     counters = None
     if splits == 1:
@@ -218,12 +244,13 @@ def launch_decode(out, args, common, cfg: DecodeConfig, num_seqs, num_kv_heads, 
         new = (key, value, key.stride(0), key.stride(1), slot_mapping if slot_mapping is not None else out)
     _decode_kernel[(num_seqs, num_kv_heads, splits)](
         out, part_acc, part_ml, counters if fused else out, *args, *new,
-        BLOCK_H=block_h, BLOCK_N=cfg.block_n, NUM_SPLITS=splits,
-        MIN_SPLIT_TILES=cfg.min_split_tiles if splits > 1 else 1, **common, NEW_KV=key is not None,
+        BLOCK_H=block_h, BLOCK_N=cfg.block_n, NUM_SPLITS=splits, MIN_SPLIT_TILES=min_tiles, **common,
+        NEW_KV=key is not None,
         WRITE=slot_mapping is not None, FUSED_REDUCE=fused, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         launch_pdl=common["PDL"])
     if splits > 1 and not fused:
         _reduce_kernel[(num_seqs, num_q_heads)](
-            out, part_acc, part_ml, args[5], out.stride(0), out.stride(1),
-            NUM_SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits), HEAD_DIM=head_dim,
+            out, part_acc, part_ml, args[5], args[4], args[-1], out.stride(0), out.stride(1),
+            NUM_SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits), HEAD_DIM=head_dim, BLOCK_N=cfg.block_n,
+            MIN_SPLIT_TILES=min_tiles, SLIDING=common["SLIDING"], NEW_KV=key is not None,
             HEAD_PAD=common["HEAD_PAD"], PDL=common["PDL"], num_warps=4, launch_pdl=common["PDL"])

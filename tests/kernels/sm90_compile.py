@@ -115,9 +115,10 @@ def main() -> dict:
                                               MIN_SPLIT_TILES=4 if name.endswith("_min4") else 1,
                                               SLIDING=special, SOFTCAP=special, NEW_KV=fused, WRITE=fused,
                                               FUSED_REDUCE=fused, PDL=pdl), 4, 3)
-    for name, pdl in (("reduce", False), ("reduce_pdl", True)):
+    for name, pdl in (("reduce", False), ("reduce_pdl", True), ("reduce_min4", False)):
         report[name] = compile_for_hopper(paged_decode._reduce_kernel, dict(
-            NUM_SPLITS=4, SPLITS_PAD=4, HEAD_DIM=128, HEAD_PAD=128, PDL=pdl), 4, 1)
+            NUM_SPLITS=4, SPLITS_PAD=4, HEAD_DIM=128, HEAD_PAD=128, BLOCK_N=64, SLIDING=False, NEW_KV=True,
+            MIN_SPLIT_TILES=4 if name.endswith("_min4") else 1, PDL=pdl), 4, 1)
     report["write_kv"] = compile_for_hopper(kv_write._write_kv_kernel, dict(NUM_HEADS=8, HEAD_DIM=128, BLOCK_H=8,
                                                                            HEAD_PAD=128, BLOCK_SIZE=16), 4, 1)
     return report

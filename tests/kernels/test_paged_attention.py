@@ -54,9 +54,22 @@ def test_decode_split_k_matches_reference(num_splits, fused):
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "two_launches"])
 @pytest.mark.parametrize("num_splits, min_tiles", [(4, 2), (3, 5)])
-def test_decode_splits_only_long_sequences(num_splits, min_tiles, fused):
-    """min_split_tiles: a sequence fills only the splits its length needs (1 token .. all of them); the rest
-    leave empty partials that the merge must ignore. With the step's own K/V too (the last split's key)."""
+def test_decode_splits_only_long_sequences(monkeypatch, num_splits, min_tiles, fused):
+    """min_split_tiles: a sequence fills only the splits its length needs (1 token .. all of them); the others
+    exit at once, and both merges must leave their partials out (here NaN: never written). With the step's own
+    K/V too (the last active split's key)."""
+    from hf_paged.kernels import paged_decode
+
+    class PoisonedTorch:  # the partial buffers come out of torch.empty: NaN here, so a read of an unwritten one shows
+        def __getattr__(self, name):
+            return getattr(torch, name)
+
+        @staticmethod
+        def empty(*args, **kwargs):
+            return torch.full(args, float("nan"), **kwargs) if kwargs.get("dtype") == torch.float32 else (
+                torch.empty(*args, **kwargs))
+
+    monkeypatch.setattr(paged_decode, "torch", PoisonedTorch())
     seq_lens = [1, 9, 16, 33, 50, 80, 200]
     config = DecodeConfig(block_n=16, num_splits=num_splits, num_warps=1, num_stages=1, fused_reduce=fused,
                           min_split_tiles=min_tiles)
