@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements, one step a device call (each call is capped at 10 minutes), from the repo root:
 #   run(command="bash .ci/device-plan.sh STEP", carry=[".whl"])      (../shared/device/prepare-wheels first, here)
-# STEP: tests-kernels | tests-decode | tests-prefill | tests-models | kernels | sweep | decode-tiles | pipeline | steps | pdl | throughput | lognormal | thousand | memory. Results go
+# STEP: tests-kernels | tests-decode | tests-prefill | tests-models | kernels | sweep | decode-tiles | pipeline | ragged | steps | pdl | throughput | lognormal | thousand | memory. Results go
 # to $OUT (the device tool's folder that comes back) or /tmp/out, logs as they are written (a call cut off at its
 # limit still brings them back); record them in docs/benchmarks.md and docs/kernels.md with the command.
 # Together the two test steps ran past one 8-minute call on a fresh H200 (most of it Triton and inductor
@@ -16,7 +16,7 @@ tp="python3 -P -m hf_paged.bench.throughput --model llama2-7b"
 diff="python3 -P -m hf_paged.bench.diff"  # A/B tables (bench diff) of the switch steps
 pytest="python3 -P -m pytest -m cuda -q -rs -p no:cacheprovider --durations=10"
 decode_tests="decode or reduce or write_kv or block_copy"  # tests-decode; tests-prefill runs the rest
-case "${1:?STEP: tests-kernels | tests-decode | tests-prefill | tests-models | kernels | sweep | decode-tiles | pipeline | steps | pdl | throughput | lognormal | thousand | memory}" in
+case "${1:?STEP: tests-kernels | tests-decode | tests-prefill | tests-models | kernels | sweep | decode-tiles | pipeline | ragged | steps | pdl | throughput | lognormal | thousand | memory}" in
   tests-kernels) $pytest tests/kernels 2>&1 | tee "$out/tests_kernels.log" ;;
   tests-decode) $pytest tests/kernels -k "$decode_tests" 2>&1 | tee "$out/tests_decode.log" ;;
   tests-prefill) $pytest tests/kernels -k "not ($decode_tests)" 2>&1 | tee "$out/tests_prefill.log" ;;
@@ -45,6 +45,14 @@ case "${1:?STEP: tests-kernels | tests-decode | tests-prefill | tests-models | k
         $diff "$out/${f}_none.json" "$out/${f}_prefill.json" | tee "$out/${f}_none_prefill.md"
         $diff "$out/${f}_prefill.json" "$out/${f}_all.json" | tee "$out/${f}_prefill_all.md"
       done ;;
+  ragged) # decode steps over a serving batch's contexts (mean 208: the ShareGPT run's 65-256 bucket), splits for
+      # the long sequences only (HF_PAGED_LONG_SPLITS=S:M, kernels/tuning.py) off and two ways on, each its own
+      # process; tables off -> each
+      for mode in off 4:4 8:4; do
+        HF_PAGED_LONG_SPLITS=${mode/off/} python3 -P -m hf_paged.bench.steps --model llama2-7b --batch 16,64,128 \
+          --context 208 --ragged --out "$out/steps_ragged_${mode/:/_}.json" 2>&1 | tee "$out/steps_ragged_${mode/:/_}.log"
+      done
+      for mode in 4_4 8_4; do $diff "$out/steps_ragged_off.json" "$out/steps_ragged_$mode.json" | tee "$out/ragged_$mode.md"; done ;;
   steps) python3 -P -m hf_paged.bench.steps --model llama2-7b --batch 1,16,128 --context 512 --out "$out/steps.json" ;;
   pdl) # programmatic dependent launch (kernels/tuning.py use_pdl, engine/compiled.py), each side its own process
       for on in 0 1; do

@@ -64,8 +64,27 @@ def default_decode_config(num_seqs: int, num_kv_heads: int, head_dim: int, devic
         return DecodeConfig(block_n=16, num_splits=1, num_warps=1, num_stages=1)
     programs = max(num_seqs * num_kv_heads, 1)
     splits = min(16, triton.next_power_of_2(triton.cdiv(_num_sms(device), programs)))
+    min_tiles = 1
+    if long := long_splits():  # the experiment: at least S splits, for the sequences long enough to fill them
+        splits, min_tiles = max(splits, long[0]), long[1]
     return DecodeConfig(block_n=64 if head_dim <= 128 else 32, num_splits=splits, num_warps=4, num_stages=3,
-                        fused_reduce=splits <= 2)
+                        fused_reduce=splits <= 2, min_split_tiles=min_tiles)
+
+
+def long_splits() -> tuple[int, int] | None:
+    """`HF_PAGED_LONG_SPLITS=S:M` (an experiment, unset by default): every decode launch has at least S splits
+    of at least M tiles each (`DecodeConfig.min_split_tiles`), so in a batch of mixed lengths only the long
+    sequences spread over several programs. None when unset; a malformed value is a ValueError."""
+    value = os.environ.get("HF_PAGED_LONG_SPLITS", "").strip()
+    if not value:
+        return None
+    try:
+        splits, tiles = (int(part) for part in value.split(":"))
+    except ValueError:
+        splits = tiles = 0
+    if not (1 <= splits <= 16 and tiles >= 1):
+        raise ValueError(f"HF_PAGED_LONG_SPLITS={value!r}: expected S:M, 1 <= S <= 16 splits of M >= 1 tiles")
+    return splits, tiles
 
 
 def default_prefill_config(group: int, head_dim: int, device: torch.device, own_kv: bool = False) -> PrefillConfig:

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from hf_paged.bench.kernels import _DTYPES, Row
+from hf_paged.bench.workloads import serving_lengths
 from hf_paged.kernels import reference
 
 
@@ -97,14 +98,6 @@ def bench_attention(timer, kind, q_lens, seq_lens, hq, hkv, args, rows, sweep):
                             baseline=row.baseline, baseline_ms=row.baseline_ms, vs_baseline=(
                                 best_ms / row.baseline_ms if row.baseline_ms else None)))
     del inputs
-
-def serving_lengths(batch: int, mean: int, seed: int = 0) -> list[int]:
-    """Context lengths of a serving batch: lognormal (sigma 1) with the given mean, 16 to 16 x mean tokens."""
-    gen = torch.Generator().manual_seed(seed)
-    mu = torch.tensor(float(mean)).log() - 0.5
-    lengths = (torch.randn(batch, generator=gen) + mu).exp().round().clamp(16, 16 * mean)
-    return [int(n) for n in lengths]
-
 
 def bench_decode_step(timer, batch, ctx, hq, hkv, args, rows, sweep=False, ragged=False):
     """One layer's attention in a decode step as the engine's graphs run it: the step's K/V stored and attended in

@@ -1,7 +1,7 @@
 """`hf-paged bench steps`: where one engine decode step's time goes.
 
-A steady decode batch (`--batch` sequences, each `--context` tokens long; several batch sizes: `--batch 1,8,128`)
-is stepped `--steps` times, first timed, then under torch.profiler. It reports the wall time of a step, the device
+A steady decode batch (`--batch` sequences, each `--context` tokens long, or `--ragged`: contexts of that mean spread
+as a serving batch's; several batch sizes: `--batch 1,8,128`) is stepped `--steps` times, first timed, then under torch.profiler. It reports the wall time of a step, the device
 time its kernels add up to (the rest is the device waiting for the host), the host's own time per step (the wall
 time less its wait for the sampled tokens), the number of kernels per step, the kernel time by kind: matmuls,
 hf_paged's paged-attention kernels, and everything else (norms, rotary, activations, copies), and the rate at which
@@ -29,7 +29,7 @@ import torch
 
 from hf_paged.bench import environment_knobs
 from hf_paged.bench.roofline import ModelFacts
-from hf_paged.bench.workloads import MODEL_SHAPES, build_model
+from hf_paged.bench.workloads import MODEL_SHAPES, build_model, serving_lengths
 from hf_paged.blocks import DEFAULT_BLOCK_SIZE
 from hf_paged.engine.llm import compile_by_default
 from hf_paged.engine.sampler import SampledBatch
@@ -90,18 +90,19 @@ def _steady_batch(model, args, batch: int, graphs: bool, async_scheduling: bool,
                   fuse_projections: bool | None):
     from hf_paged import LLM, SamplingParams
 
-    blocks = batch * (-(-(args.context + args.steps * 3 + 16) // DEFAULT_BLOCK_SIZE) + 1)
+    lengths = serving_lengths(batch, args.context) if args.ragged else [args.context] * batch
+    blocks = sum(-(-(n + args.steps * 3 + 16) // DEFAULT_BLOCK_SIZE) + 1 for n in lengths)
     llm = LLM(model, block_size=DEFAULT_BLOCK_SIZE, num_blocks=blocks, max_num_seqs=batch,
-              max_num_batched_tokens=max(2048, args.context), enable_cuda_graphs=graphs,
+              max_num_batched_tokens=max(2048, max(lengths)), enable_cuda_graphs=graphs,
               async_scheduling=async_scheduling, compile_model=compile_model,
               fuse_projections=fuse_projections)
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(0)
     params = SamplingParams(temperature=0, max_tokens=args.steps * 3 + 8, ignore_eos=True)
-    for i in range(batch):
-        prompt = torch.randint(3, vocab, (args.context,), generator=gen).tolist()
+    for i, n in enumerate(lengths):
+        prompt = torch.randint(3, vocab, (n,), generator=gen).tolist()
         llm.engine.add_request(f"steps-{i}", prompt, params)
-    return llm
+    return llm, sum(lengths)
 
 
 def profile_setting(model, args, batch: int, graphs: bool, async_scheduling: bool, compile_model: bool = False,
@@ -109,12 +110,12 @@ def profile_setting(model, args, batch: int, graphs: bool, async_scheduling: boo
     """Bring `batch` sequences to steady decode, time `args.steps` steps, then profile as many."""
     from torch.profiler import ProfilerActivity, profile
 
-    llm = _steady_batch(model, args, batch, graphs, async_scheduling, compile_model, fuse_projections)
+    llm, prompt_tokens = _steady_batch(model, args, batch, graphs, async_scheduling, compile_model, fuse_projections)
     engine = llm.engine
     on_gpu = model.device.type == "cuda"
     sync = torch.cuda.synchronize if on_gpu else (lambda: None)
     with paged_attention(model):  # once for the run, as LLM.generate does
-        while engine.stats().prompt_tokens < batch * args.context:  # prefill everything
+        while engine.stats().prompt_tokens < prompt_tokens:  # prefill everything
             engine.step()
         for _ in range(3):  # warm up: graph capture for this batch size
             engine.step()
@@ -182,7 +183,8 @@ def _count_syncs(enabled: bool):
 
 
 def format_report(results: list[StepProfile], args) -> str:
-    lines = [f"decode steps of {args.model}: context {args.context}, {args.steps} steps each",
+    context = f"contexts of mean {args.context}, ragged" if args.ragged else f"context {args.context}"
+    lines = [f"decode steps of {args.model}: {context}, {args.steps} steps each",
              f"{'setting':<52} {'batch':>5} {'step ms':>8} {'host ms':>8} {'kernel ms':>9} {'busy':>6} {'kernels':>8} "
              f"{'mm GB/s':>8}  by kind (ms per step)"]
     for r in results:
@@ -199,6 +201,8 @@ def parse_args(argv):
     parser.add_argument("--batch", type=_batches, default=[128],
                         help="sequences decoding at once; a comma-separated list runs each (default: 128)")
     parser.add_argument("--context", type=int, default=512, help="prompt tokens of each sequence")
+    parser.add_argument("--ragged", action="store_true",
+                        help="contexts spread as a serving batch's (lognormal, mean --context, up to 16x it)")
     parser.add_argument("--steps", type=int, default=20, help="decode steps timed, then as many profiled")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--device", help="default: cuda when available, else cpu")
@@ -242,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_report(results, args))
     if args.out:
         report = {"model": args.model, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
-                  "cpu", "dtype": str(dtype), "batches": args.batch, "context": args.context, "steps": args.steps,
+                  "cpu", "dtype": str(dtype), "batches": args.batch, "context": args.context, "ragged": args.ragged, "steps": args.steps,
                   "weight_bytes_per_step": ModelFacts.of(model).weight_bytes_per_step,
                   "environment": environment_knobs(),
                   "results": [dict(asdict(r), busy=r.busy, host_ms=r.host_ms) for r in results]}

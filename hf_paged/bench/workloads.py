@@ -105,6 +105,14 @@ def sample_lognormal(num_requests: int, seed: int = 0, mean_in: float = 154, mea
     return sampled
 
 
+def serving_lengths(batch: int, mean: int, seed: int = 0) -> list[int]:
+    """The context lengths of a decode batch as serving has them (most short, a few long): lognormal, sigma 1,
+    of the given mean, kept within 16 and 16 x mean tokens (`bench kernels` / `bench steps` ragged rows)."""
+    rng = random.Random(seed)
+    mu = math.log(mean) - 0.5
+    return [min(max(round(rng.lognormvariate(mu, 1.0)), 16), 16 * mean) for _ in range(batch)]
+
+
 # ---------------------------------------------------------------------------------------------------- requests
 def make_requests(lengths: list[tuple[int, int]], vocab_size: int, seed: int = 0) -> list[Request]:
     """Random prompt token ids in [0, vocab_size) of each sampled length, seeded."""

@@ -197,6 +197,30 @@ def test_steps_bench_accounts_for_every_step(tmp_path, monkeypatch):
     assert steps._kind("_decode_kernel") == "paged attention"
     assert steps._kind("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add>") == "other"
 
+def test_steps_bench_ragged_contexts(tmp_path, monkeypatch):
+    """--ragged: the batch's prompts take a serving batch's lengths (mean --context) and all of them are prefilled
+    before the timed decode steps."""
+    from hf_paged.bench import steps
+    from hf_paged.bench.workloads import serving_lengths
+
+    added = []
+    real = steps._steady_batch
+
+    def watched(*args, **kwargs):
+        llm, total = real(*args, **kwargs)
+        added.append((sorted(len(r.prompt_ids) for r in llm.engine.requests.values()), total))
+        return llm, total
+
+    monkeypatch.setattr(steps, "_steady_batch", watched)
+    out = tmp_path / "steps.json"
+    assert steps.main(["--model", "tiny", "--device", "cpu", "--batch", "6", "--context", "24", "--steps", "3",
+                       "--ragged", "--out", str(out)]) == 0
+    expected = serving_lengths(6, 24)
+    assert added == [(sorted(expected), sum(expected))] and len(set(expected)) > 2
+    report = json.loads(out.read_text())
+    assert report["ragged"] is True and report["results"][0]["step_ms"] > 0
+
+
 
 def test_engine_variants_run_in_the_same_process(tmp_path):
     out = tmp_path / "run.json"

@@ -376,7 +376,7 @@ def test_gpu_decode_writes_the_steps_own_kv(shape, num_seqs):
 def test_gpu_decode_splits_only_long_sequences(num_splits, fused):
     """DecodeConfig.min_split_tiles on the device's tiles: a serving batch's lengths (most short, a few long), the
     step's own K/V stored, the splits past a short sequence's range left empty."""
-    from hf_paged.bench.attention_rows import serving_lengths
+    from hf_paged.bench.workloads import serving_lengths
 
     config = DecodeConfig(block_n=64, num_splits=num_splits, fused_reduce=fused, min_split_tiles=4)
     check_new_kv([1] * 96, serving_lengths(96, 300, seed=num_splits), 32, 8, 128, 8, torch.bfloat16, seed=3,
@@ -560,6 +560,7 @@ def test_bench_decode_layer_row_compares_one_launch_with_three(monkeypatch, ragg
 
     from hf_paged.bench import attention_rows
     from hf_paged.bench.kernels import Timer
+    from hf_paged.bench.workloads import serving_lengths
 
     calls = []
     monkeypatch.setattr(attention_rows, "_graphed", lambda fn, times: lambda: calls.append(fn()))
@@ -568,7 +569,7 @@ def test_bench_decode_layer_row_compares_one_launch_with_three(monkeypatch, ragg
     attention_rows.bench_decode_step(Timer(gpu=False), 3, 20, 4, 2, args, rows, sweep=not ragged, ragged=ragged)
     row, *best = rows
     assert row.kernel.startswith("decode layer") and row.vs_baseline == pytest.approx(row.ms / row.baseline_ms)
-    lengths = attention_rows.serving_lengths(3, 20)
+    lengths = serving_lengths(3, 20)
     assert "write_kv + decode" in row.baseline
     assert (f"3x(q1,ctx~20 ragged, max {max(lengths)})" if ragged else "3x(q1,ctx20)") in row.shape
     assert len(set(lengths)) > 1 and all(16 <= n <= 320 for n in lengths)
@@ -592,6 +593,27 @@ def test_default_decode_split_rule(monkeypatch, num_seqs, num_kv_heads, splits):
     monkeypatch.setattr(tuning, "_num_sms", lambda device: 132)
     cfg = tuning.default_decode_config(num_seqs, num_kv_heads, 128, torch.device("cuda"))
     assert (cfg.num_splits, cfg.fused_reduce) == (splits, splits <= 2)
+
+
+@pytest.mark.parametrize("value, num_seqs, expected", [
+    ("4:4", 64, (4, 4, False)),  # unsplit by the rule: 4 splits, only for sequences of 16+ tiles
+    ("4:2", 1, (16, 2, False)),  # the rule's 16 splits stay, each of at least 2 tiles
+    ("2:8", 64, (2, 8, True)),
+])
+def test_long_splits_switch(monkeypatch, value, num_seqs, expected):
+    """HF_PAGED_LONG_SPLITS=S:M raises the decode's splits to at least S, each at least M tiles."""
+    from hf_paged.kernels import tuning
+
+    monkeypatch.setattr(tuning, "_num_sms", lambda device: 132)
+    monkeypatch.setenv("HF_PAGED_LONG_SPLITS", value)
+    cfg = tuning.default_decode_config(num_seqs, 8, 128, torch.device("cuda"))
+    assert (cfg.num_splits, cfg.min_split_tiles, cfg.fused_reduce) == expected
+    for bad in ("4", "0:2", "4:0", "a:b", "32:1"):
+        monkeypatch.setenv("HF_PAGED_LONG_SPLITS", bad)
+        with pytest.raises(ValueError, match="expected S:M"):
+            tuning.default_decode_config(num_seqs, 8, 128, torch.device("cuda"))
+    monkeypatch.delenv("HF_PAGED_LONG_SPLITS")
+    assert tuning.default_decode_config(num_seqs, 8, 128, torch.device("cuda")).min_split_tiles == 1
 
 
 def test_pdl_is_an_opt_in_for_hopper(monkeypatch):
