@@ -18,7 +18,8 @@ class DecodeConfig:
     num_stages: int = 3
     fused_reduce: bool = True  # the last split to finish merges (else a second launch, `_reduce_kernel`, does)
     # tiles a split holds at least: a sequence shorter than num_splits x this many tiles uses fewer splits (the
-    # rest exit at once with empty partials), so a batch of mixed lengths splits only its long sequences
+    # rest exit at once, writing nothing, and the merges leave them out), so a batch of mixed lengths splits only
+    # its long sequences
     min_split_tiles: int = 1
 
 

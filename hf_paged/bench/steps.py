@@ -1,14 +1,15 @@
 """`hf-paged bench steps`: where one engine decode step's time goes.
 
-A steady decode batch (`--batch` sequences, each `--context` tokens long, or `--ragged`: contexts of that mean spread
-as a serving batch's; several batch sizes: `--batch 1,8,128`) is stepped `--steps` times, first timed, then under torch.profiler. It reports the wall time of a step, the device
-time its kernels add up to (the rest is the device waiting for the host), the host's own time per step (the wall
-time less its wait for the sampled tokens), the number of kernels per step, the kernel time by kind: matmuls,
-hf_paged's paged-attention kernels, and everything else (norms, rotary, activations, copies), and the rate at which
-the matmuls read the weights. The first setting is the LLM's defaults (on a GPU: CUDA graphs, async scheduling,
-compiled forwards). `--compare` adds eager forwards (where the default compiles) and fully eager steps without
-async scheduling; `--compile` adds compiled forwards where the default does not compile (CPU). `--sync-debug` counts the
-operations that synchronise the host with the GPU inside the timed steps (torch's sync debug mode).
+A steady decode batch (`--batch` sequences, each `--context` tokens long, or `--ragged`: contexts of that mean
+spread as a serving batch's; several batch sizes: `--batch 1,8,128`) is stepped `--steps` times, first timed, then
+under torch.profiler. It reports the wall time of a step, the device time its kernels add up to (the rest is the
+device waiting for the host), the host's own time per step (the wall time less its wait for the sampled tokens), the
+number of kernels per step, the kernel time by kind: matmuls, hf_paged's paged-attention kernels, and everything
+else (norms, rotary, activations, copies), and the rate at which the matmuls read the weights. The first setting is
+the LLM's defaults (on a GPU: CUDA graphs, async scheduling, compiled forwards). `--compare` adds eager forwards
+(where the default compiles) and fully eager steps without async scheduling; `--compile` adds compiled forwards
+where the default does not compile (CPU). `--sync-debug` counts the operations that synchronise the host with the
+GPU inside the timed steps (torch's sync debug mode).
 
     python -m hf_paged.bench.steps --model llama2-7b --batch 1,16,128 --context 512 --compare --out steps.json
     python -m hf_paged.bench.steps --model tiny --device cpu --batch 8 --context 32   # CPU smoke run
@@ -246,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     print(format_report(results, args))
     if args.out:
         report = {"model": args.model, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
-                  "cpu", "dtype": str(dtype), "batches": args.batch, "context": args.context, "ragged": args.ragged, "steps": args.steps,
+                  "cpu", "dtype": str(dtype), "batches": args.batch, "context": args.context, "ragged": args.ragged,
+                  "steps": args.steps,
                   "weight_bytes_per_step": ModelFacts.of(model).weight_bytes_per_step,
                   "environment": environment_knobs(),
                   "results": [dict(asdict(r), busy=r.busy, host_ms=r.host_ms) for r in results]}

@@ -114,9 +114,11 @@ class ModelRunner:
         groups: dict[str | None, list] = {}
         for item in out.scheduled:
             groups.setdefault(item.seq.adapter, []).append(item)
-        if self._graph_ready(out, groups) and not self.graphs.graphs:
+        graphed = self._graph_ready(out, groups)
+        if graphed and not self.graphs.graphs:
             self._capture_graphs()  # at the first decode step, while nothing is timed yet
-        if self._graph_ready(out, groups):
+            graphed = self.graphs is not None  # None: the forward could not be captured, every step runs eagerly
+        if graphed:
             self.cache.apply_copies(out.copies)
             items = out.scheduled
             return self.graphs.run(
