@@ -207,8 +207,8 @@ def prefill_configs():
 
     return [PrefillConfig(*c) for c in [
         (128, 32, 4, 2), (128, 32, 4, 3), (128, 32, 4, 4), (128, 32, 8, 3), (128, 64, 4, 2), (128, 64, 4, 3),
-        (128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 32, 4, 3), (64, 32, 4, 4), (64, 64, 4, 3),
-        (64, 64, 4, 4), (256, 32, 8, 3), (256, 64, 8, 2)]] + [  # the step's own K/V by pointer instead of TMA
+        (128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 32, 4, 3), (64, 32, 4, 4), (64, 64, 4, 2),
+        (64, 64, 4, 3), (64, 64, 4, 4), (256, 32, 8, 3), (256, 64, 8, 2)]] + [  # own K/V by pointer instead of TMA
         PrefillConfig(*c, tma=False) for c in [(128, 32, 4, 3), (64, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3)]] + [
         # rows that store the step's own K/V: after the attention instead of before (the same as the above elsewhere)
         PrefillConfig(*c, store_last=True) for c in [(64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 4, 2)]]
