@@ -181,6 +181,27 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+DECODE_TARGET, PREFILL_TARGET = 0.80, 1.3  # issue 4: share of the copy bandwidth; ms against sdpa's
+
+
+def target_lines(rows: list[Row]) -> list[str]:
+    """Issue 4's targets against the rows that measure them: decode at batch 64 reads >= 80% of the copy bandwidth;
+    prefill takes <= 1.3x sdpa's time (its default backend; FlashAttention-2's next to it where timed)."""
+    lines = []
+    for r in rows:
+        if r.kernel == "paged_attention[decode]" and r.shape.startswith("64x(") and r.frac_copy is not None:
+            verdict = "met" if r.frac_copy >= DECODE_TARGET else "short"
+            lines.append(f"decode {r.shape}: {100 * r.frac_copy:.1f}% of copy bandwidth "
+                         f"(target >= {100 * DECODE_TARGET:.0f}%): {verdict}")
+        elif r.kernel.startswith("paged_attention[prefill]") and "sweep" not in r.kernel and r.vs_baseline:
+            verdict = "met" if r.vs_baseline <= PREFILL_TARGET else "short"
+            flash = ((r.detail or {}).get("sdpa_backends_ms") or {}).get("FLASH_ATTENTION")
+            extra = f"; {r.ms / flash:.2f}x sdpa's FlashAttention-2" if flash else ""
+            lines.append(f"{r.kernel.removeprefix('paged_attention')} {r.shape}: {r.vs_baseline:.2f}x sdpa "
+                         f"(target <= {PREFILL_TARGET}x){extra}: {verdict}")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hf-paged bench kernels", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, help="write the rows and device facts as JSON here")
@@ -246,9 +267,12 @@ def main(argv: list[str] | None = None) -> int:
 
     table = format_table(rows)
     print(table)
+    targets = target_lines(rows)
+    if targets:
+        print("\nIssue 4's targets:\n  " + "\n  ".join(targets))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({**facts, "rows": [asdict(r) for r in rows]}, indent=2))
+        args.out.write_text(json.dumps({**facts, "rows": [asdict(r) for r in rows], "targets": targets}, indent=2))
     return 0
 
 
