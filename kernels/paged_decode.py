@@ -106,9 +106,16 @@ def _decode_kernel(
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, MIN_SPLIT_TILES: tl.constexpr,
     SLIDING: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
     NEW_KV: tl.constexpr, WRITE: tl.constexpr, FUSED_REDUCE: tl.constexpr, PDL: tl.constexpr,
+    HEADS_FASTEST: tl.constexpr,
 ):
-    seq = tl.program_id(0)
-    kv_head = tl.program_id(1)
+    if HEADS_FASTEST:  # grid (Hkv, S, splits)
+        kv_head = tl.program_id(0)
+        seq = tl.program_id(1)
+        num_kv_heads = tl.num_programs(0)
+    else:  # grid (S, Hkv, splits)
+        seq = tl.program_id(0)
+        kv_head = tl.program_id(1)
+        num_kv_heads = tl.num_programs(1)
     split = tl.program_id(2)
     q_start = tl.load(cu_seqlens_q + seq)
     if tl.load(cu_seqlens_q + seq + 1) == q_start:
@@ -169,7 +176,7 @@ def _decode_kernel(
     if NUM_SPLITS == 1:
         tl.store(out_ptrs, (acc / l_i[:, None]).to(out.dtype.element_ty), mask=out_mask)
     else:
-        rows = seq * GROUP * tl.num_programs(1) + q_heads  # (BLOCK_H,) query heads of (S, Hq)
+        rows = seq * GROUP * num_kv_heads + q_heads  # (BLOCK_H,) query heads of (S, Hq)
         part = rows * NUM_SPLITS + split
         tl.store(part_acc + part[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=out_mask)
         tl.store(part_ml + part * 2, m_i, mask=h_mask)
@@ -178,7 +185,7 @@ def _decode_kernel(
             # Every thread's partials are stored before the arrival counts (barrier, then a release); the last
             # split to arrive sees all of them (acquire) and merges.
             tl.debug_barrier()
-            counter = counters + seq * tl.num_programs(1) + kv_head
+            counter = counters + seq * num_kv_heads + kv_head
             arrived = tl.atomic_add(counter, 1, sem="acq_rel")
             if arrived == active - 1:
                 _merge_splits(out_ptrs, out_mask, part_acc, part_ml, rows, h_mask, offs_d, active, NUM_SPLITS,
@@ -224,7 +231,7 @@ def _reduce_kernel(
 
 def launch_decode(out, args, common, cfg: DecodeConfig, num_seqs, num_kv_heads, num_q_heads, head_dim, key=None,
                   value=None, slot_mapping=None) -> None:
-    """Grid (S, Hkv, splits); `args` are the kernel's arguments from `query` to `window`, as the launcher built
+    """Grid (S, Hkv, splits), or (Hkv, S, splits) with `cfg.heads_fastest`; `args` are the kernel's arguments from `query` to `window`, as the launcher built
     them. key/value: the step's own K/V (NEW_KV); slot_mapping: store them too (WRITE)."""
     splits = cfg.num_splits
     min_tiles = cfg.min_split_tiles if splits > 1 else 1
@@ -242,12 +249,13 @@ def launch_decode(out, args, common, cfg: DecodeConfig, num_seqs, num_kv_heads, 
         new = (out, out, 0, 0, out)  # unused
     else:
         new = (key, value, key.stride(0), key.stride(1), slot_mapping if slot_mapping is not None else out)
-    _decode_kernel[(num_seqs, num_kv_heads, splits)](
+    grid = (num_kv_heads, num_seqs, splits) if cfg.heads_fastest else (num_seqs, num_kv_heads, splits)
+    _decode_kernel[grid](
         out, part_acc, part_ml, counters if fused else out, *args, *new,
         BLOCK_H=block_h, BLOCK_N=cfg.block_n, NUM_SPLITS=splits, MIN_SPLIT_TILES=min_tiles, **common,
         NEW_KV=key is not None,
-        WRITE=slot_mapping is not None, FUSED_REDUCE=fused, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        launch_pdl=common["PDL"])
+        WRITE=slot_mapping is not None, FUSED_REDUCE=fused, HEADS_FASTEST=cfg.heads_fastest,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=common["PDL"])
     if splits > 1 and not fused:
         _reduce_kernel[(num_seqs, num_q_heads)](
             out, part_acc, part_ml, args[5], args[4], args[-1], out.stride(0), out.stride(1),

@@ -78,6 +78,7 @@ class LLMEngine:
                                   max_batch=min(config.max_num_seqs, MAX_GRAPH_BATCH),
                                   max_blocks_per_seq=-(-self.max_model_len // config.block_size))
         self.requests: dict[str, Request] = {}
+        self.longest_first = _decode_order() == "longest"  # the HF_PAGED_DECODE_ORDER experiment
         self.eos_token_ids = eos_token_ids(model, tokenizer)
         self._seq_ids = itertools.count()
         self._inflight: _InFlight | None = None
@@ -194,6 +195,8 @@ class LLMEngine:
         """
         touched: dict[str, Request] = {}
         out = self.scheduler.schedule()
+        if self.longest_first:
+            out.order_decodes_longest_first()
         self.num_preemptions += len(out.preempted)
         if out.swap_out or out.swap_in:
             cpu = self.scheduler.cpu_manager
@@ -375,6 +378,15 @@ class LLMEngine:
             generation_tokens=self.generation_tokens,
             computed_tokens=self.computed_tokens,
         )
+
+
+def _decode_order() -> str:
+    """`HF_PAGED_DECODE_ORDER` (kernels/tuning.py); unset where triton is missing (no Triton decode to order)."""
+    try:
+        from hf_paged.kernels.tuning import decode_order
+    except ImportError:
+        return ""
+    return decode_order()
 
 
 def _agree_across_ranks(tokens: torch.Tensor) -> None:

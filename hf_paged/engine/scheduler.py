@@ -52,6 +52,15 @@ class SchedulerOutput:
     def num_tokens(self) -> int:
         return sum(s.num_tokens for s in self.scheduled)
 
+    def order_decodes_longest_first(self) -> None:
+        """A decode-only step's sequences by context, longest first (a stable sort: ties keep their order).
+
+        NOTE: the forward's rows, and so the logits' and the sampled tokens' rows, follow `scheduled`; whoever
+        reorders it does so before the step runs.
+        """
+        if len(self.scheduled) > 1 and all(item.num_tokens == 1 for item in self.scheduled):
+            self.scheduled.sort(key=lambda item: -item.seq.num_computed_tokens)
+
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, manager: BlockManager, cpu_manager: BlockManager | None = None):

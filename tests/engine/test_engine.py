@@ -242,3 +242,29 @@ def test_step_only_finished_returns_final_outputs_only(make_llm, async_schedulin
         assert seen == [[], [], [("short", True)], [], [], [("long", True)]]
     else:
         assert seen == [[], [("short", True)], [], [], [("long", True)]]
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_longest_first_decode_order_keeps_every_output(make_llm, monkeypatch, async_scheduling):
+    """HF_PAGED_DECODE_ORDER=longest: each decode step runs its sequences by context, longest first, and every
+    request still gets the tokens it gets in scheduling order (greedy and seeded rows, pending tokens included)."""
+    prompts = _prompts(7, seed=9, low=2, high=30)
+    params = [GREEDY if i % 2 else SamplingParams(temperature=0.9, max_tokens=12, seed=i, ignore_eos=True)
+              for i in range(len(prompts))]
+    expected = make_llm(async_scheduling=async_scheduling).generate(prompts, params, use_tqdm=False)
+    monkeypatch.setenv("HF_PAGED_DECODE_ORDER", "longest")
+    llm = make_llm(async_scheduling=async_scheduling)
+    assert llm.engine.longest_first
+    orders = []
+    execute = llm.engine.runner.execute
+
+    def recording(out, *args, **kwargs):
+        if all(item.num_tokens == 1 for item in out.scheduled):
+            orders.append([item.seq.num_computed_tokens for item in out.scheduled])
+        return execute(out, *args, **kwargs)
+
+    monkeypatch.setattr(llm.engine.runner, "execute", recording)
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outputs] == [o.outputs[0].token_ids for o in expected]
+    assert any(len(set(order)) > 1 for order in orders)  # the batches were ragged
+    assert all(order == sorted(order, reverse=True) for order in orders)

@@ -104,17 +104,20 @@ def main() -> dict:
                                                     STORE_LAST=suffix.endswith("_last")),
                 cfg.num_warps, cfg.num_stages, types)
     # one split; four merged by a second launch; four merged by the last split, with the step's own K/V stored;
-    # also launched early (_pdl), or splitting only sequences of 4+ tiles a split (_min4, min_split_tiles)
+    # also launched early (_pdl), or splitting only sequences of 4+ tiles a split (_min4, min_split_tiles), or
+    # with the grid KV heads first (_heads, heads_fastest)
     for name, splits, special, fused, pdl in (("decode_splits1", 1, False, False, False),
                                               ("decode_splits4", 4, True, False, False),
                                               ("decode_splits4_fused_write", 4, False, True, False),
                                               ("decode_splits4_fused_write_min4", 4, False, True, False),
+                                              ("decode_splits1_fused_write_heads", 1, False, True, False),
                                               ("decode_splits2_fused_write_pdl", 2, False, True, True)):
         report[name] = compile_for_hopper(
             paged_decode._decode_kernel, dict(COMMON, GROUP=4, BLOCK_H=16, BLOCK_N=64, NUM_SPLITS=splits,
                                               MIN_SPLIT_TILES=4 if name.endswith("_min4") else 1,
                                               SLIDING=special, SOFTCAP=special, NEW_KV=fused, WRITE=fused,
-                                              FUSED_REDUCE=fused, PDL=pdl), 4, 3)
+                                              FUSED_REDUCE=fused, PDL=pdl,
+                                              HEADS_FASTEST=name.endswith("_heads")), 4, 3)
     for name, pdl in (("reduce", False), ("reduce_pdl", True), ("reduce_min4", False)):
         report[name] = compile_for_hopper(paged_decode._reduce_kernel, dict(
             NUM_SPLITS=4, SPLITS_PAD=4, HEAD_DIM=128, HEAD_PAD=128, BLOCK_N=64, SLIDING=False, NEW_KV=True,

@@ -27,7 +27,7 @@ def test_kernels_compile_for_hopper():
                for suffix in ("", "_own_kv", "_own_kv_tma", "_own_kv_tma_write", "_own_kv_tma_write_pdl",
                               "_own_kv_tma_write_last", "_own_kv_tma_write_fresh")]
     decode = ["decode_splits1", "decode_splits4", "decode_splits4_fused_write", "decode_splits4_fused_write_min4",
-              "decode_splits2_fused_write_pdl"]
+              "decode_splits1_fused_write_heads", "decode_splits2_fused_write_pdl"]
     assert set(report) == {*prefill, *decode, "reduce", "reduce_pdl", "reduce_min4", "write_kv"}
     # HF_PAGED_PDL: programmatic dependent launch waits for the kernel before and lets the next one start
     for name, kernel in report.items():

@@ -77,6 +77,18 @@ def test_decode_splits_only_long_sequences(monkeypatch, num_splits, min_tiles, f
     check_new_kv([1] * 7, seq_lens, 8, 2, 64, 16, torch.float32, seed=min_tiles, config=config, write=True)
 
 
+@pytest.mark.parametrize("num_splits, fused, min_tiles", [(1, False, 1), (3, True, 1), (4, False, 2)])
+def test_decode_heads_fastest_grid(num_splits, fused, min_tiles):
+    """heads_fastest launches the grid (Hkv, S, splits): the same result, merges and the own token's store
+    included, with more sequences than KV heads and the other way round."""
+    config = DecodeConfig(block_n=16, num_splits=num_splits, num_warps=1, num_stages=1, fused_reduce=fused,
+                          min_split_tiles=min_tiles, heads_fastest=True)
+    seq_lens = [1, 9, 16, 33, 50, 80, 200]
+    check([1] * 7, seq_lens, 8, 2, 64, 16, torch.float32, seed=num_splits, config=config)
+    check([1] * 2, [40, 7], 12, 4, 64, 8, torch.float32, seed=5, config=config)
+    check_new_kv([1] * 7, seq_lens, 8, 2, 64, 16, torch.float32, seed=min_tiles, config=config, write=True)
+
+
 @pytest.mark.parametrize("window, softcap", [(1, None), (5, None), (24, 2.0), (None, 1.5), (100, 30.0)])
 @pytest.mark.parametrize("num_splits", [1, 2])
 def test_decode_sliding_window_and_softcap(window, softcap, num_splits):
@@ -614,6 +626,22 @@ def test_long_splits_switch(monkeypatch, value, num_seqs, expected):
             tuning.default_decode_config(num_seqs, 8, 128, torch.device("cuda"))
     monkeypatch.delenv("HF_PAGED_LONG_SPLITS")
     assert tuning.default_decode_config(num_seqs, 8, 128, torch.device("cuda")).min_split_tiles == 1
+
+
+def test_decode_order_switch(monkeypatch):
+    """HF_PAGED_DECODE_ORDER=heads|longest launches the decode grid KV heads first; unset, sequences first."""
+    from hf_paged.kernels import tuning
+
+    monkeypatch.setattr(tuning, "_num_sms", lambda device: 132)
+    cuda = torch.device("cuda")
+    assert not tuning.default_decode_config(64, 8, 128, cuda).heads_fastest
+    for value in ("heads", "longest"):
+        monkeypatch.setenv("HF_PAGED_DECODE_ORDER", value)
+        assert tuning.decode_order() == value
+        assert tuning.default_decode_config(64, 8, 128, cuda).heads_fastest
+    monkeypatch.setenv("HF_PAGED_DECODE_ORDER", "shortest")
+    with pytest.raises(ValueError, match="HF_PAGED_DECODE_ORDER"):
+        tuning.default_decode_config(64, 8, 128, cuda)
 
 
 def test_pdl_is_an_opt_in_for_hopper(monkeypatch):
