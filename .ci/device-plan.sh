@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements, one step a device call (each call is capped at 10 minutes), from the repo root:
 #   run(command="bash .ci/device-plan.sh STEP", carry=[".whl"])      (../shared/device/prepare-wheels first, here)
-# STEP: tests-kernels | tests-decode | tests-prefill | tests-models | kernels | targets | sweep | decode-tiles | pipeline | ragged | order | steps | pdl | throughput | lognormal | thousand | memory. Results go
+# STEP: tests-kernels | tests-decode | tests-prefill | tests-models | kernels | targets | sweep | decode-tiles | pipeline | ragged | order-kernels | order | steps | pdl | throughput | lognormal | thousand | memory. Results go
 # to $OUT (the device tool's folder that comes back) or /tmp/out, logs as they are written (a call cut off at its
 # limit still brings them back); record them in docs/benchmarks.md and docs/kernels.md with the command.
 # Together the two test steps ran past one 8-minute call on a fresh H200 (most of it Triton and inductor
@@ -16,7 +16,7 @@ tp="python3 -P -m hf_paged.bench.throughput --model llama2-7b"
 diff="python3 -P -m hf_paged.bench.diff"  # A/B tables (bench diff) of the switch steps
 pytest="python3 -P -m pytest -m cuda -q -rs -p no:cacheprovider --durations=10"
 decode_tests="decode or reduce or write_kv or block_copy"  # tests-decode; tests-prefill runs the rest
-case "${1:?STEP: tests-kernels | tests-decode | tests-prefill | tests-models | kernels | targets | sweep | decode-tiles | pipeline | ragged | order | steps | pdl | throughput | lognormal | thousand | memory}" in
+case "${1:?STEP: tests-kernels | tests-decode | tests-prefill | tests-models | kernels | targets | sweep | decode-tiles | pipeline | ragged | order-kernels | order | steps | pdl | throughput | lognormal | thousand | memory}" in
   tests-kernels) $pytest tests/kernels 2>&1 | tee "$out/tests_kernels.log" ;;
   tests-decode) $pytest tests/kernels -k "$decode_tests" 2>&1 | tee "$out/tests_decode.log" ;;
   tests-prefill) $pytest tests/kernels -k "not ($decode_tests)" 2>&1 | tee "$out/tests_prefill.log" ;;
@@ -57,6 +57,14 @@ case "${1:?STEP: tests-kernels | tests-decode | tests-prefill | tests-models | k
           --context 208 --ragged --out "$out/steps_ragged_${mode/:/_}.json" 2>&1 | tee "$out/steps_ragged_${mode/:/_}.log"
       done
       for mode in 4_4 8_4; do $diff "$out/steps_ragged_off.json" "$out/steps_ragged_$mode.json" | tee "$out/ragged_$mode.md"; done ;;
+  order-kernels) # the decode rows (batch 64, 1k-4k) and decode layers (16 and 64 sequences, even and ragged) with the
+      # grid sequences first (unset) and KV heads first (HF_PAGED_DECODE_ORDER=heads), each its own process
+      for order in off heads; do
+        HF_PAGED_DECODE_ORDER=${order/off/} python3 -P -m hf_paged.bench.kernels --only attention --heads 32/8,32/32 \
+          --contexts 1024 4096 --prefill 1x64 --step-batches 16,64 --out "$out/kernels_order_$order.json" \
+          2>&1 | tee -a "$out/kernels_order.log"
+      done
+      $diff "$out/kernels_order_off.json" "$out/kernels_order_heads.json" | tee "$out/kernels_order_diff.md" ;;
   order) # the decode grid KV heads first, and the engine's decode batches longest first (HF_PAGED_DECODE_ORDER,
       # kernels/tuning.py), alone and with splits for the long sequences, on decode steps over a serving batch's
       # contexts as in `ragged`; each its own process; tables off -> each
