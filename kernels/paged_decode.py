@@ -249,6 +249,8 @@ def launch_decode(out, args, common, cfg: DecodeConfig, num_seqs, num_kv_heads, 
         new = (out, out, 0, 0, out)  # unused
     else:
         new = (key, value, key.stride(0), key.stride(1), slot_mapping if slot_mapping is not None else out)
+    if cfg.heads_fastest and num_seqs > 65535:  # a grid's y extent
+        raise ValueError(f"heads_fastest launches one grid row a sequence: at most 65535, got {num_seqs}")
     grid = (num_kv_heads, num_seqs, splits) if cfg.heads_fastest else (num_seqs, num_kv_heads, splits)
     _decode_kernel[grid](
         out, part_acc, part_ml, counters if fused else out, *args, *new,
