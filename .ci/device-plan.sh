@@ -58,33 +58,33 @@ case "${1:?STEP: tests-kernels | tests-decode | tests-prefill | tests-models | k
       done
       for mode in 4_4 8_4; do $diff "$out/steps_ragged_off.json" "$out/steps_ragged_$mode.json" | tee "$out/ragged_$mode.md"; done ;;
   order-kernels) # the decode rows (batch 64, 1k-4k) and decode layers (16 and 64 sequences, even and ragged) with the
-      # grid sequences first (unset) and KV heads first (HF_PAGED_DECODE_ORDER=heads), each its own process
-      for order in off heads; do
-        HF_PAGED_DECODE_ORDER=${order/off/} python3 -P -m hf_paged.bench.kernels --only attention --heads 32/8,32/32 \
+      # grid sequences first (HF_PAGED_DECODE_ORDER=sequences, the layout before 2026-12-07) and KV heads first
+      # (heads; the default, longest, launches the same grid), each its own process
+      for order in sequences heads; do
+        HF_PAGED_DECODE_ORDER=$order python3 -P -m hf_paged.bench.kernels --only attention --heads 32/8,32/32 \
           --contexts 1024 4096 --prefill 1x64 --step-batches 16,64 --out "$out/kernels_order_$order.json" \
           2>&1 | tee -a "$out/kernels_order.log"
       done
-      $diff "$out/kernels_order_off.json" "$out/kernels_order_heads.json" | tee "$out/kernels_order_diff.md" ;;
-  order) # the decode grid KV heads first, and the engine's decode batches longest first (HF_PAGED_DECODE_ORDER,
-      # kernels/tuning.py), alone and with splits for the long sequences, on decode steps over a serving batch's
-      # contexts as in `ragged`; each its own process; tables off -> each
-      for mode in off heads longest longest+4:4; do
+      $diff "$out/kernels_order_sequences.json" "$out/kernels_order_heads.json" | tee "$out/kernels_order_diff.md" ;;
+  order) # decode steps over a serving batch's contexts as in `ragged`, by HF_PAGED_DECODE_ORDER (kernels/ops.py):
+      # sequences (before 2026-12-07), heads, longest (the default), and longest with splits for the long sequences;
+      # each its own process; tables sequences -> each
+      for mode in sequences heads longest longest+4:4; do
         name=${mode/+/_}; name=${name/:/_}; splits=${mode#*+}; [ "$splits" = "$mode" ] && splits=
-        order=${mode%+*}; [ "$order" = off ] && order=
-        HF_PAGED_DECODE_ORDER=$order HF_PAGED_LONG_SPLITS=$splits python3 -P -m hf_paged.bench.steps \
+        HF_PAGED_DECODE_ORDER=${mode%+*} HF_PAGED_LONG_SPLITS=$splits python3 -P -m hf_paged.bench.steps \
           --model llama2-7b --batch 64,128 --context 208 --ragged --out "$out/steps_order_$name.json" \
           2>&1 | tee -a "$out/steps_order.log"
       done
       for name in heads longest longest_4_4; do  # one file: a call brings back at most 8
-        $diff "$out/steps_order_off.json" "$out/steps_order_$name.json" | tee -a "$out/order_diffs.md"
+        $diff "$out/steps_order_sequences.json" "$out/steps_order_$name.json" | tee -a "$out/order_diffs.md"
       done ;;
-  throughput-order) # the engine on 128 ShareGPT requests with decode steps in scheduling order, then longest first
-      # (HF_PAGED_DECODE_ORDER=longest), each its own process; table off -> longest
-      for order in off longest; do
-        HF_PAGED_DECODE_ORDER=${order/off/} $tp --workload sharegpt --num-requests 128 --systems d \
+  throughput-order) # the engine on 128 ShareGPT requests, decode steps sequences first in scheduling order, then
+      # longest first (the default), each its own process; table sequences -> longest
+      for order in sequences longest; do
+        HF_PAGED_DECODE_ORDER=$order $tp --workload sharegpt --num-requests 128 --systems d \
           --out "$out/tp_order_$order.json" 2>&1 | tee -a "$out/tp_order.log"
       done
-      $diff "$out/tp_order_off.json" "$out/tp_order_longest.json" | tee "$out/tp_order_diff.md" ;;
+      $diff "$out/tp_order_sequences.json" "$out/tp_order_longest.json" | tee "$out/tp_order_diff.md" ;;
   steps) python3 -P -m hf_paged.bench.steps --model llama2-7b --batch 1,16,128 --context 512 --out "$out/steps.json" ;;
   pdl) # programmatic dependent launch (kernels/tuning.py use_pdl, engine/compiled.py), each side its own process
       for on in 0 1; do

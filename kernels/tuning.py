@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import torch
 import triton
 
+from hf_paged.kernels.ops import decode_order
+
 
 @dataclass(frozen=True, slots=True)
 class DecodeConfig:
@@ -23,7 +25,8 @@ class DecodeConfig:
     min_split_tiles: int = 1
     # the grid's fastest axis is the KV head instead of the sequence: (Hkv, S, splits). The GPU hands out
     # programs in grid order, so all heads of a sequence run side by side (reading one token's rows of every head,
-    # adjacent in the pool) and, in a batch sorted longest first, the long sequences start in the first wave
+    # adjacent in the pool) and, in a batch sorted longest first (the engine's), the long sequences start in the
+    # first wave. The default launch (HF_PAGED_DECODE_ORDER, kernels/ops.py)
     heads_fastest: bool = False
 
 
@@ -74,21 +77,7 @@ def default_decode_config(num_seqs: int, num_kv_heads: int, head_dim: int, devic
         splits, min_tiles = max(splits, long[0]), long[1]
     return DecodeConfig(block_n=64 if head_dim <= 128 else 32, num_splits=splits, num_warps=4, num_stages=3,
                         fused_reduce=splits <= 2, min_split_tiles=min_tiles,
-                        heads_fastest=decode_order() in ("heads", "longest"))
-
-
-DECODE_ORDERS = ("", "heads", "longest")
-
-
-def decode_order() -> str:
-    """`HF_PAGED_DECODE_ORDER` (an experiment, unset by default): `heads` launches the decode grid KV heads first
-    (`DecodeConfig.heads_fastest`); `longest` does that and has the engine order each decode batch by context,
-    longest first, so its longest programs start first and the short ones fill the last wave. Unset: the
-    sequences in scheduling order, one KV head after the other. Any other value is a ValueError."""
-    value = os.environ.get("HF_PAGED_DECODE_ORDER", "").strip()
-    if value not in DECODE_ORDERS:
-        raise ValueError(f"HF_PAGED_DECODE_ORDER={value!r}: expected one of 'heads', 'longest' or unset")
-    return value
+                        heads_fastest=decode_order() != "sequences")
 
 
 def long_splits() -> tuple[int, int] | None:

@@ -20,6 +20,7 @@ from hf_paged.engine.sampler import SampledBatch, SamplingState
 from hf_paged.engine.sampler import launch as launch_sampling
 from hf_paged.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from hf_paged.engine.stopping import check_stop, eos_token_ids
+from hf_paged.kernels.ops import decode_order
 from hf_paged.patches.generate import reject_prompt_learning
 
 
@@ -78,7 +79,7 @@ class LLMEngine:
                                   max_batch=min(config.max_num_seqs, MAX_GRAPH_BATCH),
                                   max_blocks_per_seq=-(-self.max_model_len // config.block_size))
         self.requests: dict[str, Request] = {}
-        self.longest_first = _decode_order() == "longest"  # the HF_PAGED_DECODE_ORDER experiment
+        self.longest_first = decode_order() == "longest"  # HF_PAGED_DECODE_ORDER (kernels/ops.py)
         self.eos_token_ids = eos_token_ids(model, tokenizer)
         self._seq_ids = itertools.count()
         self._inflight: _InFlight | None = None
@@ -378,15 +379,6 @@ class LLMEngine:
             generation_tokens=self.generation_tokens,
             computed_tokens=self.computed_tokens,
         )
-
-
-def _decode_order() -> str:
-    """`HF_PAGED_DECODE_ORDER` (kernels/tuning.py); unset where triton is missing (no Triton decode to order)."""
-    try:
-        from hf_paged.kernels.tuning import decode_order
-    except ImportError:
-        return ""
-    return decode_order()
 
 
 def _agree_across_ranks(tokens: torch.Tensor) -> None:

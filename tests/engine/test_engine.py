@@ -246,13 +246,17 @@ def test_step_only_finished_returns_final_outputs_only(make_llm, async_schedulin
 
 @pytest.mark.parametrize("async_scheduling", [False, True])
 def test_longest_first_decode_order_keeps_every_output(make_llm, monkeypatch, async_scheduling):
-    """HF_PAGED_DECODE_ORDER=longest: each decode step runs its sequences by context, longest first, and every
-    request still gets the tokens it gets in scheduling order (greedy and seeded rows, pending tokens included)."""
+    """By default (HF_PAGED_DECODE_ORDER unset: longest) each decode step runs its sequences by context, longest
+    first, and every request still gets the tokens it gets in scheduling order (HF_PAGED_DECODE_ORDER=sequences):
+    greedy and seeded rows, pending tokens included."""
     prompts = _prompts(7, seed=9, low=2, high=30)
     params = [GREEDY if i % 2 else SamplingParams(temperature=0.9, max_tokens=12, seed=i, ignore_eos=True)
               for i in range(len(prompts))]
-    expected = make_llm(async_scheduling=async_scheduling).generate(prompts, params, use_tqdm=False)
-    monkeypatch.setenv("HF_PAGED_DECODE_ORDER", "longest")
+    monkeypatch.setenv("HF_PAGED_DECODE_ORDER", "sequences")
+    in_order = make_llm(async_scheduling=async_scheduling)
+    assert not in_order.engine.longest_first
+    expected = in_order.generate(prompts, params, use_tqdm=False)
+    monkeypatch.delenv("HF_PAGED_DECODE_ORDER")
     llm = make_llm(async_scheduling=async_scheduling)
     assert llm.engine.longest_first
     orders = []
@@ -268,3 +272,21 @@ def test_longest_first_decode_order_keeps_every_output(make_llm, monkeypatch, as
     assert [o.outputs[0].token_ids for o in outputs] == [o.outputs[0].token_ids for o in expected]
     assert any(len(set(order)) > 1 for order in orders)  # the batches were ragged
     assert all(order == sorted(order, reverse=True) for order in orders)
+
+
+def test_only_decode_steps_are_ordered_longest_first():
+    """A decode-only step is sorted by context (stable for ties); a step with a prefill chunk keeps its order."""
+    from types import SimpleNamespace
+
+    from hf_paged.engine.scheduler import ScheduledSeq, SchedulerOutput
+
+    def step(*chunks):  # (computed tokens, tokens this step)
+        return SchedulerOutput([ScheduledSeq(SimpleNamespace(num_computed_tokens=c, name=i), n, True)
+                                for i, (c, n) in enumerate(chunks)], [], [])
+
+    decode = step((5, 1), (40, 1), (5, 1), (17, 1))
+    decode.order_decodes_longest_first()
+    assert [item.seq.name for item in decode.scheduled] == [1, 3, 0, 2]
+    mixed = step((5, 1), (0, 30), (17, 1))
+    mixed.order_decodes_longest_first()
+    assert [item.seq.name for item in mixed.scheduled] == [0, 1, 2]

@@ -629,16 +629,17 @@ def test_long_splits_switch(monkeypatch, value, num_seqs, expected):
 
 
 def test_decode_order_switch(monkeypatch):
-    """HF_PAGED_DECODE_ORDER=heads|longest launches the decode grid KV heads first; unset, sequences first."""
-    from hf_paged.kernels import tuning
+    """HF_PAGED_DECODE_ORDER: unset (longest) and heads launch the decode grid KV heads first, sequences as before."""
+    from hf_paged.kernels import ops, tuning
 
     monkeypatch.setattr(tuning, "_num_sms", lambda device: 132)
     cuda = torch.device("cuda")
-    assert not tuning.default_decode_config(64, 8, 128, cuda).heads_fastest
-    for value in ("heads", "longest"):
+    monkeypatch.delenv("HF_PAGED_DECODE_ORDER", raising=False)
+    assert ops.decode_order() == "longest" and tuning.default_decode_config(64, 8, 128, cuda).heads_fastest
+    for value, heads_fastest in (("heads", True), ("longest", True), ("Sequences", False)):
         monkeypatch.setenv("HF_PAGED_DECODE_ORDER", value)
-        assert tuning.decode_order() == value
-        assert tuning.default_decode_config(64, 8, 128, cuda).heads_fastest
+        assert ops.decode_order() == value.lower()
+        assert tuning.default_decode_config(64, 8, 128, cuda).heads_fastest == heads_fastest
     monkeypatch.setenv("HF_PAGED_DECODE_ORDER", "shortest")
     with pytest.raises(ValueError, match="HF_PAGED_DECODE_ORDER"):
         tuning.default_decode_config(64, 8, 128, cuda)
