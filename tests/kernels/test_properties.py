@@ -44,10 +44,11 @@ def check(q_lens, seq_lens, hq, hkv, block_size, window, softcap, config, seed):
 
 
 @PROPERTY
-@given(batch=batches(decode=True), splits=st.sampled_from([1, 2, 3]))
-def test_decode_matches_the_reference(batch, splits):
+@given(batch=batches(decode=True), splits=st.sampled_from([1, 2, 3]), heads_fastest=st.booleans())
+def test_decode_matches_the_reference(batch, splits, heads_fastest):
     q_lens, seq_lens, hq, hkv, block_size, window, softcap = batch
-    config = DecodeConfig(block_n=16, num_splits=splits, num_warps=1, num_stages=1, fused_reduce=splits == 2)
+    config = DecodeConfig(block_n=16, num_splits=splits, num_warps=1, num_stages=1, fused_reduce=splits == 2,
+                          heads_fastest=heads_fastest)
     check(q_lens, seq_lens, hq, hkv, block_size, window, softcap, config, seed=sum(seq_lens))
 
 
