@@ -231,8 +231,9 @@ def _reduce_kernel(
 
 def launch_decode(out, args, common, cfg: DecodeConfig, num_seqs, num_kv_heads, num_q_heads, head_dim, key=None,
                   value=None, slot_mapping=None) -> None:
-    """Grid (S, Hkv, splits), or (Hkv, S, splits) with `cfg.heads_fastest`; `args` are the kernel's arguments from `query` to `window`, as the launcher built
-    them. key/value: the step's own K/V (NEW_KV); slot_mapping: store them too (WRITE)."""
+    """Grid (S, Hkv, splits), or (Hkv, S, splits) with `cfg.heads_fastest`; `args` are the kernel's arguments from
+    `query` to `window`, as the launcher built them. key/value: the step's own K/V (NEW_KV); slot_mapping: store
+    them too (WRITE)."""
     splits = cfg.num_splits
     min_tiles = cfg.min_split_tiles if splits > 1 else 1
     block_h = max(16, triton.next_power_of_2(common["GROUP"]))
