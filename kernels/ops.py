@@ -47,6 +47,11 @@ def decode_order() -> str:
     return value
 
 
+def decode_heads_first() -> bool:
+    """Whether decode launches lay their grid out KV heads first (`DecodeConfig.heads_fastest`) by default."""
+    return decode_order() != "sequences"
+
+
 def _use_triton(tensor: torch.Tensor) -> bool:
     mode = _mode()
     if mode == "reference":

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from hf_paged.kernels.ops import decode_order
+from hf_paged.kernels.ops import decode_heads_first
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,7 +26,7 @@ class DecodeConfig:
     # the grid's fastest axis is the KV head instead of the sequence: (Hkv, S, splits). The GPU hands out
     # programs in grid order, so all heads of a sequence run side by side (reading one token's rows of every head,
     # adjacent in the pool) and, in a batch sorted longest first (the engine's), the long sequences start in the
-    # first wave. The default launch (HF_PAGED_DECODE_ORDER, kernels/ops.py)
+    # first wave. default_decode_config sets it unless HF_PAGED_DECODE_ORDER=sequences (kernels/ops.py)
     heads_fastest: bool = False
 
 
@@ -77,7 +77,7 @@ def default_decode_config(num_seqs: int, num_kv_heads: int, head_dim: int, devic
         splits, min_tiles = max(splits, long[0]), long[1]
     return DecodeConfig(block_n=64 if head_dim <= 128 else 32, num_splits=splits, num_warps=4, num_stages=3,
                         fused_reduce=splits <= 2, min_split_tiles=min_tiles,
-                        heads_fastest=decode_order() != "sequences")
+                        heads_fastest=decode_heads_first())
 
 
 def long_splits() -> tuple[int, int] | None:

@@ -197,11 +197,11 @@ def causal_flops(q_lens, seq_lens, num_q_heads, head_dim) -> int:
     return 4 * pairs * num_q_heads * head_dim
 
 def decode_configs():
-    from hf_paged.kernels.ops import decode_order
+    from hf_paged.kernels.ops import decode_heads_first
     from hf_paged.kernels.tuning import DecodeConfig
 
     tiles = [(32, 4, 3), (32, 4, 4), (64, 4, 2), (64, 4, 3), (64, 4, 4), (64, 8, 3), (128, 4, 2), (128, 8, 3)]
-    heads_fastest = decode_order() != "sequences"  # the grid the defaults launch (HF_PAGED_DECODE_ORDER)
+    heads_fastest = decode_heads_first()  # the grid the defaults launch
     return [DecodeConfig(n, s, w, st, heads_fastest=heads_fastest) for s in (1, 2, 4) for n, w, st in tiles]
 
 def prefill_configs():
