@@ -2,7 +2,8 @@
 
 import os
 
-_KNOB_PREFIXES = ("HF_PAGED_", "TORCHINDUCTOR_", "TRITON_", "CUDA_LAUNCH_BLOCKING")
+_KNOB_PREFIXES = ("HF_PAGED_", "TORCHINDUCTOR_", "TORCH_BLAS_", "TORCH_CUBLAS", "CUBLAS", "TRITON_",
+                  "CUDA_LAUNCH_BLOCKING")
 
 
 def environment_knobs() -> dict[str, str]:

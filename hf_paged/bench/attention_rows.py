@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from hf_paged.bench.kernels import _DTYPES, Row
 from hf_paged.bench.workloads import serving_lengths
 from hf_paged.kernels import reference
+from hf_paged.kernels.ops import decode_heads_first, decode_order
 
 
 def bench_attention_rows(timer, heads, prefill_seqs, prefill_len, args, rows):
@@ -103,7 +104,8 @@ def bench_decode_step(timer, batch, ctx, hq, hkv, args, rows, sweep=False, ragge
     """One layer's attention in a decode step as the engine's graphs run it: the step's K/V stored and attended in
     one launch (two where a second merges the splits), against `write_kv`, then the decode kernel, then the
     reduction kernel, apart. Each is timed as 32 layers replayed from one CUDA graph, per layer: at small batches
-    the launches, not the bytes, set the time. `ragged`: contexts of mean `ctx` spread as `serving_lengths`.
+    the launches, not the bytes, set the time. `ragged`: contexts of mean `ctx` spread as `serving_lengths`, longest
+    first unless `HF_PAGED_DECODE_ORDER` says otherwise (the engine's order; before 2026-12-07 in random order).
     `sweep`: also every split count with either merge, and splits only for the long sequences
     (`min_split_tiles`)."""
     from hf_paged.kernels.kv_write import write_kv
@@ -112,6 +114,8 @@ def bench_decode_step(timer, batch, ctx, hq, hkv, args, rows, sweep=False, ragge
 
     dtype, device, d = _DTYPES[args.dtype], timer.device, args.head_dim
     seq_lens = serving_lengths(batch, ctx) if ragged else [ctx] * batch
+    if decode_order() == "longest":  # the batch as the engine launches it (HF_PAGED_DECODE_ORDER, the default)
+        seq_lens.sort(reverse=True)
     inputs = attention_inputs([1] * batch, seq_lens, hq, hkv, d, args.block_size, dtype, device)
     key, value = (torch.randn(batch, hkv, d, dtype=dtype, device=device) for _ in range(2))  # (B, Hkv, D)
     slots = new_token_slots(inputs["block_tables"], [1] * batch, seq_lens, args.block_size)
@@ -197,7 +201,6 @@ def causal_flops(q_lens, seq_lens, num_q_heads, head_dim) -> int:
     return 4 * pairs * num_q_heads * head_dim
 
 def decode_configs():
-    from hf_paged.kernels.ops import decode_heads_first
     from hf_paged.kernels.tuning import DecodeConfig
 
     tiles = [(32, 4, 3), (32, 4, 4), (64, 4, 2), (64, 4, 3), (64, 4, 4), (64, 8, 3), (128, 4, 2), (128, 8, 3)]

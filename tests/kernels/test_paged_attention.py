@@ -398,11 +398,14 @@ def test_gpu_decode_splits_only_long_sequences(num_splits, fused):
 @pytest.mark.cuda
 @on_gpu
 @pytest.mark.parametrize("fresh", [False, True], ids=["prefix", "fresh"])
-def test_gpu_prefill_stores_last(fresh):
-    """PrefillConfig.store_last on the device's tile: the step's own K/V stored after each tile's attention."""
+@pytest.mark.parametrize("store_last", [True, False], ids=["store_last", "store_first"])
+def test_gpu_prefill_stores_last(fresh, store_last):
+    """PrefillConfig.store_last on the device's tile (the default since 2026-12-07) and off: the step's own K/V
+    stored after each tile's attention, or before its queries are loaded."""
     q_lens = [1000, 1, 333, 64]
     seq_lens = q_lens if fresh else [q + p for q, p in zip(q_lens, [0, 700, 1029, 5])]
-    config = dataclasses.replace(default_prefill_config(4, 128, torch.device("cuda"), own_kv=True), store_last=True)
+    tuned = default_prefill_config(4, 128, torch.device("cuda"), own_kv=True)
+    config = dataclasses.replace(tuned, store_last=store_last)
     check_new_kv(q_lens, seq_lens, 32, 8, 128, 8, torch.bfloat16, seed=6, write=True, skip=(5, 1001), fresh=fresh,
                  config=config)
 
