@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements, one step a device call (each call is capped at 10 minutes), from the repo root:
 #   run(command="bash .ci/device-plan.sh STEP", carry=[".whl"])      (../shared/device/prepare-wheels first, here)
-# STEP: tests-kernels | tests-decode | tests-prefill | tests-models | kernels | targets | sweep | decode-tiles | pipeline | ragged | order-kernels | order | throughput-order | blas | steps | pdl | throughput | lognormal | thousand | memory. Results go
+# STEP: tests-kernels | tests-decode | tests-prefill | tests-models | kernels | targets | sweep | decode-tiles | pipeline | ragged | order-kernels | order | throughput-order | compile-scope | blas | steps | pdl | throughput | lognormal | thousand | memory. Results go
 # to $OUT (the device tool's folder that comes back) or /tmp/out, logs as they are written (a call cut off at its
 # limit still brings them back); record them in docs/benchmarks.md and docs/kernels.md with the command.
 # Together the two test steps ran past one 8-minute call on a fresh H200 (most of it Triton and inductor
@@ -16,7 +16,7 @@ tp="python3 -P -m hf_paged.bench.throughput --model llama2-7b"
 diff="python3 -P -m hf_paged.bench.diff"  # A/B tables (bench diff) of the switch steps
 pytest="python3 -P -m pytest -m cuda -q -rs -p no:cacheprovider --durations=10"
 decode_tests="decode or reduce or write_kv or block_copy"  # tests-decode; tests-prefill runs the rest
-case "${1:?STEP: tests-kernels | tests-decode | tests-prefill | tests-models | kernels | targets | sweep | decode-tiles | pipeline | ragged | order-kernels | order | throughput-order | blas | steps | pdl | throughput | lognormal | thousand | memory}" in
+case "${1:?STEP: tests-kernels | tests-decode | tests-prefill | tests-models | kernels | targets | sweep | decode-tiles | pipeline | ragged | order-kernels | order | throughput-order | compile-scope | blas | steps | pdl | throughput | lognormal | thousand | memory}" in
   tests-kernels) $pytest tests/kernels 2>&1 | tee "$out/tests_kernels.log" ;;
   tests-decode) $pytest tests/kernels -k "$decode_tests" 2>&1 | tee "$out/tests_decode.log" ;;
   tests-prefill) $pytest tests/kernels -k "not ($decode_tests)" 2>&1 | tee "$out/tests_prefill.log" ;;
@@ -85,6 +85,17 @@ case "${1:?STEP: tests-kernels | tests-decode | tests-prefill | tests-models | k
           --out "$out/tp_order_$order.json" 2>&1 | tee -a "$out/tp_order.log"
       done
       $diff "$out/tp_order_sequences.json" "$out/tp_order_longest.json" | tee "$out/tp_order_diff.md" ;;
+  compile-scope) # the whole forward compiled as one graph (HF_PAGED_COMPILE_SCOPE=model: inductor may fuse one
+      # layer's last residual add into the next layer's norm) against the layers' shared graph (the default): decode
+      # steps at 1, 16 and 128 sequences, each its own process (table layers -> model), then the ShareGPT engine run
+      # with it (the whole model's cold compile took 123 s on the H200 on 2026-12-01)
+      for scope in layers model; do
+        HF_PAGED_COMPILE_SCOPE=$scope python3 -P -m hf_paged.bench.steps --model llama2-7b --batch 1,16,128 \
+          --context 512 --out "$out/steps_scope_$scope.json" 2>&1 | tee -a "$out/steps_scope.log"
+      done
+      $diff "$out/steps_scope_layers.json" "$out/steps_scope_model.json" | tee "$out/steps_scope_diff.md"
+      HF_PAGED_COMPILE_SCOPE=model $tp --workload sharegpt --num-requests 128 --systems d \
+        --out "$out/tp_scope_model.json" 2>&1 | tee "$out/tp_scope_model.log" ;;
   blas) # cuBLAS as torch calls it by default against cuBLASLt (TORCH_BLAS_PREFER_CUBLASLT=1, torch's switch): the
       # decode steps' skinny matmuls at 1, 4 and 16 sequences, each its own process; table default -> cublaslt
       for lib in default cublaslt; do

@@ -11,6 +11,7 @@ are installed for the engine's own forwards only: the user's model is left as it
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import torch
@@ -51,10 +52,25 @@ def compile_options(device: torch.device) -> dict | None:
     return None
 
 
+COMPILE_SCOPES = ("layers", "model")
+
+
+def compile_scope() -> str:
+    """`HF_PAGED_COMPILE_SCOPE`: `layers` (the default) compiles the decoder layers into one shared graph; `model`
+    (an experiment) compiles the whole forward as one graph, as the engine did before 2026-12-01: a cold compile
+    takes minutes instead of seconds, but inductor may then fuse across layers (one layer's last residual add with
+    the next one's norm). Else a ValueError."""
+    value = os.environ.get("HF_PAGED_COMPILE_SCOPE", "").strip().lower() or "layers"
+    if value not in COMPILE_SCOPES:
+        raise ValueError(f"HF_PAGED_COMPILE_SCOPE={value!r}: expected one of {COMPILE_SCOPES}")
+    return value
+
+
 def compiles_by_layer(model: torch.nn.Module, cache: PagedCache) -> bool:
     """Whether the layers can share a graph: one device (the step metadata is not moved per layer), decoder layers
-    HF names, and one attention module per cache layer."""
-    if not on_one_device(model):
+    HF names, and one attention module per cache layer; and `HF_PAGED_COMPILE_SCOPE` does not ask for the whole
+    forward."""
+    if compile_scope() == "model" or not on_one_device(model):
         return False
     return bool(decoder_layers(model)) and sorted(attention_modules(model)) == list(range(len(cache.layers)))
 

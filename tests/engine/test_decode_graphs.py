@@ -221,6 +221,32 @@ def test_decoder_layers_share_one_compiled_graph():
     assert llm.get_stats().blocks_in_use == 0
 
 
+def test_whole_model_compile_scope(make_llm, monkeypatch):
+    """HF_PAGED_COMPILE_SCOPE=model: the whole forward as one graph (no layer compiled apart, no pool bound), the
+    eager engine's tokens through prefill, mixed and decode steps, with no graph break; a bad value raises."""
+    import torch._dynamo
+
+    from hf_paged.engine.compiled import compile_scope, compiles_by_layer
+
+    rng = random.Random(4)
+    prompts = [[rng.randrange(3, VOCAB) for _ in range(rng.randint(2, 30))] for _ in range(5)]
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    ref = make_llm(max_num_seqs=8, max_num_batched_tokens=32).generate(prompts, params, use_tqdm=False)
+    monkeypatch.setenv("HF_PAGED_COMPILE_SCOPE", "model")
+    torch._dynamo.reset()
+    counts = torch._dynamo.utils.counters
+    counts.clear()
+    llm = make_llm(max_num_seqs=8, max_num_batched_tokens=32, compile_model=True)
+    assert compile_scope() == "model" and not compiles_by_layer(llm.engine.model, llm.engine.cache)
+    out = llm.generate(prompts, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in out] == [o.outputs[0].token_ids for o in ref]
+    assert counts["stats"]["unique_graphs"] == 2 and not counts["graph_break"], dict(counts["stats"])
+    assert llm.get_stats().blocks_in_use == 0
+    monkeypatch.setenv("HF_PAGED_COMPILE_SCOPE", "everything")
+    with pytest.raises(ValueError, match="HF_PAGED_COMPILE_SCOPE"):
+        compile_scope()
+
+
 @pytest.mark.parametrize("arch, graphs", [("mistral", 2), ("qwen2", 2), ("qwen2_sliding", 4), ("qwen3", 2),
                                           ("phi3", 2), ("gpt2", 2)])
 def test_compiled_layers_across_architectures(make_llm, arch, graphs):
