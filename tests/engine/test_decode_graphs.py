@@ -222,8 +222,9 @@ def test_decoder_layers_share_one_compiled_graph():
 
 
 def test_whole_model_compile_scope(make_llm, monkeypatch):
-    """HF_PAGED_COMPILE_SCOPE=model: the whole forward as one graph (no layer compiled apart, no pool bound), the
-    eager engine's tokens through prefill, mixed and decode steps, with no graph break; a bad value raises."""
+    """HF_PAGED_COMPILE_SCOPE=model: the whole forward as one graph (no layer compiled apart, no pool bound), with
+    fused projections as on a GPU: the eager engine's tokens through prefill, mixed and decode steps, two
+    compilations and no graph break; a bad value raises."""
     import torch._dynamo
 
     from hf_paged.engine.compiled import compile_scope, compiles_by_layer
@@ -236,7 +237,7 @@ def test_whole_model_compile_scope(make_llm, monkeypatch):
     torch._dynamo.reset()
     counts = torch._dynamo.utils.counters
     counts.clear()
-    llm = make_llm(max_num_seqs=8, max_num_batched_tokens=32, compile_model=True)
+    llm = make_llm(max_num_seqs=8, max_num_batched_tokens=32, compile_model=True, fuse_projections=True)  # the GPU's
     assert compile_scope() == "model" and not compiles_by_layer(llm.engine.model, llm.engine.cache)
     out = llm.generate(prompts, params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in out] == [o.outputs[0].token_ids for o in ref]
