@@ -58,8 +58,8 @@ COMPILE_SCOPES = ("layers", "model")
 def compile_scope() -> str:
     """`HF_PAGED_COMPILE_SCOPE`: `layers` (the default) compiles the decoder layers into one shared graph; `model`
     (an experiment) compiles the whole forward as one graph, as the engine did before 2026-12-01: a cold compile
-    takes minutes instead of seconds, but inductor may then fuse across layers (one layer's last residual add with
-    the next one's norm). Else a ValueError."""
+    takes minutes instead of seconds, but inductor then fuses across layers (one layer's last residual add into the
+    next one's norm; the rotary tables, the embedding and the final norm into the graph). Else a ValueError."""
     value = os.environ.get("HF_PAGED_COMPILE_SCOPE", "").strip().lower() or "layers"
     if value not in COMPILE_SCOPES:
         raise ValueError(f"HF_PAGED_COMPILE_SCOPE={value!r}: expected one of {COMPILE_SCOPES}")
@@ -68,22 +68,27 @@ def compile_scope() -> str:
 
 def compiles_by_layer(model: torch.nn.Module, cache: PagedCache) -> bool:
     """Whether the layers can share a graph: one device (the step metadata is not moved per layer), decoder layers
-    HF names, and one attention module per cache layer; and `HF_PAGED_COMPILE_SCOPE` does not ask for the whole
-    forward."""
-    if compile_scope() == "model" or not on_one_device(model):
+    HF names, and one attention module per cache layer. Such a model's attention modules can hold their pools
+    (`bind_pools`), whichever `compile_scope` compiles them."""
+    if not on_one_device(model):
         return False
     return bool(decoder_layers(model)) and sorted(attention_modules(model)) == list(range(len(cache.layers)))
 
 
 class CompiledLayers:
-    """`call(*args)` with every decoder layer running its compiled forward and every attention holding its pools."""
+    """`call(*args)` with every decoder layer running its compiled forward and every attention holding its pools;
+    with `whole_model` (`HF_PAGED_COMPILE_SCOPE=model`) `call` itself compiled as one graph instead, the attention
+    modules holding their pools all the same (so a decode step still stores and attends in one launch a layer)."""
 
-    def __init__(self, model: torch.nn.Module, cache: PagedCache, call: Callable):
+    def __init__(self, model: torch.nn.Module, cache: PagedCache, call: Callable, whole_model: bool = False):
         self.cache, self.call = cache, call
         self.layers = decoder_layers(model)
         self.attention = attention_modules(model)
         options = compile_options(next(model.parameters()).device)
-        self.compiled = [_marking_token_dim(torch.compile(layer._call_impl, options=options)) for layer in self.layers]
+        self.compiled = [] if whole_model else [
+            _marking_token_dim(torch.compile(layer._call_impl, options=options)) for layer in self.layers]
+        if whole_model:
+            self.call = torch.compile(call, options=options)
 
     def __call__(self, *args):
         for layer, compiled in zip(self.layers, self.compiled):

@@ -9,7 +9,7 @@ import torch.fx.experimental._config
 
 from hf_paged.attention import PagedAttentionMetadata
 from hf_paged.cache import PagedCache, StepPlan
-from hf_paged.engine.compiled import CompiledLayers, compile_options, compiles_by_layer
+from hf_paged.engine.compiled import CompiledLayers, compile_options, compile_scope, compiles_by_layer
 from hf_paged.engine.cuda_graphs import DecodeGraphs
 from hf_paged.engine.fused import fuse_projections as fuse_projections_of
 from hf_paged.engine.fused import fused_forwards
@@ -32,16 +32,18 @@ class ModelRunner:
         self.pending_tokens: torch.Tensor | None = None
         # torch.compile (inductor) fuses the model's elementwise work (norms, rotary, activations, residual adds)
         # between the paged ops, layer by layer with one graph shared by all layers (engine/compiled.py; the whole
-        # forward as one graph when the layers cannot share). Every forward of one adapter goes through it, the
+        # forward as one graph when the layers cannot share, or with HF_PAGED_COMPILE_SCOPE=model). Every forward of one adapter goes through it, the
         # decode forwards the CUDA graphs capture included, with the step-dependent sizes (tokens, sequences,
         # block-table width) marked dynamic and at least 2 (_plan pads them; the smallest graph bucket is 2): a
         # size of 1 would specialise. Decode-only steps (max_seqlen_q == 1) pick another attention kernel: two
         # compilations in all, both in warm_up.
         self.compiled_call = None
         if compile_model:
-            by_layer = compiles_by_layer(model, cache)
-            self.compiled_call = CompiledLayers(model, cache, self._call_model) if by_layer else torch.compile(
-                self._call_model, options=compile_options(self.device))
+            if compiles_by_layer(model, cache):
+                self.compiled_call = CompiledLayers(model, cache, self._call_model,
+                                                    whole_model=compile_scope() == "model")
+            else:
+                self.compiled_call = torch.compile(self._call_model, options=compile_options(self.device))
         if cuda_graphs and self.device.type == "cuda":
             # A compiled forward specialises size 1: pad single-sequence decodes to 2 rows instead of compiling twice.
             self.graphs = DecodeGraphs(model, cache, max_batch, max_blocks_per_seq, self.decode_forward,

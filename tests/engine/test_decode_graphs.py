@@ -6,6 +6,7 @@ the real code; tests/hf/test_cuda.py runs the real capture on the device.
 """
 
 import random
+import re
 
 import pytest
 import torch
@@ -222,27 +223,49 @@ def test_decoder_layers_share_one_compiled_graph():
 
 
 def test_whole_model_compile_scope(make_llm, monkeypatch):
-    """HF_PAGED_COMPILE_SCOPE=model: the whole forward as one graph (no layer compiled apart, no pool bound), with
-    fused projections as on a GPU: the eager engine's tokens through prefill, mixed and decode steps, two
-    compilations and no graph break; a bad value raises."""
+    """HF_PAGED_COMPILE_SCOPE=model: the whole forward as one graph, with fused projections as on a GPU: the eager
+    engine's tokens through prefill, mixed and decode steps, two compilations and no graph break, no layer compiled
+    apart; the attention modules still hold their pools, so a decode step stores and attends in one op, and one
+    layer's last residual add fuses into the next one's norm (fewer fused kernels than layers x those of one
+    layer's graph); a bad value raises."""
     import torch._dynamo
+    from torch._inductor.utils import run_and_get_code
 
-    from hf_paged.engine.compiled import compile_scope, compiles_by_layer
+    from hf_paged.engine.compiled import compile_scope, decoder_layers
 
     rng = random.Random(4)
     prompts = [[rng.randrange(3, VOCAB) for _ in range(rng.randint(2, 30))] for _ in range(5)]
     params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
     ref = make_llm(max_num_seqs=8, max_num_batched_tokens=32).generate(prompts, params, use_tqdm=False)
-    monkeypatch.setenv("HF_PAGED_COMPILE_SCOPE", "model")
-    torch._dynamo.reset()
-    counts = torch._dynamo.utils.counters
-    counts.clear()
-    llm = make_llm(max_num_seqs=8, max_num_batched_tokens=32, compile_model=True, fuse_projections=True)  # the GPU's
-    assert compile_scope() == "model" and not compiles_by_layer(llm.engine.model, llm.engine.cache)
-    out = llm.generate(prompts, params, use_tqdm=False)
-    assert [o.outputs[0].token_ids for o in out] == [o.outputs[0].token_ids for o in ref]
-    assert counts["stats"]["unique_graphs"] == 2 and not counts["graph_break"], dict(counts["stats"])
-    assert llm.get_stats().blocks_in_use == 0
+    decode_code = {}
+    for scope in ("layers", "model"):
+        monkeypatch.setenv("HF_PAGED_COMPILE_SCOPE", scope)
+        torch._dynamo.reset()
+        counts = torch._dynamo.utils.counters
+        counts.clear()
+        llm = make_llm(max_num_seqs=8, max_num_batched_tokens=32, compile_model=True, fuse_projections=True)
+        assert compile_scope() == scope
+        out = llm.generate(prompts, params, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in out] == [o.outputs[0].token_ids for o in ref]
+        assert counts["stats"]["unique_graphs"] == 2 and not counts["graph_break"], dict(counts["stats"])
+        runner = llm.engine.runner
+        compiled = runner.compiled_call
+        assert (compiled.compiled == []) == (scope == "model")
+
+        def keep_code(*args, runner=runner, compiled=compiled, scope=scope):
+            if runner.cache._engine_plan.metadata.max_seqlen_q == 1 and scope not in decode_code:
+                out, code = run_and_get_code(compiled, *args)  # NOTE: recompiles to see the code
+                decode_code[scope] = "\n".join(code)
+                return out
+            return compiled(*args)
+
+        runner.compiled_call = keep_code
+        llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=3), use_tqdm=False)
+    layers = len(decoder_layers(llm.engine.model))
+    for code in decode_code.values():
+        assert "torch.ops.hf_paged.write_and_attend.default(" in code and "write_kv" not in code
+    kernels = {scope: len(re.findall(r"^\s+cpp_fused_\w+\(", code, re.M)) for scope, code in decode_code.items()}
+    assert 0 < kernels["model"] < layers * kernels["layers"], kernels
     monkeypatch.setenv("HF_PAGED_COMPILE_SCOPE", "everything")
     with pytest.raises(ValueError, match="HF_PAGED_COMPILE_SCOPE"):
         compile_scope()
