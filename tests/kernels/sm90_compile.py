@@ -86,7 +86,7 @@ def main() -> dict:
         # K/V all through the block tables; the step's own K/V apart, by pointer and through TMA, and stored into
         # its slots as the engine's forwards do (_write), also launched early (_pdl) or storing after the attention
         # (_last, PrefillConfig.store_last); each with its tuned config; fresh prompts (_fresh: no block-table loops
-        # compiled)
+        # compiled; storing in the tuned config's order, after the attention since 2026-12-07)
         for suffix, new_kv, write, pdl in (("", 0, False, False), ("_own_kv", 1, False, False),
                                            ("_own_kv_tma", 2, False, False), ("_own_kv_tma_write", 2, True, False),
                                            ("_own_kv_tma_write_pdl", 2, True, True),
@@ -101,7 +101,8 @@ def main() -> dict:
                                                     BLOCK_N=cfg.block_n, NEW_KV=new_kv, WRITE=write,
                                                     WRITE_Q=min(16, triton.next_power_of_2(block_q)), PDL=pdl,
                                                     PREFIX=not suffix.endswith("_fresh"),
-                                                    STORE_LAST=suffix.endswith("_last")),
+                                                    STORE_LAST=suffix.endswith("_last") or (
+                                                        suffix.endswith("_fresh") and cfg.store_last)),
                 cfg.num_warps, cfg.num_stages, types)
     # one split; four merged by a second launch; four merged by the last split, with the step's own K/V stored;
     # also launched early (_pdl), or splitting only sequences of 4+ tiles a split (_min4, min_split_tiles), or
