@@ -32,11 +32,11 @@ class ModelRunner:
         self.pending_tokens: torch.Tensor | None = None
         # torch.compile (inductor) fuses the model's elementwise work (norms, rotary, activations, residual adds)
         # between the paged ops, layer by layer with one graph shared by all layers (engine/compiled.py; the whole
-        # forward as one graph when the layers cannot share, or with HF_PAGED_COMPILE_SCOPE=model). Every forward of one adapter goes through it, the
-        # decode forwards the CUDA graphs capture included, with the step-dependent sizes (tokens, sequences,
-        # block-table width) marked dynamic and at least 2 (_plan pads them; the smallest graph bucket is 2): a
-        # size of 1 would specialise. Decode-only steps (max_seqlen_q == 1) pick another attention kernel: two
-        # compilations in all, both in warm_up.
+        # forward as one graph when the layers cannot share, or with HF_PAGED_COMPILE_SCOPE=model). Every forward
+        # of one adapter goes through it, the decode forwards the CUDA graphs capture included, with the
+        # step-dependent sizes (tokens, sequences, block-table width) marked dynamic and at least 2 (_plan pads
+        # them; the smallest graph bucket is 2): a size of 1 would specialise. Decode-only steps (max_seqlen_q ==
+        # 1) pick another attention kernel: two compilations in all, both in warm_up.
         self.compiled_call = None
         if compile_model:
             if compiles_by_layer(model, cache):
