@@ -25,11 +25,17 @@ def _triton_importable() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def env_choice(name: str, choices: tuple[str, ...]) -> str:
+    """The switch `name` of the environment, one of `choices` (any case; unset or empty: the first). Else a
+    ValueError naming the variable and the choices."""
+    value = os.environ.get(name, "").strip().lower() or choices[0]
+    if value not in choices:
+        raise ValueError(f"{name}={value!r}: expected one of {choices}")
+    return value
+
+
 def _mode() -> str:
-    mode = os.environ.get("HF_PAGED_KERNELS", "auto").strip().lower() or "auto"
-    if mode not in _MODES:
-        raise ValueError(f"HF_PAGED_KERNELS={mode!r}: expected one of {_MODES}")
-    return mode
+    return env_choice("HF_PAGED_KERNELS", _MODES)
 
 
 DECODE_ORDERS = ("longest", "heads", "sequences")
@@ -41,15 +47,18 @@ def decode_order() -> str:
     context, longest first, so a ragged batch's longest programs start in the first wave and the short ones fill the
     last (+2.2% output tok/s on ShareGPT-128, H100, docs/benchmarks.md); `heads` only launches KV heads first;
     `sequences` is the layout before 2026-12-07 (sequences first, in scheduling order). Else a ValueError."""
-    value = os.environ.get("HF_PAGED_DECODE_ORDER", "").strip().lower() or "longest"
-    if value not in DECODE_ORDERS:
-        raise ValueError(f"HF_PAGED_DECODE_ORDER={value!r}: expected one of {DECODE_ORDERS}")
-    return value
+    return env_choice("HF_PAGED_DECODE_ORDER", DECODE_ORDERS)
 
 
 def decode_heads_first() -> bool:
     """Whether decode launches lay their grid out KV heads first (`DecodeConfig.heads_fastest`) by default."""
     return decode_order() != "sequences"
+
+
+def decode_longest_first() -> bool:
+    """Whether a decode step runs its sequences by context, longest first (the engine's order; `bench kernels`
+    orders its ragged rows the same way)."""
+    return decode_order() == "longest"
 
 
 def _use_triton(tensor: torch.Tensor) -> bool:

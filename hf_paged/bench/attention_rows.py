@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from hf_paged.bench.kernels import _DTYPES, Row
 from hf_paged.bench.workloads import serving_lengths
 from hf_paged.kernels import reference
-from hf_paged.kernels.ops import decode_heads_first, decode_order
+from hf_paged.kernels.ops import decode_heads_first, decode_longest_first
 
 
 def bench_attention_rows(timer, heads, prefill_seqs, prefill_len, args, rows):
@@ -114,7 +114,7 @@ def bench_decode_step(timer, batch, ctx, hq, hkv, args, rows, sweep=False, ragge
 
     dtype, device, d = _DTYPES[args.dtype], timer.device, args.head_dim
     seq_lens = serving_lengths(batch, ctx) if ragged else [ctx] * batch
-    if decode_order() == "longest":  # the batch as the engine launches it (HF_PAGED_DECODE_ORDER, the default)
+    if decode_longest_first():  # the batch as the engine launches it (HF_PAGED_DECODE_ORDER, the default)
         seq_lens.sort(reverse=True)
     inputs = attention_inputs([1] * batch, seq_lens, hq, hkv, d, args.block_size, dtype, device)
     key, value = (torch.randn(batch, hkv, d, dtype=dtype, device=device) for _ in range(2))  # (B, Hkv, D)

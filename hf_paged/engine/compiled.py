@@ -11,13 +11,13 @@ are installed for the engine's own forwards only: the user's model is left as it
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 
 import torch
 
 from hf_paged.attention import LayerKV, bind_pools
 from hf_paged.cache import PagedCache
+from hf_paged.kernels.ops import env_choice
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -60,10 +60,7 @@ def compile_scope() -> str:
     (an experiment) compiles the whole forward as one graph, as the engine did before 2026-12-01: a cold compile
     takes minutes instead of seconds, but inductor then fuses across layers (one layer's last residual add into the
     next one's norm; the rotary tables, the embedding and the final norm into the graph). Else a ValueError."""
-    value = os.environ.get("HF_PAGED_COMPILE_SCOPE", "").strip().lower() or "layers"
-    if value not in COMPILE_SCOPES:
-        raise ValueError(f"HF_PAGED_COMPILE_SCOPE={value!r}: expected one of {COMPILE_SCOPES}")
-    return value
+    return env_choice("HF_PAGED_COMPILE_SCOPE", COMPILE_SCOPES)
 
 
 def compiles_by_layer(model: torch.nn.Module, cache: PagedCache) -> bool:
@@ -85,10 +82,11 @@ class CompiledLayers:
         self.layers = decoder_layers(model)
         self.attention = attention_modules(model)
         options = compile_options(next(model.parameters()).device)
-        self.compiled = [] if whole_model else [
-            _marking_token_dim(torch.compile(layer._call_impl, options=options)) for layer in self.layers]
         if whole_model:
-            self.call = torch.compile(call, options=options)
+            self.compiled, self.call = [], torch.compile(call, options=options)
+        else:
+            self.compiled = [_marking_token_dim(torch.compile(layer._call_impl, options=options))
+                             for layer in self.layers]
 
     def __call__(self, *args):
         for layer, compiled in zip(self.layers, self.compiled):

@@ -20,7 +20,7 @@ from hf_paged.engine.sampler import SampledBatch, SamplingState
 from hf_paged.engine.sampler import launch as launch_sampling
 from hf_paged.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from hf_paged.engine.stopping import check_stop, eos_token_ids
-from hf_paged.kernels.ops import decode_order
+from hf_paged.kernels.ops import decode_longest_first
 from hf_paged.patches.generate import reject_prompt_learning
 
 
@@ -79,7 +79,7 @@ class LLMEngine:
                                   max_batch=min(config.max_num_seqs, MAX_GRAPH_BATCH),
                                   max_blocks_per_seq=-(-self.max_model_len // config.block_size))
         self.requests: dict[str, Request] = {}
-        self.longest_first = decode_order() == "longest"  # HF_PAGED_DECODE_ORDER (kernels/ops.py)
+        self.longest_first = decode_longest_first()  # HF_PAGED_DECODE_ORDER (kernels/ops.py)
         self.eos_token_ids = eos_token_ids(model, tokenizer)
         self._seq_ids = itertools.count()
         self._inflight: _InFlight | None = None
