@@ -217,8 +217,10 @@ def prefill_configs():
         PrefillConfig(*c, tma=False) for c in [(128, 32, 4, 3), (64, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3)]] + [
         # rows that store the step's own K/V: after the attention (the own-K/V default's order since 2026-12-07), where
         # the configs above store before it (the same as the above elsewhere)
+        # two warpgroups (8 warps, 128 rows) too: offline for sm_90 the widest hold 182-250 registers, one block an SM
         PrefillConfig(*c, store_last=True) for c in [(64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 4, 4), (64, 32, 4, 3),
-                                                     (64, 32, 4, 4), (128, 64, 4, 2)]]
+                                                     (64, 32, 4, 4), (128, 64, 4, 2), (128, 32, 8, 4), (128, 64, 8, 2),
+                                                     (128, 64, 8, 3), (128, 128, 8, 2)]]
 
 def sweep_configs(timer, run, configs) -> dict[str, float]:
     """ms of each config that runs (one that needs too much shared memory is left out), fastest first."""
