@@ -319,7 +319,11 @@ def _serve(args: argparse.Namespace, extra: list[str]) -> int:
         raise UsageError(f"unrecognized arguments: {' '.join(extra)}")
     from hf_paged.server import run_serve
 
-    run_serve(args)
+    try:
+        run_serve(args)
+    except ImportError as err:  # the `server` extra is missing (hf_paged.server.launch.require_server_extras)
+        print(f"{args.parser.prog}: error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

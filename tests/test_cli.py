@@ -261,3 +261,20 @@ def test_serve_help_reads_like_vllm(capsys):
     assert exit_info.value.code == 0
     for option in ("--host", "--port", "--api-key", "--block-size", "--max-num-seqs", "--max-num-batched-tokens"):
         assert option in out
+
+
+def test_cli_without_the_server_extra():
+    # The README's first command installs only the `gguf` extra: `hf-paged` (whose parser lists `serve`) must run
+    # without fastapi, uvicorn and prometheus-client, and `serve` must name the extra before loading a model.
+    code = ("import sys\n"
+            "for name in ('fastapi', 'uvicorn', 'prometheus_client'):\n"
+            "    sys.modules[name] = None  # as if not installed: importing it raises ImportError\n"
+            "from hf_paged.cli import build_parser, main\n"
+            "build_parser()\n"
+            "rc = main(['serve', '--port', '0'])\n"
+            "print('rc', rc, 'loaded', 'hf_paged.server.app' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip().splitlines()[-1] == "rc 1 loaded False", done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1] == (
+        "hf-paged serve: error: the server needs fastapi, uvicorn, prometheus_client (the 'server' extra): "
+        "pip install 'hf_paged[server]'")

@@ -51,6 +51,7 @@ def serve(
         **engine_kwargs: `hf_paged.LLM`'s engine options (block_size, kv_cache_memory, num_blocks, max_num_seqs,
             max_num_batched_tokens, max_model_len, enable_prefix_caching, enforce_eager, compile_model).
     """
+    require_server_extras()
     import uvicorn
 
     from hf_paged.engine.llm import LLM
@@ -78,6 +79,20 @@ def serve(
     finally:
         if sync is not None:
             sync.shutdown()
+
+
+SERVER_EXTRAS = ("fastapi", "uvicorn", "prometheus_client")
+
+
+def require_server_extras() -> None:
+    """An ImportError naming the `server` extra when fastapi, uvicorn or prometheus-client is missing: checked
+    before a model loads."""
+    import importlib.util
+
+    missing = [name for name in SERVER_EXTRAS if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ImportError(f"the server needs {', '.join(missing)} (the 'server' extra): "
+                          "pip install 'hf_paged[server]'")
 
 
 def _server_batch_defaults(model, engine_kwargs: dict) -> dict:
