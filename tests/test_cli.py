@@ -272,9 +272,12 @@ def test_cli_without_the_server_extra():
             "from hf_paged.cli import build_parser, main\n"
             "build_parser()\n"
             "rc = main(['serve', '--port', '0'])\n"
-            "print('rc', rc, 'loaded', 'hf_paged.server.app' in sys.modules)\n")
+            "from hf_paged.server import __main__ as module\n"
+            "try:\n"
+            "    module.main(['--port', '0'])  # python -m hf_paged.server\n"
+            "except SystemExit as exit:\n"
+            "    print('rc', rc, exit.code, 'loaded', 'hf_paged.server.app' in sys.modules)\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert done.stdout.strip().splitlines()[-1] == "rc 1 loaded False", done.stderr[-2000:]
-    assert done.stderr.strip().splitlines()[-1] == (
-        "hf-paged serve: error: the server needs fastapi, uvicorn, prometheus_client (the 'server' extra): "
-        "pip install 'hf_paged[server]'")
+    assert done.stdout.strip().splitlines()[-1] == "rc 1 1 loaded False", done.stderr[-2000:]
+    hint = "error: the server needs fastapi, uvicorn, prometheus_client (the 'server' extra): pip install 'hf_paged[server]'"
+    assert done.stderr.strip().splitlines()[-2:] == [f"hf-paged serve: {hint}", f"python -m hf_paged.server: {hint}"]

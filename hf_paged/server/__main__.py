@@ -8,7 +8,11 @@ from hf_paged.server.launch import add_serve_args, run_serve
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m hf_paged.server",
                                      description="Serve a model with an OpenAI-compatible API (hf_paged engine).")
-    run_serve(add_serve_args(parser).parse_args(argv))
+    args = add_serve_args(parser).parse_args(argv)
+    try:
+        run_serve(args)
+    except ImportError as err:  # the `server` extra is missing (launch.require_server_extras)
+        parser.exit(1, f"{parser.prog}: error: {err}\n")
 
 
 if __name__ == "__main__":
