@@ -279,5 +279,6 @@ def test_cli_without_the_server_extra():
             "    print('rc', rc, exit.code, 'loaded', 'hf_paged.server.app' in sys.modules)\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.stdout.strip().splitlines()[-1] == "rc 1 1 loaded False", done.stderr[-2000:]
-    hint = "error: the server needs fastapi, uvicorn, prometheus_client (the 'server' extra): pip install 'hf_paged[server]'"
+    hint = ("error: the server needs fastapi, uvicorn, prometheus_client (the 'server' extra): "
+            "pip install 'hf_paged[server]'")
     assert done.stderr.strip().splitlines()[-2:] == [f"hf-paged serve: {hint}", f"python -m hf_paged.server: {hint}"]
