@@ -18,6 +18,7 @@ useful output. See docs/benchmarks.md for every figure's definition, the HBM roo
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import platform
@@ -190,6 +191,8 @@ def parse_args(argv):
         args.variants = [_variant(text, args) for text in args.variant]
     except ValueError as exc:
         parser.error(str(exc))
+    if args.plot and importlib.util.find_spec("matplotlib") is None:  # said now, not after the runs
+        parser.error("--plot needs matplotlib (the 'bench' extra): pip install 'hf_paged[bench]'")
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     args.dtype = args.dtype or ("bfloat16" if args.device.type == "cuda" else "float32")
     return args

@@ -4,6 +4,7 @@ on the tiny model (every system, both workloads, forced output lengths, JSON and
 import importlib.util
 import json
 import statistics
+import sys
 
 import pytest
 import torch
@@ -236,6 +237,14 @@ def test_engine_variants_run_in_the_same_process(tmp_path):
     for bad in ("nolabel", "x:colour=red", "x:compile=maybe", "x:block_size=big"):
         with pytest.raises(SystemExit):
             throughput.parse_args(["--variant", bad])
+
+
+def test_plot_without_matplotlib_fails_before_the_runs(monkeypatch, capsys, tmp_path):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    with pytest.raises(SystemExit) as exit_info:
+        throughput.parse_args(["--model", "tiny", "--plot", str(tmp_path / "run.png")])
+    assert exit_info.value.code == 2
+    assert "--plot needs matplotlib (the 'bench' extra): pip install 'hf_paged[bench]'" in capsys.readouterr().err
 
 
 def test_kernel_bench_tiny_rows(tmp_path):
