@@ -264,12 +264,14 @@ def test_serve_help_reads_like_vllm(capsys):
 
 
 def test_cli_without_the_server_extra():
-    # The README's first command installs only the `gguf` extra: `hf-paged` (whose parser lists `serve`) must run
-    # without fastapi, uvicorn and prometheus-client, and `serve` must name the extra before loading a model.
+    # The README's first command installs only the `gguf` extra: `hf-paged` (whose parser lists `serve`), the
+    # engine and the model loader must import without the other extras, and `serve` must name its extra before
+    # loading a model.
     code = ("import sys\n"
-            "for name in ('fastapi', 'uvicorn', 'prometheus_client'):\n"
+            "for name in ('fastapi', 'uvicorn', 'prometheus_client', 'peft', 'bitsandbytes', 'matplotlib'):\n"
             "    sys.modules[name] = None  # as if not installed: importing it raises ImportError\n"
             "from hf_paged.cli import build_parser, main\n"
+            "import hf_paged.engine, hf_paged.models\n"
             "build_parser()\n"
             "rc = main(['serve', '--port', '0'])\n"
             "from hf_paged.server import __main__ as module\n"
