@@ -317,11 +317,11 @@ def _bench(args: argparse.Namespace, extra: list[str]) -> int:
 def _serve(args: argparse.Namespace, extra: list[str]) -> int:
     if extra:
         raise UsageError(f"unrecognized arguments: {' '.join(extra)}")
-    from hf_paged.server import run_serve
+    from hf_paged.server.launch import ServerExtrasMissing, run_serve
 
     try:
         run_serve(args)
-    except ImportError as err:  # the `server` extra is missing (hf_paged.server.launch.require_server_extras)
+    except ServerExtrasMissing as err:
         print(f"{args.parser.prog}: error: {err}", file=sys.stderr)
         return 1
     return 0

@@ -2,7 +2,7 @@
 
 import argparse
 
-from hf_paged.server.launch import add_serve_args, run_serve
+from hf_paged.server.launch import ServerExtrasMissing, add_serve_args, run_serve
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -11,7 +11,7 @@ def main(argv: list[str] | None = None) -> None:
     args = add_serve_args(parser).parse_args(argv)
     try:
         run_serve(args)
-    except ImportError as err:  # the `server` extra is missing (launch.require_server_extras)
+    except ServerExtrasMissing as err:
         parser.exit(1, f"{parser.prog}: error: {err}\n")
 
 

@@ -84,15 +84,19 @@ def serve(
 SERVER_EXTRAS = ("fastapi", "uvicorn", "prometheus_client")
 
 
+class ServerExtrasMissing(ImportError):
+    """fastapi, uvicorn or prometheus-client is not installed (the `server` extra); the message says what to run."""
+
+
 def require_server_extras() -> None:
-    """An ImportError naming the `server` extra when fastapi, uvicorn or prometheus-client is missing: checked
-    before a model loads."""
+    """ServerExtrasMissing, naming the missing packages, when the `server` extra is not installed: checked before
+    a model loads."""
     import importlib.util
 
     missing = [name for name in SERVER_EXTRAS if importlib.util.find_spec(name) is None]
     if missing:
-        raise ImportError(f"the server needs {', '.join(missing)} (the 'server' extra): "
-                          "pip install 'hf_paged[server]'")
+        raise ServerExtrasMissing(f"the server needs {', '.join(missing)} (the 'server' extra): "
+                                  "pip install 'hf_paged[server]'")
 
 
 def _server_batch_defaults(model, engine_kwargs: dict) -> dict:
