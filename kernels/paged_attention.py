@@ -13,6 +13,7 @@ import torch
 import triton
 
 from hf_paged.kernels.attention_tile import INTERPRET
+from hf_paged.kernels.fresh_prefill import fresh_prefill_fits, launch_fresh_prefill
 from hf_paged.kernels.paged_decode import launch_decode
 from hf_paged.kernels.paged_prefill import launch_prefill
 from hf_paged.kernels.tuning import (DecodeConfig, PrefillConfig, default_decode_config, default_prefill_config,
@@ -171,5 +172,10 @@ def paged_attention(
         cfg = config or default_prefill_config(group, head_dim, query.device, own_kv=key is not None)
         if not isinstance(cfg, PrefillConfig):
             raise TypeError(f"a prefill batch (max_seqlen_q > 1) needs a PrefillConfig, got {cfg!r}")
-        launch_prefill(out, args, common, cfg, num_seqs, num_kv_heads, query, key, value, slot_mapping, fresh)
+        if cfg.fresh_kernel and fresh and key is not None and fresh_prefill_fits(query, key, value, sliding_window,
+                                                                                 softcap):
+            launch_fresh_prefill(out, query, key, value, key_cache, value_cache, slot_mapping, cu_seqlens_q, qk_scale,
+                                 num_seqs, common, cfg)
+        else:
+            launch_prefill(out, args, common, cfg, num_seqs, num_kv_heads, query, key, value, slot_mapping, fresh)
     return out

@@ -40,6 +40,9 @@ class PrefillConfig:
     # with slots to store the step's own K/V into: after the tile's attention (its output written) instead of
     # before it; the stores then overlap other programs' tensor-core work rather than all programs' first wave
     store_last: bool = False
+    # fresh prompts with their own K/V (no cached context) in kernels/fresh_prefill.py instead: block_m tokens of
+    # one query head a program, every load a TMA tile, its key loop warp-specialised on Hopper (sm_90 and newer only)
+    fresh_kernel: bool = False
 
 
 @functools.cache

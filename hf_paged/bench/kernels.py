@@ -221,6 +221,10 @@ def main(argv: list[str] | None = None) -> int:
                              "as the engine's CUDA graphs run it, KV write folded in, against the launches apart")
     parser.add_argument("--step-context", type=int, default=512, help="context of the 'decode layer' rows")
     parser.add_argument("--sweep", action="store_true", help="also time alternative tile configs, report the best")
+    parser.add_argument("--sweep-kinds", default="decode,prefill",
+                        help="the rows --sweep sweeps: decode, prefill or both (comma separated)")
+    parser.add_argument("--sweep-fresh", action="store_true",
+                        help="sweep only the fresh-prompt kernel's tiles on the own-K/V prefill rows")
     parser.add_argument("--only", choices=("attention", "gemm"), help="run only the attention + KV rows or the matmul rows")
     parser.add_argument("--gemm-rows", default="1,16,128",
                         help="rows (sequences) of the decode-step matmul rows, comma separated ('' for none)")
@@ -236,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
         args.batch, args.contexts, args.heads, args.head_dim, args.prefill = 2, [64], "4/2", 64, "2x32"
         args.gemm_rows, args.gemm_shape = "1,4", "64,128,32"
         args.dtype = "float32"
+    args.sweep_kinds = tuple(k for k in args.sweep_kinds.split(",") if k)
+    if not set(args.sweep_kinds) <= {"decode", "prefill"}:
+        parser.error(f"--sweep-kinds: expected decode and/or prefill, got {','.join(args.sweep_kinds)}")
     heads = [tuple(int(x) for x in pair.split("/")) for pair in args.heads.split(",")]
     prefill_seqs, prefill_len = (int(x) for x in args.prefill.split("x"))
     torch.manual_seed(0)
