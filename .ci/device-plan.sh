@@ -35,7 +35,10 @@ case "${1:?STEP: tests-kernels | tests-decode | tests-prefill | tests-models | k
       $pytest tests/kernels -k fresh 2>&1 | tee "$out/tests_fresh.log"
       python3 -P -m hf_paged.bench.kernels --only attention --sweep --sweep-kinds prefill --sweep-fresh \
              --heads 32/8,32/32 --contexts 1024 --step-batches "" --out "$out/kernels_fresh.json" \
-             2>&1 | tee "$out/kernels_fresh.log" ;;
+             2>&1 | tee "$out/kernels_fresh.log"
+      # the defaults with it switched on (HF_PAGED_FRESH_PREFILL=1): issue 4's prefill verdicts
+      HF_PAGED_FRESH_PREFILL=1 python3 -P -m hf_paged.bench.kernels --only attention --heads 32/8,32/32 \
+             --contexts 1024 --step-batches "" --out "$out/kernels_fresh_on.json" 2>&1 | tee "$out/kernels_fresh_on.log" ;;
   decode-tiles) # the GQA decode tile at block size 8 (the default) and 16 (docs/kernels.md "Measured on an H200")
       for bs in 8 16; do
         python3 -P -m hf_paged.bench.kernels --only attention --sweep --heads 32/8 --contexts 1024 4096 \

@@ -99,15 +99,39 @@ def long_splits() -> tuple[int, int] | None:
     return splits, tiles
 
 
-def default_prefill_config(group: int, head_dim: int, device: torch.device, own_kv: bool = False) -> PrefillConfig:
+def fresh_prefill_tile() -> tuple[int, int, int] | None:
+    """`HF_PAGED_FRESH_PREFILL` (an experiment, unset by default): fresh prompts with their own K/V take the fresh
+    prompts' kernel (`PrefillConfig.fresh_kernel`) on Hopper; `1` at its default tile, `BMxBNxSTAGES` at another.
+    None when unset or 0; a malformed value is a ValueError."""
+    value = os.environ.get("HF_PAGED_FRESH_PREFILL", "").strip().lower()
+    if value in ("", "0"):
+        return None
+    if value == "1":
+        return 128, 64, 3
+    try:
+        block_m, block_n, stages = (int(part) for part in value.split("x"))
+    except ValueError:
+        block_m = 0
+    if block_m not in (64, 128) or block_n not in (32, 64, 128) or stages not in (2, 3, 4):
+        raise ValueError(f"HF_PAGED_FRESH_PREFILL={value!r}: expected 1, 0 or BMxBNxSTAGES (BM 64/128, BN 32/64/128, "
+                         "2-4 stages)")
+    return block_m, block_n, stages
+
+
+def default_prefill_config(group: int, head_dim: int, device: torch.device, own_kv: bool = False,
+                           fresh: bool = False) -> PrefillConfig:
     """32-64 query tokens and 32 keys a step, one warpgroup (fastest of a sweep on an H100, docs/kernels.md); 64
     rows and 64 keys a step where the step's own K/V comes through TMA (fastest of a sweep on an H200, GQA and MHA),
     storing it after the tile's attention (fastest of the H100 sweep of 2026-12-07: MHA 0.2480 against 0.2836 ms
-    stored first, GQA 4 0.2053 against 0.2112)."""
+    stored first, GQA 4 0.2053 against 0.2112). Fresh prompts (`fresh`, with their own K/V) on Hopper take the fresh
+    prompts' kernel under HF_PAGED_FRESH_PREFILL (`fresh_prefill_tile`)."""
     if device.type != "cuda":
         return PrefillConfig(block_m=max(16, triton.next_power_of_2(group)), block_n=16, num_warps=1, num_stages=1)
     if head_dim > 128:
         return PrefillConfig(block_m=64, block_n=32, num_warps=4, num_stages=2)
+    if own_kv and fresh and hopper_or_newer(device) and (tile := fresh_prefill_tile()):
+        block_m, block_n, stages = tile
+        return PrefillConfig(block_m, block_n, num_warps=4, num_stages=stages, store_last=True, fresh_kernel=True)
     if own_kv:
         return PrefillConfig(block_m=64, block_n=64, num_warps=4, num_stages=3, store_last=True)
     return PrefillConfig(block_m=64 if group == 1 else 128, block_n=32, num_warps=4, num_stages=3)

@@ -759,3 +759,29 @@ def test_kv_pipeline_switch(value, flags):
     else:
         assert done.returncode == 0, done.stderr[-2000:]
         assert done.stdout.split() == flags.split()
+
+
+@pytest.mark.parametrize("value, hopper, expected", [
+    ("", True, None), ("0", True, None), ("1", False, None),  # off, or not Hopper: the prefill kernel's tile
+    ("1", True, (128, 64, 3)), ("128x128x2", True, (128, 128, 2)),
+])
+def test_fresh_prefill_switch(monkeypatch, value, hopper, expected):
+    """HF_PAGED_FRESH_PREFILL: fresh prompts with their own K/V take the fresh prompts' kernel on Hopper, at its
+    default tile or the one named; prompts with a cached prefix keep the prefill kernel's."""
+    from hf_paged.kernels import tuning
+
+    monkeypatch.setenv("HF_PAGED_FRESH_PREFILL", value)
+    monkeypatch.setattr(tuning, "hopper_or_newer", lambda device: hopper)
+    cuda = torch.device("cuda")
+    cfg = tuning.default_prefill_config(1, 128, cuda, own_kv=True, fresh=True)
+    assert ((cfg.block_m, cfg.block_n, cfg.num_stages) if cfg.fresh_kernel else None) == expected
+    assert not tuning.default_prefill_config(1, 128, cuda, own_kv=True).fresh_kernel
+
+
+@pytest.mark.parametrize("value", ["yes", "128x64", "96x64x3", "128x64x9"])
+def test_fresh_prefill_switch_rejects_malformed_values(monkeypatch, value):
+    from hf_paged.kernels import tuning
+
+    monkeypatch.setenv("HF_PAGED_FRESH_PREFILL", value)
+    with pytest.raises(ValueError, match="HF_PAGED_FRESH_PREFILL"):
+        tuning.fresh_prefill_tile()
