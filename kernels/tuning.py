@@ -112,8 +112,8 @@ def fresh_prefill_tile() -> tuple[int, int, int] | None:
         block_m, block_n, stages = (int(part) for part in value.split("x"))
     except ValueError:
         block_m = 0
-    if block_m not in (64, 128) or block_n not in (32, 64, 128) or stages not in (2, 3, 4):
-        raise ValueError(f"HF_PAGED_FRESH_PREFILL={value!r}: expected 1, 0 or BMxBNxSTAGES (BM 64/128, BN 32/64/128, "
+    if block_m not in (64, 128, 256) or block_n not in (32, 64, 128) or stages not in (2, 3, 4):
+        raise ValueError(f"HF_PAGED_FRESH_PREFILL={value!r}: expected 1, 0 or BMxBNxSTAGES (BM 64/128/256, BN 32/64/128, "
                          "2-4 stages)")
     return block_m, block_n, stages
 

@@ -217,7 +217,7 @@ def prefill_configs(fresh_only=False):
 
     fresh = [PrefillConfig(*c, fresh_kernel=True, store_last=True)
              for c in [(128, 128, 4, 2), (128, 64, 4, 2), (128, 64, 4, 3), (128, 64, 4, 4), (128, 32, 4, 4),
-                       (64, 64, 4, 3), (64, 128, 4, 2)]]
+                       (64, 64, 4, 3), (64, 128, 4, 2), (256, 32, 4, 3)]]
     if fresh_only:
         return fresh
     return fresh + [PrefillConfig(*c) for c in [

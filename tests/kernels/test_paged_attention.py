@@ -454,9 +454,10 @@ def test_gpu_prefill_stores_last(fresh, store_last):
 
 @pytest.mark.cuda
 @on_gpu
-@pytest.mark.parametrize("dtype, d", [(torch.bfloat16, 128), (torch.float16, 64)], ids=["bf16_d128", "fp16_d64"])
+@pytest.mark.parametrize("tile, dtype, d", [("128x128x2", torch.bfloat16, 128), ("128x64x3", torch.bfloat16, 128),
+                                             ("64x64x3", torch.bfloat16, 128), ("256x32x3", torch.bfloat16, 128),
+                                             ("128x64x3", torch.float16, 64)], ids=str)
 @pytest.mark.parametrize("hq, hkv", [(32, 32), (32, 8), (8, 1)], ids=["mha", "gqa4", "mqa"])
-@pytest.mark.parametrize("tile", ["128x128x2", "128x64x3", "64x64x3"])
 def test_gpu_fresh_prompt_kernel(tile, hq, hkv, dtype, d):
     """kernels/fresh_prefill.py warp-specialised on Hopper (the tiles of the bench's sweep) against the reference:
     ragged prompts, a spare tile, skipped slots."""
