@@ -30,13 +30,13 @@ case "${1:?STEP: tests-kernels | tests-decode | tests-prefill | tests-models | k
          # (DecodeConfig.min_split_tiles in the sweep)
       python3 -P -m hf_paged.bench.kernels --only attention --sweep --heads 32/8,32/32 --contexts 1024 \
              --step-batches 1,16,64 --out "$out/kernels_sweep.json" 2>&1 | tee "$out/kernels_sweep.log" ;;
-  fresh) # fresh prompts' warp-specialised kernel (kernels/fresh_prefill.py, PrefillConfig.fresh_kernel): its GPU
-      # tests, then its tiles on the own-K/V prefill rows (GQA 4, MHA) beside the default and cuDNN sdpa
-      $pytest tests/kernels -k fresh 2>&1 | tee "$out/tests_fresh.log"
+  fresh) # fresh prompts' warp-specialised kernel (kernels/fresh_prefill.py, PrefillConfig.fresh_kernel): its tiles
+      # on the own-K/V prefill rows (GQA 4, MHA) beside the default and cuDNN sdpa, its GPU tests, then the
+      # defaults with it switched on (HF_PAGED_FRESH_PREFILL=1): issue 4's prefill verdicts
       python3 -P -m hf_paged.bench.kernels --only attention --sweep --sweep-kinds prefill --sweep-fresh \
              --heads 32/8,32/32 --contexts 1024 --step-batches "" --out "$out/kernels_fresh.json" \
              2>&1 | tee "$out/kernels_fresh.log"
-      # the defaults with it switched on (HF_PAGED_FRESH_PREFILL=1): issue 4's prefill verdicts
+      $pytest tests/kernels -k fresh 2>&1 | tee "$out/tests_fresh.log"
       HF_PAGED_FRESH_PREFILL=1 python3 -P -m hf_paged.bench.kernels --only attention --heads 32/8,32/32 \
              --contexts 1024 --step-batches "" --out "$out/kernels_fresh_on.json" 2>&1 | tee "$out/kernels_fresh_on.log" ;;
   decode-tiles) # the GQA decode tile at block size 8 (the default) and 16 (docs/kernels.md "Measured on an H200")
