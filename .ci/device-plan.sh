@@ -36,7 +36,7 @@ case "${1:?STEP: tests-kernels | tests-decode | tests-prefill | tests-models | k
       python3 -P -m hf_paged.bench.kernels --only attention --sweep --sweep-kinds prefill --sweep-fresh \
              --heads 32/8,32/32 --contexts 1024 --step-batches "" --out "$out/kernels_fresh.json" \
              2>&1 | tee "$out/kernels_fresh.log"
-      $pytest tests/kernels -k fresh 2>&1 | tee "$out/tests_fresh.log"
+      $pytest tests/kernels -k fresh_prompt 2>&1 | tee "$out/tests_fresh.log"
       HF_PAGED_FRESH_PREFILL=1 python3 -P -m hf_paged.bench.kernels --only attention --heads 32/8,32/32 \
              --contexts 1024 --step-batches "" --out "$out/kernels_fresh_on.json" 2>&1 | tee "$out/kernels_fresh_on.log" ;;
   decode-tiles) # the GQA decode tile at block size 8 (the default) and 16 (docs/kernels.md "Measured on an H200")
