@@ -61,6 +61,26 @@ def decode_longest_first() -> bool:
     return decode_order() == "longest"
 
 
+def fresh_prefill_tile() -> tuple[int, int, int] | None:
+    """`HF_PAGED_FRESH_PREFILL` (an experiment, unset by default): fresh prompts with their own K/V take the fresh
+    prompts' kernel (`PrefillConfig.fresh_kernel`, kernels/tuning.py) on Hopper, `1` at its default tile,
+    `BMxBNxSTAGES` at another; and the engine's compiled forwards tell the kernels which steps hold only fresh
+    prompts (engine/runner.py). None when unset or 0; a malformed value is a ValueError."""
+    value = os.environ.get("HF_PAGED_FRESH_PREFILL", "").strip().lower()
+    if value in ("", "0"):
+        return None
+    if value == "1":
+        return 128, 64, 3
+    try:
+        block_m, block_n, stages = (int(part) for part in value.split("x"))
+    except ValueError:
+        block_m = 0
+    if block_m not in (64, 128, 256) or block_n not in (32, 64, 128) or stages not in (2, 3, 4):
+        raise ValueError(f"HF_PAGED_FRESH_PREFILL={value!r}: expected 1, 0 or BMxBNxSTAGES (BM 64/128/256, "
+                         "BN 32/64/128, 2-4 stages)")
+    return block_m, block_n, stages
+
+
 def _use_triton(tensor: torch.Tensor) -> bool:
     mode = _mode()
     if mode == "reference":

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from hf_paged.kernels.ops import decode_heads_first
+from hf_paged.kernels.ops import decode_heads_first, fresh_prefill_tile
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,25 +97,6 @@ def long_splits() -> tuple[int, int] | None:
     if not (1 <= splits <= 16 and tiles >= 1):
         raise ValueError(f"HF_PAGED_LONG_SPLITS={value!r}: expected S:M, 1 <= S <= 16 splits of M >= 1 tiles")
     return splits, tiles
-
-
-def fresh_prefill_tile() -> tuple[int, int, int] | None:
-    """`HF_PAGED_FRESH_PREFILL` (an experiment, unset by default): fresh prompts with their own K/V take the fresh
-    prompts' kernel (`PrefillConfig.fresh_kernel`) on Hopper; `1` at its default tile, `BMxBNxSTAGES` at another.
-    None when unset or 0; a malformed value is a ValueError."""
-    value = os.environ.get("HF_PAGED_FRESH_PREFILL", "").strip().lower()
-    if value in ("", "0"):
-        return None
-    if value == "1":
-        return 128, 64, 3
-    try:
-        block_m, block_n, stages = (int(part) for part in value.split("x"))
-    except ValueError:
-        block_m = 0
-    if block_m not in (64, 128, 256) or block_n not in (32, 64, 128) or stages not in (2, 3, 4):
-        raise ValueError(f"HF_PAGED_FRESH_PREFILL={value!r}: expected 1, 0 or BMxBNxSTAGES (BM 64/128/256, BN 32/64/128, "
-                         "2-4 stages)")
-    return block_m, block_n, stages
 
 
 def default_prefill_config(group: int, head_dim: int, device: torch.device, own_kv: bool = False,

@@ -14,6 +14,7 @@ from hf_paged.engine.cuda_graphs import DecodeGraphs
 from hf_paged.engine.fused import fuse_projections as fuse_projections_of
 from hf_paged.engine.fused import fused_forwards
 from hf_paged.engine.scheduler import SchedulerOutput
+from hf_paged.kernels.ops import fresh_prefill_tile
 from hf_paged.patches.generate import paged_attention
 from hf_paged.transfer import block_table_rows, to_device
 
@@ -86,8 +87,11 @@ class ModelRunner:
             cu_seqlens_q=to_device(cu, torch.int32, dev),
             query_index=None,
             max_seqlen_q=max_seqlen_q,
-            # NOTE: not in compiled forwards, where it would be one more specialisation to compile
-            fresh=not for_compile and all(item.seq.num_computed_tokens == 0 for item in out.scheduled),
+            # NOTE: in compiled forwards only under HF_PAGED_FRESH_PREFILL (an experiment): one more specialisation
+            # to compile (the warm-up's first compiled prefill is fresh), which hands fresh prompts to the kernel
+            # storing and attending their own K/V in one launch (kernels/fresh_prefill.py on Hopper)
+            fresh=((not for_compile or fresh_prefill_tile() is not None)
+                   and all(item.seq.num_computed_tokens == 0 for item in out.scheduled)),
         )
         plan = StepPlan(to_device(slots, torch.long, dev), out.copies, metadata)
         ids = self._fill_pending(to_device(input_ids, torch.long, dev), out.scheduled, cu)[None]  # (1, T)

@@ -255,9 +255,9 @@ def test_fresh_prompt_kernel_finds_the_sequence_of_each_tile():
                  fresh=True)
 
 
-@pytest.mark.parametrize("window, softcap, dtype, d", [(5, None, torch.float16, 64), (None, 2.0, torch.float16, 64),
-                                                       (None, None, torch.float32, 64), (None, None, torch.float16, 80)],
-                         ids=["window", "softcap", "fp32", "d80"])
+@pytest.mark.parametrize("window, softcap, dtype, d", [
+    (5, None, torch.float16, 64), (None, 2.0, torch.float16, 64), (None, None, torch.float32, 64),
+    (None, None, torch.float16, 80)], ids=["window", "softcap", "fp32", "d80"])
 def test_fresh_prompt_kernel_leaves_what_it_cannot_take_to_the_prefill_kernel(window, softcap, dtype, d):
     """Windows, soft-caps, fp32 and head dims TMA cannot tile go to the block-table prefill kernel, with the same
     config."""
@@ -781,8 +781,8 @@ def test_fresh_prefill_switch(monkeypatch, value, hopper, expected):
 
 @pytest.mark.parametrize("value", ["yes", "128x64", "96x64x3", "128x64x9"])
 def test_fresh_prefill_switch_rejects_malformed_values(monkeypatch, value):
-    from hf_paged.kernels import tuning
+    from hf_paged.kernels.ops import fresh_prefill_tile
 
     monkeypatch.setenv("HF_PAGED_FRESH_PREFILL", value)
     with pytest.raises(ValueError, match="HF_PAGED_FRESH_PREFILL"):
-        tuning.fresh_prefill_tile()
+        fresh_prefill_tile()
