@@ -169,12 +169,12 @@ def paged_attention(
         launch_decode(out, args, common, cfg, num_seqs, num_kv_heads, num_q_heads, head_dim, key, value,
                       slot_mapping)
     else:
-        cfg = config or default_prefill_config(group, head_dim, query.device, own_kv=key is not None,
-                                               fresh=fresh)
+        # fresh prompts the fresh prompts' kernel can take (else the default is the prefill kernel's tile)
+        fits = fresh and key is not None and fresh_prefill_fits(query, key, value, sliding_window, softcap)
+        cfg = config or default_prefill_config(group, head_dim, query.device, own_kv=key is not None, fresh=fits)
         if not isinstance(cfg, PrefillConfig):
             raise TypeError(f"a prefill batch (max_seqlen_q > 1) needs a PrefillConfig, got {cfg!r}")
-        if cfg.fresh_kernel and fresh and key is not None and fresh_prefill_fits(query, key, value, sliding_window,
-                                                                                 softcap):
+        if cfg.fresh_kernel and fits:
             launch_fresh_prefill(out, query, key, value, key_cache, value_cache, slot_mapping, cu_seqlens_q, qk_scale,
                                  num_seqs, common, cfg)
         else:

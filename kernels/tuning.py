@@ -104,8 +104,8 @@ def default_prefill_config(group: int, head_dim: int, device: torch.device, own_
     """32-64 query tokens and 32 keys a step, one warpgroup (fastest of a sweep on an H100, docs/kernels.md); 64
     rows and 64 keys a step where the step's own K/V comes through TMA (fastest of a sweep on an H200, GQA and MHA),
     storing it after the tile's attention (fastest of the H100 sweep of 2026-12-07: MHA 0.2480 against 0.2836 ms
-    stored first, GQA 4 0.2053 against 0.2112). Fresh prompts (`fresh`, with their own K/V) on Hopper take the fresh
-    prompts' kernel under HF_PAGED_FRESH_PREFILL (`fresh_prefill_tile`)."""
+    stored first, GQA 4 0.2053 against 0.2112). Fresh prompts that the fresh prompts' kernel takes (`fresh`, with
+    their own K/V: `fresh_prefill_fits`) get its tile on Hopper under HF_PAGED_FRESH_PREFILL (`fresh_prefill_tile`)."""
     if device.type != "cuda":
         return PrefillConfig(block_m=max(16, triton.next_power_of_2(group)), block_n=16, num_warps=1, num_stages=1)
     if head_dim > 128:
