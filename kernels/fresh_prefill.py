@@ -7,10 +7,11 @@ masking every tile causally.
 
 Why a kernel of its own: triton 3.6 splits such a loop into a producer warpgroup (the TMA copies) and two consumer
 warpgroups (64 rows each; wgmma and the softmax), the FlashAttention-3 scheme, but only for loops it can partition
-(probed offline for sm_90, docs/kernels.md "Warp-specialised fresh prefill"): every operand of the dots from a
+(probed offline for sm_90, docs/kernels.md "Fresh prompts, warp-specialised"): every operand of the dots from a
 tensor descriptor built in the kernel (`tl.make_tensor_descriptor`; descriptors built on the host, as
 kernels/paged_prefill.py passes them, are not partitioned), one loop, and no branch in it (a tile masked only where
-it crosses the diagonal, `if`, compiles unpartitioned). So every tile is masked, as the plain kernel avoids.
+it crosses the diagonal, `if`, compiles unpartitioned). So every tile is masked (the prefill kernel masks only
+the tiles crossing the diagonal).
 
 The descriptors end at the sequence's last token: TMA reads rows past it as zeros and drops stores past it, so a
 tile never touches the next sequence's rows. WRITE stores the tile's own K/V into its slots after the attention
@@ -95,7 +96,8 @@ def _fresh_prefill_kernel(
     acc = tl.full([BLOCK_M, HEAD_DIM], 0.0, dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
-    last = tl.minimum(first + BLOCK_M, q_end - q_start)  # keys [0, last) reach the tile's rows
+    q_len = q_end - q_start
+    last = tl.where(first < q_len, tl.minimum(first + BLOCK_M, q_len), 0)  # keys [0, last) reach the tile's rows
     # The first tile shows every row key 0, so the running max is finite from then on: no -inf guard.
     if INTERPRET:  # NOTE: the CPU interpreter cannot bound range() by tensors (kernels/attention_tile.py)
         n0 = last * 0
