@@ -30,6 +30,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from triton.runtime import _allocation
 
 from hf_paged.kernels.attention_tile import dot, row_max, row_sum
+from hf_paged.kernels.paged_prefill import store_tile
 from hf_paged.kernels.tuning import PrefillConfig, hopper_or_newer
 
 
@@ -112,16 +113,8 @@ def _fresh_prefill_kernel(
     o_desc.store([q_start + first, 0], (acc / l_i[:, None]).to(out.dtype.element_ty))
     if WRITE and head % GROUP == 0:
         offs_d = tl.arange(0, HEAD_DIM)
-        for chunk in tl.static_range(0, BLOCK_M, WRITE_Q):  # WRITE_Q tokens at a time
-            tok = q_start + first + chunk + tl.arange(0, WRITE_Q)  # (WRITE_Q,) rows of the packed K/V
-            slots = tl.load(slot_mapping + tok, mask=tok < q_end, other=-1).to(tl.int64)
-            mask = (slots >= 0)[:, None]
-            src = tok.to(tl.int64)[:, None] * stride_nt + kv_head * HEAD_DIM + offs_d[None, :]
-            dst = (slots // BLOCK_SIZE) * stride_kb + (slots % BLOCK_SIZE) * stride_kt + kv_head * stride_kh
-            dst = dst[:, None] + offs_d[None, :]
-            tl.store(k_cache + dst, tl.load(new_k + src, mask=mask), mask=mask)
-            tl.store(v_cache + dst, tl.load(new_v + src, mask=mask), mask=mask)
-
+        store_tile(k_cache, v_cache, new_k, new_v, slot_mapping, q_start, q_len, tile, kv_head, stride_nt, HEAD_DIM,
+                   stride_kb, stride_kt, stride_kh, offs_d, offs_d < HEAD_DIM, BLOCK_M, BLOCK_SIZE, WRITE_Q)
 
 class _Scratch:
     """Triton's allocator for the in-kernel descriptors: one device buffer per device, grown, never freed.
