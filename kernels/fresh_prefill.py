@@ -57,7 +57,7 @@ def _fresh_prefill_kernel(
     qk_scale, num_seqs,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
-    WRITE: tl.constexpr, WRITE_Q: tl.constexpr, PDL: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    WRITE: tl.constexpr, WRITE_Q: tl.constexpr, PDL: tl.constexpr,
     SEARCH_STEPS: tl.constexpr,  # ceil(log2(num_seqs)) at least (rounded up to 4s: fewer compilations)
 ):
     # Sequence s owns the programs from cu_seqlens_q[s] // BLOCK_M + s on, as in kernels/paged_prefill.py; the last
@@ -107,7 +107,8 @@ def _fresh_prefill_kernel(
                                          DOT_PRECISION, INTERPRET)
             n0 += BLOCK_N
     else:
-        for n0 in tl.range(0, last, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+        # compiled only where it launches, Hopper and newer (fresh_prefill_fits)
+        for n0 in tl.range(0, last, BLOCK_N, warp_specialize=True):
             acc, m_i, l_i = _causal_tile(acc, m_i, l_i, q, q_pos, k_desc, v_desc, q_start, n0, qk_scale, BLOCK_N,
                                          DOT_PRECISION, INTERPRET)
     o_desc.store([q_start + first, 0], (acc / l_i[:, None]).to(out.dtype.element_ty))
@@ -159,7 +160,8 @@ def fresh_prefill_fits(query, key, value, sliding_window, softcap) -> bool:
 def launch_fresh_prefill(out, query, key, value, key_cache, value_cache, slot_mapping, cu_seqlens_q, qk_scale,
                          num_seqs, common, cfg: PrefillConfig) -> None:
     """Grid (T // BLOCK_M + S, Hq). `common` gives GROUP, BLOCK_SIZE, DOT_PRECISION, INTERPRET and PDL as the
-    launcher built them; slot_mapping None: store nothing. Warp-specialised on Hopper and newer."""
+    launcher built them; slot_mapping None: store nothing. Only where `fresh_prefill_fits` (Hopper and newer: the
+    loop is compiled warp-specialised)."""
     write = slot_mapping is not None
     grid = (query.shape[0] // cfg.block_m + num_seqs, query.shape[1])
     search_steps = -(-max(1, (num_seqs - 1).bit_length()) // 4) * 4
@@ -173,7 +175,6 @@ def launch_fresh_prefill(out, query, key, value, key_cache, value_cache, slot_ma
             key_cache.stride(2), qk_scale, num_seqs, GROUP=common["GROUP"], BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
             HEAD_DIM=query.shape[-1], BLOCK_SIZE=common["BLOCK_SIZE"], DOT_PRECISION=common["DOT_PRECISION"],
             INTERPRET=common["INTERPRET"], WRITE=write, WRITE_Q=min(16, cfg.block_m), PDL=common["PDL"],
-            WARP_SPECIALIZE=not common["INTERPRET"] and hopper_or_newer(query.device), SEARCH_STEPS=search_steps,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=common["PDL"])
+            SEARCH_STEPS=search_steps, num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=common["PDL"])
     finally:
         _allocation._allocator.reset(token)

@@ -130,7 +130,7 @@ def main() -> dict:
         report[f"fresh_group{group}" + ("_pdl" if pdl else "")] = compile_for_hopper(
             fresh_prefill._fresh_prefill_kernel, dict(
                 GROUP=group, BLOCK_M=128, BLOCK_N=64, HEAD_DIM=128, BLOCK_SIZE=16, DOT_PRECISION="tf32",
-                INTERPRET=False, WRITE=True, WRITE_Q=16, PDL=pdl, WARP_SPECIALIZE=True, SEARCH_STEPS=4), 4, 3,
+                INTERPRET=False, WRITE=True, WRITE_Q=16, PDL=pdl, SEARCH_STEPS=4), 4, 3,
             {"slot_mapping": "*i64"})
     report["write_kv"] = compile_for_hopper(kv_write._write_kv_kernel, dict(NUM_HEADS=8, HEAD_DIM=128, BLOCK_H=8,
                                                                            HEAD_PAD=128, BLOCK_SIZE=16), 4, 1)
