@@ -37,7 +37,9 @@ class ModelRunner:
         # of one adapter goes through it, the decode forwards the CUDA graphs capture included, with the
         # step-dependent sizes (tokens, sequences, block-table width) marked dynamic and at least 2 (_plan pads
         # them; the smallest graph bucket is 2): a size of 1 would specialise. Decode-only steps (max_seqlen_q ==
-        # 1) pick another attention kernel: two compilations in all, both in warm_up.
+        # 1) pick another attention kernel: two compilations in all, both in warm_up (three under
+        # HF_PAGED_FRESH_PREFILL, read once here: steps of fresh prompts only, see _plan).
+        self.compiled_fresh = fresh_prefill_tile() is not None
         self.compiled_call = None
         if compile_model:
             if compiles_by_layer(model, cache):
@@ -90,7 +92,7 @@ class ModelRunner:
             # NOTE: in compiled forwards only under HF_PAGED_FRESH_PREFILL (an experiment): one more specialisation
             # to compile (the warm-up's first compiled prefill is fresh), which hands fresh prompts to the kernel
             # storing and attending their own K/V in one launch (kernels/fresh_prefill.py on Hopper)
-            fresh=((not for_compile or fresh_prefill_tile() is not None)
+            fresh=((not for_compile or self.compiled_fresh)
                    and all(item.seq.num_computed_tokens == 0 for item in out.scheduled)),
         )
         plan = StepPlan(to_device(slots, torch.long, dev), out.copies, metadata)
