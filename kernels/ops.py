@@ -61,26 +61,6 @@ def decode_longest_first() -> bool:
     return decode_order() == "longest"
 
 
-def fresh_prefill_tile() -> tuple[int, int, int] | None:
-    """`HF_PAGED_FRESH_PREFILL` (an experiment, unset by default): fresh prompts with their own K/V take the fresh
-    prompts' kernel (`PrefillConfig.fresh_kernel`, kernels/tuning.py) on Hopper, `1` at its default tile,
-    `BMxBNxSTAGES` at another; and the engine's compiled forwards tell the kernels which steps hold only fresh
-    prompts (engine/runner.py). None when unset or 0; a malformed value is a ValueError."""
-    value = os.environ.get("HF_PAGED_FRESH_PREFILL", "").strip().lower()
-    if value in ("", "0"):
-        return None
-    if value == "1":
-        return 128, 64, 3
-    try:
-        block_m, block_n, stages = (int(part) for part in value.split("x"))
-    except ValueError:
-        block_m = 0
-    if block_m not in (64, 128, 256) or block_n not in (32, 64, 128) or stages not in (2, 3, 4):
-        raise ValueError(f"HF_PAGED_FRESH_PREFILL={value!r}: expected 1, 0 or BMxBNxSTAGES (BM 64/128/256, "
-                         "BN 32/64/128, 2-4 stages)")
-    return block_m, block_n, stages
-
-
 def _use_triton(tensor: torch.Tensor) -> bool:
     mode = _mode()
     if mode == "reference":
@@ -255,3 +235,47 @@ def copy_blocks(key_cache: torch.Tensor, value_cache: torch.Tensor, src: torch.T
 
         return triton_copy_blocks(key_cache, value_cache, src, dst)
     return reference.copy_blocks(key_cache, value_cache, src, dst)
+
+
+SKINNY_MATMUL = ("off", "on")
+SKINNY_ROWS = 16  # the most rows kernels/skinny_matmul.py takes (one 16-row dot operand)
+
+
+def skinny_matmul() -> bool:
+    """`HF_PAGED_SKINNY_MATMUL`: whether the engine runs its projections (engine/fused.py) through `linear`, whose
+    Triton path takes the skinny matmul (kernels/skinny_matmul.py) for x of at most 16 rows (decode steps of up to
+    16 sequences) instead of cuBLAS. Else a ValueError."""
+    return env_choice("HF_PAGED_SKINNY_MATMUL", SKINNY_MATMUL) == "on"
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear(x, weight, bias)`; on the Triton path, with x of at most 16 rows, the skinny matmul.
+
+    Under torch.compile it is the opaque custom op `hf_paged::linear`, which picks per call: one graph with a
+    dynamic token count serves every batch size, and each decode CUDA graph captures the kernel its size takes.
+    """
+    if torch.compiler.is_compiling():
+        return torch.ops.hf_paged.linear(x, weight, bias)
+    return _linear(x, weight, bias)
+
+
+def _skinny_fits(x, weight, bias) -> bool:
+    return (x.numel() <= SKINNY_ROWS * x.shape[-1] and x.dtype == weight.dtype and x.stride(-1) == 1
+            and weight.stride(-1) == 1 and (bias is None or (bias.dtype == x.dtype and bias.stride(0) == 1)))
+
+
+def _linear(x, weight, bias=None) -> torch.Tensor:
+    if _skinny_fits(x, weight, bias) and _use_triton(x):
+        from hf_paged.kernels.skinny_matmul import skinny_linear
+
+        return skinny_linear(x, weight, bias)
+    return torch.nn.functional.linear(x, weight, bias)
+
+
+_linear_op = torch.library.custom_op(
+    "hf_paged::linear", _linear, mutates_args=(), schema="(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor")
+
+
+@_linear_op.register_fake
+def _(x, weight, bias=None):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])  # (..., N)

@@ -13,7 +13,6 @@ import torch
 import triton
 
 from hf_paged.kernels.attention_tile import INTERPRET
-from hf_paged.kernels.fresh_prefill import fresh_prefill_fits, launch_fresh_prefill
 from hf_paged.kernels.paged_decode import launch_decode
 from hf_paged.kernels.paged_prefill import launch_prefill
 from hf_paged.kernels.tuning import (DecodeConfig, PrefillConfig, default_decode_config, default_prefill_config,
@@ -169,14 +168,8 @@ def paged_attention(
         launch_decode(out, args, common, cfg, num_seqs, num_kv_heads, num_q_heads, head_dim, key, value,
                       slot_mapping)
     else:
-        # fresh prompts the fresh prompts' kernel can take (else the default is the prefill kernel's tile)
-        fits = fresh and key is not None and fresh_prefill_fits(query, key, value, sliding_window, softcap)
-        cfg = config or default_prefill_config(group, head_dim, query.device, own_kv=key is not None, fresh=fits)
+        cfg = config or default_prefill_config(group, head_dim, query.device, own_kv=key is not None)
         if not isinstance(cfg, PrefillConfig):
             raise TypeError(f"a prefill batch (max_seqlen_q > 1) needs a PrefillConfig, got {cfg!r}")
-        if cfg.fresh_kernel and fits:
-            launch_fresh_prefill(out, query, key, value, key_cache, value_cache, slot_mapping, cu_seqlens_q, qk_scale,
-                                 num_seqs, common, cfg)
-        else:
-            launch_prefill(out, args, common, cfg, num_seqs, num_kv_heads, query, key, value, slot_mapping, fresh)
+        launch_prefill(out, args, common, cfg, num_seqs, num_kv_heads, query, key, value, slot_mapping, fresh)
     return out

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from hf_paged.kernels.ops import decode_heads_first, fresh_prefill_tile
+from hf_paged.kernels.ops import decode_heads_first
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,9 +40,6 @@ class PrefillConfig:
     # with slots to store the step's own K/V into: after the tile's attention (its output written) instead of
     # before it; the stores then overlap other programs' tensor-core work rather than all programs' first wave
     store_last: bool = False
-    # fresh prompts with their own K/V (no cached context) in kernels/fresh_prefill.py instead: block_m tokens of
-    # one query head a program, every load a TMA tile, its key loop warp-specialised on Hopper (sm_90 and newer only)
-    fresh_kernel: bool = False
 
 
 @functools.cache
@@ -99,20 +96,15 @@ def long_splits() -> tuple[int, int] | None:
     return splits, tiles
 
 
-def default_prefill_config(group: int, head_dim: int, device: torch.device, own_kv: bool = False,
-                           fresh: bool = False) -> PrefillConfig:
+def default_prefill_config(group: int, head_dim: int, device: torch.device, own_kv: bool = False) -> PrefillConfig:
     """32-64 query tokens and 32 keys a step, one warpgroup (fastest of a sweep on an H100, docs/kernels.md); 64
     rows and 64 keys a step where the step's own K/V comes through TMA (fastest of a sweep on an H200, GQA and MHA),
     storing it after the tile's attention (fastest of the H100 sweep of 2026-12-07: MHA 0.2480 against 0.2836 ms
-    stored first, GQA 4 0.2053 against 0.2112). Fresh prompts that the fresh prompts' kernel takes (`fresh`, with
-    their own K/V: `fresh_prefill_fits`) get its tile on Hopper under HF_PAGED_FRESH_PREFILL (`fresh_prefill_tile`)."""
+    stored first, GQA 4 0.2053 against 0.2112)."""
     if device.type != "cuda":
         return PrefillConfig(block_m=max(16, triton.next_power_of_2(group)), block_n=16, num_warps=1, num_stages=1)
     if head_dim > 128:
         return PrefillConfig(block_m=64, block_n=32, num_warps=4, num_stages=2)
-    if own_kv and fresh and hopper_or_newer(device) and (tile := fresh_prefill_tile()):
-        block_m, block_n, stages = tile
-        return PrefillConfig(block_m, block_n, num_warps=4, num_stages=stages, store_last=True, fresh_kernel=True)
     if own_kv:
         return PrefillConfig(block_m=64, block_n=64, num_warps=4, num_stages=3, store_last=True)
     return PrefillConfig(block_m=64 if group == 1 else 128, block_n=32, num_warps=4, num_stages=3)

@@ -91,11 +91,8 @@ def bench_attention(timer, kind, q_lens, seq_lens, hq, hkv, args, rows, sweep):
             if timer.gpu and max_q > 1 and not own_kv:
                 row.detail = {"sdpa_backends_ms": _sdpa_backends(timer, baseline)}
         rows.append(row)
-        # --sweep-fresh: only the fresh prompts' kernel, on the rows it runs (own K/V)
-        swept = sweep and timer.gpu and kind in ("decode", "prefill") and kind in args.sweep_kinds
-        if swept and not (args.sweep_fresh and max_q > 1 and not own_kv):
-            configs = decode_configs() if max_q == 1 else prefill_configs(fresh=own_kv, fresh_only=args.sweep_fresh)
-            times = sweep_configs(timer, run, configs)
+        if sweep and timer.gpu and kind in ("decode", "prefill") and kind in args.sweep_kinds:
+            times = sweep_configs(timer, run, decode_configs() if max_q == 1 else prefill_configs())
             cfg, best_ms = next(iter(times.items()))
             rows.append(Row(name + " best of sweep", shape, best_ms, *timer.frac(nbytes, best_ms),
                             tflops=flops / best_ms / 1e9, config=cfg, detail={"sweep_ms": times},
@@ -210,18 +207,10 @@ def decode_configs():
     heads_fastest = decode_heads_first()  # the grid the defaults launch
     return [DecodeConfig(n, s, w, st, heads_fastest=heads_fastest) for s in (1, 2, 4) for n, w, st in tiles]
 
-def prefill_configs(fresh=False, fresh_only=False):
-    """The prefill sweep's tiles. fresh (rows of fresh prompts with their own K/V, the only ones it runs): also the
-    fresh prompts' own kernel's (PrefillConfig.fresh_kernel, four warps a consumer warpgroup plus a producer on
-    Hopper; 128 x 128 x 3 stages needs too much shared memory); fresh_only: just those."""
+def prefill_configs():
     from hf_paged.kernels.tuning import PrefillConfig
 
-    own = [PrefillConfig(*c, fresh_kernel=True, store_last=True)
-           for c in [(128, 128, 4, 2), (128, 64, 4, 2), (128, 64, 4, 3), (128, 64, 4, 4), (128, 32, 4, 4),
-                     (64, 64, 4, 3), (64, 128, 4, 2), (256, 32, 4, 3)]] if fresh else []
-    if fresh_only:
-        return own
-    return own + [PrefillConfig(*c) for c in [
+    return [PrefillConfig(*c) for c in [
         (128, 32, 4, 2), (128, 32, 4, 3), (128, 32, 4, 4), (128, 32, 8, 3), (128, 64, 4, 2), (128, 64, 4, 3),
         (128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 32, 4, 3), (64, 32, 4, 4), (64, 64, 4, 2),
         (64, 64, 4, 3), (64, 64, 4, 4), (256, 32, 8, 3), (256, 64, 8, 2)]] + [  # own K/V by pointer instead of TMA

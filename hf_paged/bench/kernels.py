@@ -223,8 +223,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sweep", action="store_true", help="also time alternative tile configs, report the best")
     parser.add_argument("--sweep-kinds", default="decode,prefill",
                         help="the rows --sweep sweeps: decode, prefill or both (comma separated)")
-    parser.add_argument("--sweep-fresh", action="store_true",
-                        help="sweep only the fresh-prompt kernel's tiles on the own-K/V prefill rows")
     parser.add_argument("--only", choices=("attention", "gemm"), help="run only the attention + KV rows or the matmul rows")
     parser.add_argument("--gemm-rows", default="1,16,128",
                         help="rows (sequences) of the decode-step matmul rows, comma separated ('' for none)")

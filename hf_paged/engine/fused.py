@@ -1,4 +1,4 @@
-"""Fused projections: q/k/v and gate/up as one matmul each in the engine's forwards.
+"""The engine's projections: q/k/v and gate/up as one matmul each, and the skinny matmul for small batches.
 
 A decode step reads every weight once; cuBLAS reads a 4096 x 4096 projection at little more than half the copy
 bandwidth of an H200 and the three of q/k/v concatenated at about 65% (`hf-paged bench kernels`, matmul rows).
@@ -7,6 +7,10 @@ stay the same `nn.Parameter` objects, now views of it, so `state_dict` and `save
 the engine's forwards the first projection of a group that runs computes the whole group in one matmul and leaves
 its siblings their slices; a sibling called with another input computes its own. Outside the engine's forwards the
 model runs its own code.
+
+With `HF_PAGED_SKINNY_MATMUL=on` every plain projection (the fused groups, o/down, the LM head) runs through
+`ops.linear` in the engine's forwards, which takes the Triton skinny matmul (kernels/skinny_matmul.py) for decode
+steps of up to 16 sequences on a GPU, and cuBLAS otherwise.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
+
+from hf_paged.kernels import ops
 
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
@@ -70,7 +75,7 @@ def _fused_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     if out is not None and self.hf_paged_out_of is x:  # a sibling computed it, from this very input
         self.hf_paged_out = self.hf_paged_out_of = None
         return out
-    y = F.linear(x, self.hf_paged_fused_weight, self.hf_paged_fused_bias)  # (..., sum N)
+    y = ops.linear(x, self.hf_paged_fused_weight, self.hf_paged_fused_bias)  # (..., sum N)
     outs = y.split(self.hf_paged_fused_sizes, dim=-1)
     for i, sibling in enumerate(self.hf_paged_siblings):
         if i != self.hf_paged_fused_index:
@@ -78,19 +83,39 @@ def _fused_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return outs[self.hf_paged_fused_index]
 
 
-def fuse_projections(model: torch.nn.Module) -> list[FusedGroup]:
-    """Lay out every fusable q/k/v and gate/up group of the model as one weight; returns the groups."""
+class SkinnyLinear:
+    """A plain projection outside the fused groups, run through `ops.linear` in the engine's forwards."""
+
+    def __init__(self, module: torch.nn.Linear):
+        self.members = [module]
+        self.forwards = [types.MethodType(_skinny_forward, module)]
+
+    def intact(self) -> bool:
+        return _fusable(self.members[0])
+
+
+def _skinny_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return ops.linear(x, self.weight, self.bias)
+
+
+def fuse_projections(model: torch.nn.Module, fuse: bool = True,
+                     skinny: bool = False) -> list[FusedGroup | SkinnyLinear]:
+    """With `fuse`, lay out every fusable q/k/v and gate/up group of the model as one weight; returns the groups,
+    and with `skinny` every other plain nn.Linear of the model as a `SkinnyLinear`."""
     groups = []
-    for parent in model.modules():
+    for parent in model.modules() if fuse else ():
         for names in GROUPS:
             members = [getattr(parent, name, None) for name in names]
             if all(isinstance(m, torch.nn.Module) and _fusable(m) for m in members) and _compatible(members):
                 groups.append(FusedGroup(members))
+    if skinny:
+        fused = {id(m) for group in groups for m in group.members}
+        groups += [SkinnyLinear(m) for m in model.modules() if _fusable(m) and id(m) not in fused]
     return groups
 
 
 @contextmanager
-def fused_forwards(groups: list[FusedGroup]) -> Iterator[None]:
+def fused_forwards(groups: list[FusedGroup | SkinnyLinear]) -> Iterator[None]:
     """Within the block, the groups' projections run fused (groups whose parameters were replaced are left out)."""
     active = [g for g in groups if g.intact()]
     for group in active:

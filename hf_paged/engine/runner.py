@@ -14,7 +14,7 @@ from hf_paged.engine.cuda_graphs import DecodeGraphs
 from hf_paged.engine.fused import fuse_projections as fuse_projections_of
 from hf_paged.engine.fused import fused_forwards
 from hf_paged.engine.scheduler import SchedulerOutput
-from hf_paged.kernels.ops import fresh_prefill_tile
+from hf_paged.kernels.ops import skinny_matmul
 from hf_paged.patches.generate import paged_attention
 from hf_paged.transfer import block_table_rows, to_device
 
@@ -26,9 +26,10 @@ class ModelRunner:
                  max_blocks_per_seq: int = 256, compile_model: bool = False, fuse_projections: bool = False):
         self.model = model
         # q/k/v and gate/up as one matmul each (engine/fused.py); before compiling, which then sees the fused code
-        self.fused = fuse_projections_of(model) if fuse_projections else []
         self.cache = cache
         self.device = model.get_input_embeddings().weight.device
+        skinny = skinny_matmul()  # small decode steps' projections off cuBLAS (ops.linear decides per call)
+        self.fused = fuse_projections_of(model, fuse=fuse_projections, skinny=skinny)
         self.graphs = None
         self.pending_tokens: torch.Tensor | None = None
         # torch.compile (inductor) fuses the model's elementwise work (norms, rotary, activations, residual adds)
@@ -37,9 +38,7 @@ class ModelRunner:
         # of one adapter goes through it, the decode forwards the CUDA graphs capture included, with the
         # step-dependent sizes (tokens, sequences, block-table width) marked dynamic and at least 2 (_plan pads
         # them; the smallest graph bucket is 2): a size of 1 would specialise. Decode-only steps (max_seqlen_q ==
-        # 1) pick another attention kernel: two compilations in all, both in warm_up (three under
-        # HF_PAGED_FRESH_PREFILL, read once here: steps of fresh prompts only, see _plan).
-        self.compiled_fresh = fresh_prefill_tile() is not None
+        # 1) pick another attention kernel: two compilations in all, both in warm_up.
         self.compiled_call = None
         if compile_model:
             if compiles_by_layer(model, cache):
@@ -89,11 +88,8 @@ class ModelRunner:
             cu_seqlens_q=to_device(cu, torch.int32, dev),
             query_index=None,
             max_seqlen_q=max_seqlen_q,
-            # NOTE: in compiled forwards only under HF_PAGED_FRESH_PREFILL (an experiment): one more specialisation
-            # to compile (the warm-up's first compiled prefill is fresh), which hands fresh prompts to the kernel
-            # storing and attending their own K/V in one launch (kernels/fresh_prefill.py on Hopper)
-            fresh=((not for_compile or self.compiled_fresh)
-                   and all(item.seq.num_computed_tokens == 0 for item in out.scheduled)),
+            # NOTE: not in compiled forwards, where it would be one more specialisation to compile
+            fresh=not for_compile and all(item.seq.num_computed_tokens == 0 for item in out.scheduled),
         )
         plan = StepPlan(to_device(slots, torch.long, dev), out.copies, metadata)
         ids = self._fill_pending(to_device(input_ids, torch.long, dev), out.scheduled, cu)[None]  # (1, T)

@@ -134,40 +134,6 @@ def test_compiled_prefill_and_mixed_steps_match_eager(make_llm):
     assert compiled == 2 and counts["stats"]["unique_graphs"] == compiled, dict(counts["stats"])
 
 
-def test_compiled_fresh_prefills_under_the_switch(make_llm, monkeypatch):
-    """HF_PAGED_FRESH_PREFILL: compiled steps holding only fresh prompts tell the kernels so, a third compilation
-    (in the warm-up, whose first compiled step is such a prefill) that stores and attends in one op; same tokens."""
-    import torch._dynamo
-    from torch._inductor.utils import run_and_get_code
-
-    monkeypatch.setenv("HF_PAGED_FRESH_PREFILL", "1")
-    torch._dynamo.reset()
-    rng = random.Random(5)
-    prompts = [[rng.randrange(3, VOCAB) for _ in range(rng.randint(1, 30))] for _ in range(8)]
-    params = [SamplingParams(temperature=0, max_tokens=rng.randint(1, 9), ignore_eos=True) for _ in prompts]
-    ref = make_llm(max_num_seqs=4, max_num_batched_tokens=24).generate(prompts, params, use_tqdm=False)
-    counts = torch._dynamo.utils.counters
-    counts.clear()
-    llm = make_llm(max_num_seqs=4, max_num_batched_tokens=24, compile_model=True)  # warms up: compiles
-    assert counts["stats"]["unique_graphs"] == 3, dict(counts["stats"])
-    runner = llm.engine.runner
-    codes, compiled = {}, runner.compiled_call
-
-    def keep_code(*args):  # NOTE: run_and_get_code recompiles to see the code, once for the fresh steps
-        if not runner.cache._engine_plan.metadata.fresh or "fresh" in codes:
-            return compiled(*args)
-        out, code = run_and_get_code(compiled, *args)
-        codes["fresh"] = "\n".join(code)
-        return out
-
-    runner.compiled_call = keep_code
-    out = llm.generate(prompts, params, use_tqdm=False)
-    assert [[c.token_ids for c in o.outputs] for o in out] == [[c.token_ids for c in o.outputs] for o in ref]
-    assert "torch.ops.hf_paged.write_and_attend.default(" in codes["fresh"]
-    assert "torch.ops.hf_paged.write_kv" not in codes["fresh"]
-    assert not counts["graph_break"], dict(counts["graph_break"])
-
-
 def test_compile_by_default_only_for_plain_gpu_models(make_llm):
     from hf_paged.engine.llm import compile_by_default
 

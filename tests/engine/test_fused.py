@@ -107,3 +107,31 @@ def test_fused_compiled_layers_still_share_one_graph():
     out = llm.generate(prompts, params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in out] == [o.outputs[0].token_ids for o in ref]
     assert counts["stats"]["unique_graphs"] == 2 and not counts["graph_break"], dict(counts["stats"])
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_skinny_engine_matches_cublas_path(arch, monkeypatch):
+    """HF_PAGED_SKINNY_MATMUL=on with the Triton kernels (CPU interpreter): every plain projection, fused or not
+    (o/down, the LM head; qwen2's biases), runs the skinny kernel in steps of <= 16 rows, with the same tokens as
+    F.linear (fp32) and the model's own code again afterwards."""
+    import hf_paged.kernels.skinny_matmul as skinny
+
+    model = fresh_model(arch)
+    rng = random.Random(2)
+    prompts = [[rng.randrange(3, VOCAB) for _ in range(rng.randint(1, 30))] for _ in range(5)]
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    calls = []
+    run = skinny.skinny_linear
+    monkeypatch.setattr(skinny, "skinny_linear", lambda *a, **k: calls.append(a[0].shape) or run(*a, **k))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    outs = {}
+    for mode in ("off", "on"):
+        monkeypatch.setenv("HF_PAGED_SKINNY_MATMUL", mode)
+        monkeypatch.setenv("HF_PAGED_KERNELS", "triton" if mode == "on" else "auto")
+        llm = LLM(model, num_blocks=128, block_size=4, max_num_batched_tokens=40, fuse_projections=True)
+        outs[mode] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    layers = model.config.num_hidden_layers
+    assert len(calls) >= 5 * layers + 1  # a decode step: q/k/v, o, gate/up, down a layer and the LM head
+    assert all(shape.numel() // shape[-1] <= 16 for shape in calls)
+    assert outs["on"] == outs["off"]
+    assert not any("forward" in m.__dict__ for m in model.modules())

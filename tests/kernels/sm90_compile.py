@@ -15,7 +15,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from hf_paged.kernels import fresh_prefill, kv_write, paged_decode, paged_prefill, tuning
+from hf_paged.kernels import kv_write, paged_decode, paged_prefill, tuning
 
 HOPPER = GPUTarget("cuda", 90, 32)
 POINTERS = {"out": "*bf16", "query": "*bf16", "k_cache": "*bf16", "v_cache": "*bf16", "key": "*bf16",
@@ -59,8 +59,6 @@ def compile_for_hopper(kernel, constants: dict, num_warps: int, num_stages: int,
             "atomics": sorted(set(re.findall(r"\batom\.[\w.]+", compiled.asm["ptx"]))),
             "l2_loads": "ld.global.cg" in compiled.asm["ptx"] or "ld.global.L1::no_allocate" in compiled.asm["ptx"],
             "barriers": compiled.asm["ptx"].count("bar.sync"),
-            # warp-specialised: the loop split into producer and consumer warpgroups (more warps than launched)
-            "partitioned": "ttg.warp_specialize" in compiled.asm["ttgir"], "warps": compiled.metadata.num_warps,
             "pdl": [op for op in ("griddepcontrol.wait", "griddepcontrol.launch_dependents")
                     if op in compiled.asm["ptx"]],
             **registers(compiled.asm["ptx"])}
@@ -125,13 +123,6 @@ def main() -> dict:
         report[name] = compile_for_hopper(paged_decode._reduce_kernel, dict(
             NUM_SPLITS=4, SPLITS_PAD=4, HEAD_DIM=128, HEAD_PAD=128, BLOCK_N=64, SLIDING=False, NEW_KV=True,
             MIN_SPLIT_TILES=4 if name.endswith("_min4") else 1, PDL=pdl), 4, 1)
-    # fresh prompts' own kernel (PrefillConfig.fresh_kernel), warp-specialised as on Hopper, launched early or not
-    for group, pdl in ((1, False), (4, False), (1, True)):
-        report[f"fresh_group{group}" + ("_pdl" if pdl else "")] = compile_for_hopper(
-            fresh_prefill._fresh_prefill_kernel, dict(
-                GROUP=group, BLOCK_M=128, BLOCK_N=64, HEAD_DIM=128, BLOCK_SIZE=16, DOT_PRECISION="tf32",
-                INTERPRET=False, WRITE=True, WRITE_Q=16, PDL=pdl, SEARCH_STEPS=4), 4, 3,
-            {"slot_mapping": "*i64"})
     report["write_kv"] = compile_for_hopper(kv_write._write_kv_kernel, dict(NUM_HEADS=8, HEAD_DIM=128, BLOCK_H=8,
                                                                            HEAD_PAD=128, BLOCK_SIZE=16), 4, 1)
     return report

@@ -28,14 +28,7 @@ def test_kernels_compile_for_hopper():
                               "_own_kv_tma_write_last", "_own_kv_tma_write_fresh")]
     decode = ["decode_splits1", "decode_splits4", "decode_splits4_fused_write", "decode_splits4_fused_write_min4",
               "decode_splits1_fused_write_heads", "decode_splits2_fused_write_pdl"]
-    fresh = ["fresh_group1", "fresh_group4", "fresh_group1_pdl"]
-    assert set(report) == {*prefill, *decode, *fresh, "reduce", "reduce_pdl", "reduce_min4", "write_kv"}
-    # the fresh prompts' kernel: its key loop split into a TMA producer and two wgmma consumer warpgroups (12 warps
-    # for the 4 launched); a branch or a second loop in the kernel and triton 3.6 leaves it whole
-    for name in fresh:
-        kernel = report[name]
-        assert kernel["partitioned"] and kernel["warps"] == 12 and kernel["tma"] and kernel["wgmma"], (name, kernel)
-        assert kernel["spill_bytes"] == 0 if "spill_bytes" in kernel else True, (name, kernel)
+    assert set(report) == {*prefill, *decode, "reduce", "reduce_pdl", "reduce_min4", "write_kv"}
     # HF_PAGED_PDL: programmatic dependent launch waits for the kernel before and lets the next one start
     for name, kernel in report.items():
         expected = ["griddepcontrol.wait", "griddepcontrol.launch_dependents"] if name.endswith("_pdl") else []

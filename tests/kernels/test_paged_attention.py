@@ -229,48 +229,6 @@ def test_prefill_of_fresh_prompts(shape, tma, write):
                      config=config, write=write, fresh=True)
 
 
-FRESH_TILE = PrefillConfig(block_m=16, block_n=16, num_warps=1, num_stages=1, fresh_kernel=True)
-
-
-@pytest.mark.parametrize("write", [False, True], ids=["read", "write"])
-@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[2], (torch.float16, 8, 2, 1, 32)], ids=str)
-def test_fresh_prompt_kernel(shape, write):
-    """PrefillConfig.fresh_kernel: fresh prompts' attention by kernels/fresh_prefill.py (one query head a program,
-    every tile masked, TMA descriptors ending at each sequence's last token) matches the reference, and stores the
-    tokens once per KV head; a broken promise of no cached context leaves the prefix out."""
-    dtype, block_size, hq, hkv, d = shape
-    q_lens = [7, 1, 40, 13, 16]
-    check_new_kv(q_lens, q_lens, hq, hkv, d, block_size, dtype, seed=block_size + 2, config=FRESH_TILE, write=write,
-                 skip=(3, 20) if write else (), fresh=True)
-    with pytest.raises(AssertionError):
-        check_new_kv(q_lens, [q + 9 for q in q_lens], hq, hkv, d, block_size, dtype, seed=block_size + 2,
-                     config=FRESH_TILE, write=write, fresh=True)
-
-
-def test_fresh_prompt_kernel_finds_the_sequence_of_each_tile():
-    """Many short prompts and one spanning several tiles: the unrolled search (rounded up to 4 steps at a time)
-    gives each tile its sequence, and the spare programs store nothing."""
-    q_lens = ragged_lengths(21, 1, 9, seed=4) + [50]
-    check_new_kv(q_lens, q_lens, 2, 1, 32, 8, torch.float16, seed=3, config=FRESH_TILE, write=True, skip=(0,),
-                 fresh=True)
-
-
-@pytest.mark.parametrize("window, softcap, dtype, d", [
-    (5, None, torch.float16, 64), (None, 2.0, torch.float16, 64), (None, None, torch.float32, 64),
-    (None, None, torch.float16, 80)], ids=["window", "softcap", "fp32", "d80"])
-def test_fresh_prompt_kernel_leaves_what_it_cannot_take_to_the_prefill_kernel(window, softcap, dtype, d):
-    """Windows, soft-caps, fp32 and head dims TMA cannot tile go to the block-table prefill kernel, with the same
-    config."""
-    from hf_paged.kernels.fresh_prefill import fresh_prefill_fits
-
-    q_lens = [9, 30, 2]
-    inputs = attention_inputs(q_lens, q_lens, 4, 2, d, 8, dtype)
-    key = torch.zeros(sum(q_lens), 2, d, dtype=dtype, device=DEVICE)
-    assert not fresh_prefill_fits(inputs["query"], key, key, window, softcap)
-    check_new_kv(q_lens, q_lens, 4, 2, d, 8, dtype, seed=1, window=window, softcap=softcap, config=FRESH_TILE,
-                 write=True, fresh=True)
-
-
 def test_decode_write_skips_padding_slots():
     """Slot -1 (a CUDA-graph padding row, say) stores nothing; the row still gets its attention."""
     check_new_kv([1] * 4, [5, 9, 33, 2], 4, 2, 64, 16, torch.float32, seed=3, write=True, skip=(1, 3),
@@ -450,49 +408,6 @@ def test_gpu_prefill_stores_last(fresh, store_last):
     config = dataclasses.replace(tuned, store_last=store_last)
     check_new_kv(q_lens, seq_lens, 32, 8, 128, 8, torch.bfloat16, seed=6, write=True, skip=(5, 1001), fresh=fresh,
                  config=config)
-
-
-@pytest.mark.cuda
-@on_gpu
-@pytest.mark.parametrize("tile, dtype, d", [("128x128x2", torch.bfloat16, 128), ("128x64x3", torch.bfloat16, 128),
-                                             ("64x64x3", torch.bfloat16, 128), ("256x32x3", torch.bfloat16, 128),
-                                             ("128x64x3", torch.float16, 64)], ids=str)
-@pytest.mark.parametrize("hq, hkv", [(32, 32), (32, 8), (8, 1)], ids=["mha", "gqa4", "mqa"])
-def test_gpu_fresh_prompt_kernel(tile, hq, hkv, dtype, d):
-    """kernels/fresh_prefill.py warp-specialised on Hopper (the tiles of the bench's sweep) against the reference:
-    ragged prompts, a spare tile, skipped slots."""
-    block_m, block_n, stages = (int(x) for x in tile.split("x"))
-    config = PrefillConfig(block_m, block_n, 4, stages, fresh_kernel=True)
-    q_lens = [1024, 1000, 1, 333, 64, 129]
-    check_new_kv(q_lens, q_lens, hq, hkv, d, 8, dtype, seed=hq + d, write=True, skip=(5, 1001, 2500), fresh=True,
-                 config=config)
-
-
-@pytest.mark.cuda
-@on_gpu
-def test_gpu_fresh_prompt_kernel_in_a_cuda_graph():
-    """Replayed from a CUDA graph on new inputs, the fresh-prompt kernel still gives the eager result: its TMA
-    descriptors' scratch (triton's allocator) outlives the capture."""
-    config = PrefillConfig(128, 64, 4, 3, fresh_kernel=True)
-    q_lens = [700, 300, 24]
-    static = attention_inputs(q_lens, q_lens, 16, 4, 128, 8, torch.bfloat16, seed=1)
-    new_kv = {n: torch.randn(sum(q_lens), 4, 128, dtype=torch.bfloat16, device=DEVICE) for n in ("key", "value")}
-
-    def run():
-        return paged_attention(**static, **new_kv, scale=0.08, max_seqlen_q=max(q_lens), fresh=True, config=config)
-
-    run()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = run()
-    for seed in (2, 3):
-        fresh_inputs = attention_inputs(q_lens, q_lens, 16, 4, 128, 8, torch.bfloat16, seed=seed)
-        static["query"].copy_(fresh_inputs["query"])
-        for t in new_kv.values():
-            t.normal_()
-        graph.replay()
-        torch.testing.assert_close(out, run(), atol=0, rtol=0)
 
 
 @pytest.mark.cuda
@@ -760,29 +675,3 @@ def test_kv_pipeline_switch(value, flags):
     else:
         assert done.returncode == 0, done.stderr[-2000:]
         assert done.stdout.split() == flags.split()
-
-
-@pytest.mark.parametrize("value, hopper, expected", [
-    ("", True, None), ("0", True, None), ("1", False, None),  # off, or not Hopper: the prefill kernel's tile
-    ("1", True, (128, 64, 3)), ("128x128x2", True, (128, 128, 2)),
-])
-def test_fresh_prefill_switch(monkeypatch, value, hopper, expected):
-    """HF_PAGED_FRESH_PREFILL: fresh prompts with their own K/V take the fresh prompts' kernel on Hopper, at its
-    default tile or the one named; prompts with a cached prefix keep the prefill kernel's."""
-    from hf_paged.kernels import tuning
-
-    monkeypatch.setenv("HF_PAGED_FRESH_PREFILL", value)
-    monkeypatch.setattr(tuning, "hopper_or_newer", lambda device: hopper)
-    cuda = torch.device("cuda")
-    cfg = tuning.default_prefill_config(1, 128, cuda, own_kv=True, fresh=True)
-    assert ((cfg.block_m, cfg.block_n, cfg.num_stages) if cfg.fresh_kernel else None) == expected
-    assert not tuning.default_prefill_config(1, 128, cuda, own_kv=True).fresh_kernel
-
-
-@pytest.mark.parametrize("value", ["yes", "128x64", "96x64x3", "128x64x9"])
-def test_fresh_prefill_switch_rejects_malformed_values(monkeypatch, value):
-    from hf_paged.kernels.ops import fresh_prefill_tile
-
-    monkeypatch.setenv("HF_PAGED_FRESH_PREFILL", value)
-    with pytest.raises(ValueError, match="HF_PAGED_FRESH_PREFILL"):
-        fresh_prefill_tile()

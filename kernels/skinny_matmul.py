@@ -1,0 +1,163 @@
+"""Triton matmul for a decode step's projections: `F.linear(x, weight, bias)` with at most 16 rows of x.
+
+At a few rows a projection only streams its weight, so the kernel is built to read that weight at the copy rate:
+each program walks a strip of `block_n` weight rows across its share of K (one of `split_k` shares) through a
+pipeline of `num_stages` tiles, and multiplies each tile with the rows of x (padded to 16, the smallest dot) as
+`weight_tile @ x_tile.T`, so the weight is the dot's wide operand. Where K is split, each program leaves its partial
+sum in fp32 scratch and the last program of a strip (a per-strip counter, reset by that program) adds the partials in
+split order: one launch, and the same bits whatever order the programs ran in.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from hf_paged.kernels.attention_tile import INTERPRET
+from hf_paged.kernels.ops import SKINNY_ROWS as MAX_ROWS  # x's rows are padded to one 16-row dot operand
+from hf_paged.kernels.paged_decode import arrival_counters
+
+
+
+@dataclass(frozen=True, slots=True)
+class SkinnyConfig:
+    block_n: int = 64
+    block_k: int = 128
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 4
+
+    def __post_init__(self):
+        if self.block_n < 16 or self.block_k < 16 or self.block_n & (self.block_n - 1) or self.block_k & (self.block_k - 1):
+            raise ValueError(f"block_n and block_k must be powers of 2 >= 16, got {self.block_n}, {self.block_k}")
+        if self.split_k < 1:
+            raise ValueError(f"split_k must be >= 1, got {self.split_k}")
+
+
+@triton.jit
+def _accumulate(acc, w_ptrs, x_ptrs, k, offs_n, offs_m, offs_k, M, N, K, PRECISION: tl.constexpr,
+                EVEN: tl.constexpr, INTERPRET: tl.constexpr):
+    if EVEN:  # every strip whole, every share whole tiles inside K
+        w = tl.load(w_ptrs + k)
+        xt = tl.load(x_ptrs + k, mask=(offs_m < M)[None, :], other=0.0)
+    else:
+        w = tl.load(w_ptrs + k, mask=(offs_n < N)[:, None] & (offs_k + k < K)[None, :], other=0.0)
+        xt = tl.load(x_ptrs + k, mask=(offs_m < M)[None, :] & (offs_k + k < K)[:, None], other=0.0)
+    if INTERPRET:  # NOTE: triton 3.6's interpreter multiplies bfloat16 dot operands as garbage; fp32 is exact
+        w, xt = w.to(tl.float32), xt.to(tl.float32)
+    return tl.dot(w, xt, acc, input_precision=PRECISION)  # (BLOCK_N, 16)
+
+
+@triton.jit
+def _skinny_kernel(
+    x, weight, bias, out, partial, counters, M, N, K, k_per_split,
+    stride_xm, stride_wn, stride_om,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+    PRECISION: tl.constexpr, EVEN: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    strip, share = tl.program_id(0), tl.program_id(1)
+    offs_n = strip * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, 16)
+    offs_k = tl.arange(0, BLOCK_K)
+    w_ptrs = weight + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]  # (BLOCK_N, BLOCK_K)
+    x_ptrs = x + offs_m[None, :] * stride_xm + offs_k[:, None]  # (BLOCK_K, 16): x's rows as columns
+    k_start = share * k_per_split
+    acc = tl.full([BLOCK_N, 16], 0.0, dtype=tl.float32)
+    if INTERPRET:  # NOTE: the CPU interpreter cannot bound range() by tensors (attention_tile.py says why)
+        k = k_start
+        while k < k_start + k_per_split:
+            acc = _accumulate(acc, w_ptrs, x_ptrs, k, offs_n, offs_m, offs_k, M, N, K, PRECISION, EVEN, INTERPRET)
+            k += BLOCK_K
+    else:
+        for k in range(k_start, k_start + k_per_split, BLOCK_K):  # the last share may run past K: masked
+            acc = _accumulate(acc, w_ptrs, x_ptrs, k, offs_n, offs_m, offs_k, M, N, K, PRECISION, EVEN, INTERPRET)
+    out_mask = (offs_n < N)[:, None] & (offs_m < M)[None, :]
+    out_ptrs = out + offs_m[None, :] * stride_om + offs_n[:, None]  # (BLOCK_N, 16): out^T
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(bias + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[:, None]
+        tl.store(out_ptrs, acc.to(out.dtype.element_ty), mask=out_mask)
+    else:
+        part_ptrs = partial + offs_m[None, :] * N + offs_n[:, None]  # (BLOCK_N, 16) of a [SPLIT_K, M, N] scratch
+        tl.store(part_ptrs + share * M * N, acc, mask=out_mask)
+        tl.debug_barrier()  # NOTE: every thread's partial is written before the release below
+        arrived = tl.atomic_add(counters + strip, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:  # the strip's last program: its partials are all visible (acquire)
+            total = tl.full([BLOCK_N, 16], 0.0, dtype=tl.float32)
+            for s in range(SPLIT_K):
+                total += tl.load(part_ptrs + s * M * N, mask=out_mask, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                total += tl.load(bias + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[:, None]
+            tl.store(out_ptrs, total.to(out.dtype.element_ty), mask=out_mask)
+            tl.atomic_xchg(counters + strip, 0)  # ready for the next launch (a CUDA graph's replay too)
+
+
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def default_skinny_config(m: int, n: int, k: int, device: torch.device) -> SkinnyConfig:
+    """Enough programs to cover the SMs a few times over: split K where the weight has few strips."""
+    sms = _multiprocessors(device)
+    config = SkinnyConfig()
+    strips = triton.cdiv(n, config.block_n)
+    split = 1
+    while strips * split < 2 * sms and k // (2 * split) >= 4 * config.block_k:
+        split *= 2
+    return SkinnyConfig(config.block_n, config.block_k, split, config.num_warps, config.num_stages)
+
+
+def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                  config: SkinnyConfig | None = None) -> torch.Tensor:
+    """`F.linear(x, weight, bias)` for x of at most 16 rows (after flattening its leading dims).
+
+    Args:
+        x: [..., K], K contiguous. weight: [N, K], K contiguous, x's dtype. bias: [N] or None.
+        config: the tile (default: `default_skinny_config`).
+    Returns: [..., N] in x's dtype.
+    """
+    if weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x [..., K] and weight [N, K] disagree: {tuple(x.shape)} and {tuple(weight.shape)}")
+    if x.dtype != weight.dtype or (bias is not None and bias.dtype != x.dtype):
+        raise TypeError(f"x {x.dtype}, weight {weight.dtype} and bias {None if bias is None else bias.dtype} "
+                        "must share a dtype")
+    if x.stride(-1) != 1 or weight.stride(-1) != 1:
+        raise ValueError("K must be the contiguous axis of x and weight")
+    if bias is not None and (bias.shape != (weight.shape[0],) or bias.stride(0) != 1):
+        raise ValueError(f"bias must be contiguous [N={weight.shape[0]}], got {tuple(bias.shape)}")
+    if weight.device != x.device or (bias is not None and bias.device != x.device):
+        raise ValueError(f"x, weight and bias must share a device: {x.device}, {weight.device}")
+    lead, (n, k) = x.shape[:-1], weight.shape
+    x2 = x.reshape(-1, k)  # (M, K)
+    m = x2.shape[0]
+    if m > MAX_ROWS:
+        raise ValueError(f"skinny_linear takes at most {MAX_ROWS} rows, got {m}")
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    config = config or default_skinny_config(m, n, k, x.device)
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)  # (M, N)
+    if m == 0 or n == 0:
+        return out.reshape(*lead, n)
+    if k == 0:
+        return out.zero_().add_(bias if bias is not None else 0).reshape(*lead, n)
+    strips = triton.cdiv(n, config.block_n)
+    k_per_split = triton.cdiv(triton.cdiv(k, config.split_k), config.block_k) * config.block_k
+    split = triton.cdiv(k, k_per_split)  # no empty shares
+    counters = arrival_counters(x.device, strips) if split > 1 else None
+    if counters is None:  # no split, or no counters to be had inside a CUDA-graph capture
+        split, k_per_split, counters = 1, triton.cdiv(k, config.block_k) * config.block_k, out
+    partial = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else out  # (S, M, N)
+    _skinny_kernel[(strips, split)](
+        x2, weight, bias if bias is not None else x2, out, partial, counters, m, n, k, k_per_split,
+        x2.stride(0), weight.stride(0), out.stride(0),
+        BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=split, HAS_BIAS=bias is not None,
+        PRECISION="ieee" if x.dtype == torch.float32 or INTERPRET else "tf32", EVEN=n % config.block_n == 0 and k % k_per_split == 0,
+        INTERPRET=INTERPRET,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return out.reshape(*lead, n)

@@ -1,0 +1,112 @@
+"""Triton skinny matmul (kernels/skinny_matmul.py) against F.linear in fp32, and `ops.linear`'s dispatch."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hf_paged.kernels import ops
+from hf_paged.kernels.skinny_matmul import SkinnyConfig, default_skinny_config, skinny_linear
+from tests.kernels.paged_inputs import DEVICE, TOLERANCES
+
+on_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def check(lead, n, k, dtype, bias=False, config=None, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, k, generator=gen).to(dtype).to(DEVICE)
+    weight = (torch.randn(n, k, generator=gen) / k**0.5).to(dtype).to(DEVICE)
+    b = torch.randn(n, generator=gen).to(dtype).to(DEVICE) if bias else None
+    out = skinny_linear(x, weight, b, config)
+    ref = F.linear(x.double(), weight.double(), None if b is None else b.double()).to(dtype)
+    assert out.shape == (*lead, n) and out.dtype == dtype
+    atol, rtol = TOLERANCES[dtype]
+    torch.testing.assert_close(out, ref, atol=atol, rtol=rtol)
+    return out
+
+
+@pytest.mark.parametrize("m", [1, 2, 5, 16])
+@pytest.mark.parametrize("n, k, split", [(40, 96, 1), (70, 200, 3), (64, 256, 2), (33, 64, 4)])
+def test_skinny_matches_linear(m, n, k, split):
+    """Ragged N and K (masked strips and shares), splits that leave the last share short or empty."""
+    check((m,), n, k, torch.float32, bias=split % 2 == 1, config=SkinnyConfig(16, 32, split, 4, 2), seed=m + n)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_skinny_half_precision_and_leading_dims(dtype):
+    check((1, 3), 48, 160, dtype, bias=True, config=SkinnyConfig(16, 32, 2, 4, 2))
+
+
+def test_skinny_split_is_deterministic_and_leaves_counters_zero():
+    """The last program of each strip adds the partials in split order: the same bits as unsplit order-free sums
+    would not give, twice in a row; and every counter it used is zero again afterwards."""
+    from hf_paged.kernels.paged_decode import arrival_counters
+
+    first = check((3,), 50, 512, torch.float32, config=SkinnyConfig(16, 32, 8, 4, 2), seed=1)
+    second = check((3,), 50, 512, torch.float32, config=SkinnyConfig(16, 32, 8, 4, 2), seed=1)
+    assert torch.equal(first, second)
+    assert int(arrival_counters(torch.device(DEVICE), 1).abs().sum()) == 0
+
+
+def test_skinny_rejects_what_it_cannot_take():
+    x, w = torch.randn(17, 32), torch.randn(8, 32)
+    with pytest.raises(ValueError, match="at most 16 rows"):
+        skinny_linear(x, w)
+    with pytest.raises(ValueError, match="disagree"):
+        skinny_linear(x[:2], w[:, :16])
+    with pytest.raises(TypeError, match="share a dtype"):
+        skinny_linear(x[:2], w.half())
+    with pytest.raises(ValueError, match="contiguous"):
+        skinny_linear(x[:2], torch.randn(32, 8).t())
+    with pytest.raises(ValueError, match="powers of 2"):
+        SkinnyConfig(block_n=24)
+
+
+def test_default_config_splits_small_weights_only():
+    device = torch.device("cpu")  # 4 "multiprocessors" off CUDA
+    assert default_skinny_config(1, 4096, 64, device).split_k == 1  # enough strips already
+    assert default_skinny_config(1, 64, 4096, device).split_k == 8  # one strip: split K for the SMs
+    assert default_skinny_config(1, 64, 512, device).split_k == 1  # too little K to split
+
+
+def test_ops_linear_takes_the_skinny_kernel_up_to_16_rows(monkeypatch):
+    """`ops.linear` on the Triton path: skinny for <= 16 rows of a plain layout, F.linear otherwise; exact to it."""
+    monkeypatch.setenv("HF_PAGED_KERNELS", "triton")
+    calls = []
+    import hf_paged.kernels.skinny_matmul as skinny
+
+    monkeypatch.setattr(skinny, "skinny_linear", lambda *a: calls.append(a[0].shape) or F.linear(*a))
+    w = torch.randn(24, 32, device=DEVICE)
+    for rows, expect in ((1, 1), (16, 2), (17, 2)):
+        x = torch.randn(rows, 32, device=DEVICE)
+        torch.testing.assert_close(ops.linear(x, w), F.linear(x, w))
+        assert len(calls) == expect
+    ops.linear(torch.randn(2, 32, device=DEVICE), w.t().contiguous().t())  # weight not K-contiguous: F.linear
+    assert len(calls) == 2
+    monkeypatch.setenv("HF_PAGED_SKINNY_MATMUL", "maybe")
+    with pytest.raises(ValueError, match="HF_PAGED_SKINNY_MATMUL"):
+        ops.skinny_matmul()
+
+
+@pytest.mark.cuda
+@on_gpu
+@pytest.mark.parametrize("m", [1, 3, 16])
+@pytest.mark.parametrize("n, k", [(12288, 4096), (4096, 4096), (4096, 11008), (32000, 4096), (1000, 1000)])
+def test_gpu_skinny_at_model_shapes(m, n, k):
+    check((m,), n, k, torch.bfloat16, bias=n == 1000, seed=m)
+
+
+@pytest.mark.cuda
+@on_gpu
+def test_gpu_skinny_in_a_cuda_graph():
+    """Replayed from a CUDA graph on new inputs, the split kernel gives the eager result (its counters reset)."""
+    x = torch.randn(4, 4096, dtype=torch.bfloat16, device="cuda")
+    w = torch.randn(4096, 4096, dtype=torch.bfloat16, device="cuda")
+    config = SkinnyConfig(64, 128, 8)
+    skinny_linear(x, w, config=config)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = skinny_linear(x, w, config=config)
+    for _ in range(3):
+        x.normal_()
+        graph.replay()
+        torch.testing.assert_close(out, skinny_linear(x, w, config=config), atol=0, rtol=0)
