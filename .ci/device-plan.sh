@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements, one step a device call (each call is capped at 10 minutes), from the repo root:
 #   run(command="bash .ci/device-plan.sh STEP", carry=[".whl"])      (../shared/device/prepare-wheels first, here)
-# STEP: tests-kernels | tests-decode | tests-prefill | tests-models | kernels | targets | sweep | decode-tiles | pipeline | ragged | order-kernels | order | throughput-order | compile-scope | blas | steps | pdl | throughput | lognormal | thousand | memory. Results go
+# STEP: tests-kernels | tests-decode | tests-prefill | tests-models | kernels | targets | sweep | skinny | skinny-engine | decode-tiles | pipeline | ragged | order-kernels | order | throughput-order | compile-scope | blas | steps | pdl | throughput | lognormal | thousand | memory. Results go
 # to $OUT (the device tool's folder that comes back) or /tmp/out, logs as they are written (a call cut off at its
 # limit still brings them back); record them in docs/benchmarks.md and docs/kernels.md with the command.
 # Together the two test steps ran past one 8-minute call on a fresh H200 (most of it Triton and inductor
@@ -16,7 +16,7 @@ tp="python3 -P -m hf_paged.bench.throughput --model llama2-7b"
 diff="python3 -P -m hf_paged.bench.diff"  # A/B tables (bench diff) of the switch steps
 pytest="python3 -P -m pytest -m cuda -q -rs -p no:cacheprovider --durations=10"
 decode_tests="decode or reduce or write_kv or block_copy"  # tests-decode; tests-prefill runs the rest
-case "${1:?STEP: tests-kernels | tests-decode | tests-prefill | tests-models | kernels | targets | sweep | decode-tiles | pipeline | ragged | order-kernels | order | throughput-order | compile-scope | blas | steps | pdl | throughput | lognormal | thousand | memory}" in
+case "${1:?STEP: tests-kernels | tests-decode | tests-prefill | tests-models | kernels | targets | sweep | skinny | skinny-engine | decode-tiles | pipeline | ragged | order-kernels | order | throughput-order | compile-scope | blas | steps | pdl | throughput | lognormal | thousand | memory}" in
   tests-kernels) $pytest tests/kernels 2>&1 | tee "$out/tests_kernels.log" ;;
   tests-decode) $pytest tests/kernels -k "$decode_tests" 2>&1 | tee "$out/tests_decode.log" ;;
   tests-prefill) $pytest tests/kernels -k "not ($decode_tests)" 2>&1 | tee "$out/tests_prefill.log" ;;
@@ -30,6 +30,20 @@ case "${1:?STEP: tests-kernels | tests-decode | tests-prefill | tests-models | k
          # (DecodeConfig.min_split_tiles in the sweep)
       python3 -P -m hf_paged.bench.kernels --only attention --sweep --heads 32/8,32/32 --contexts 1024 \
              --step-batches 1,16,64 --out "$out/kernels_sweep.json" 2>&1 | tee "$out/kernels_sweep.log" ;;
+  skinny) # the skinny matmul (kernels/skinny_matmul.py) against cuBLAS for a decode step's projections at 1-16 rows,
+      # every tile of the sweep (hf_paged/bench/gemm_rows.py), then its GPU tests
+      python3 -P -m hf_paged.bench.kernels --only gemm --gemm-rows 1,4,16 --sweep --out "$out/kernels_skinny.json" \
+             2>&1 | tee "$out/kernels_skinny.log"
+      $pytest tests/kernels/test_skinny_matmul.py 2>&1 | tee "$out/tests_skinny.log" ;;
+  skinny-engine) # the engine with the small decode steps' projections on the skinny matmul (HF_PAGED_SKINNY_MATMUL=on)
+      # against cuBLAS, ShareGPT-128 then lognormal-128, each its own process; tables off -> on
+      for w in sharegpt lognormal; do
+        for s in off on; do
+          HF_PAGED_SKINNY_MATMUL=$s $tp --workload $w --num-requests 128 --systems d \
+            --out "$out/tp_skinny_${s}_$w.json" 2>&1 | tee -a "$out/tp_skinny_$w.log"
+        done
+        $diff "$out/tp_skinny_off_$w.json" "$out/tp_skinny_on_$w.json" | tee "$out/tp_skinny_diff_$w.md"
+      done ;;
   decode-tiles) # the GQA decode tile at block size 8 (the default) and 16 (docs/kernels.md "Measured on an H200")
       for bs in 8 16; do
         python3 -P -m hf_paged.bench.kernels --only attention --sweep --heads 32/8 --contexts 1024 4096 \

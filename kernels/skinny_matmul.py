@@ -52,7 +52,7 @@ def _accumulate(acc, w_ptrs, x_ptrs, k, offs_n, offs_m, offs_k, M, N, K, PRECISI
     return tl.dot(w, xt, acc, input_precision=PRECISION)  # (BLOCK_N, 16)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # NOTE: compiled for one row apart the tiles ran up to 2.4x slower (H100)
 def _skinny_kernel(
     x, weight, bias, out, partial, counters, M, N, K, k_per_split,
     stride_xm, stride_wn, stride_om,
@@ -97,19 +97,25 @@ def _skinny_kernel(
 
 
 @functools.cache
-def _multiprocessors(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+def _device_facts(device: torch.device) -> tuple[int, int]:
+    """(multiprocessors, shared memory of one); off CUDA, what the CPU interpreter is given."""
+    if device.type != "cuda":
+        return 4, 0
+    props = torch.cuda.get_device_properties(device)
+    return props.multi_processor_count, props.shared_memory_per_multiprocessor
 
 
 def default_skinny_config(m: int, n: int, k: int, device: torch.device) -> SkinnyConfig:
-    """Enough programs to cover the SMs a few times over: split K where the weight has few strips."""
-    sms = _multiprocessors(device)
-    config = SkinnyConfig()
-    strips = triton.cdiv(n, config.block_n)
-    split = 1
-    while strips * split < 2 * sms and k // (2 * split) >= 4 * config.block_k:
-        split *= 2
-    return SkinnyConfig(config.block_n, config.block_k, split, config.num_warps, config.num_stages)
+    """The H100's best tiles for a Llama-2-7B decode step at 2-16 rows (docs/kernels.md, "The skinny matmul"):
+    a weight of at least a wave of 64-row strips streams them unsplit, six stages deep where shared memory allows
+    (q/k/v, gate/up, the LM head); a narrower one takes 16-row strips (o), unless its K is long enough to halve
+    instead (down)."""
+    sms, smem = _device_facts(device)
+    if triton.cdiv(n, 64) >= sms:
+        return SkinnyConfig(64, 128, 1, 4, 6 if smem >= 160 * 1024 else 4)
+    if k >= 2 * n:
+        return SkinnyConfig(64, 128, 2, 4, 4)
+    return SkinnyConfig(16, 256, 1, 4, 4)
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,

@@ -224,10 +224,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sweep-kinds", default="decode,prefill",
                         help="the rows --sweep sweeps: decode, prefill or both (comma separated)")
     parser.add_argument("--only", choices=("attention", "gemm"), help="run only the attention + KV rows or the matmul rows")
-    parser.add_argument("--gemm-rows", default="1,16,128",
+    parser.add_argument("--gemm-rows", default="1,4,16,128",
                         help="rows (sequences) of the decode-step matmul rows, comma separated ('' for none)")
     parser.add_argument("--gemm-shape", default="4096,11008,4096",
                         help="HIDDEN,INTERMEDIATE,KV_DIM of those matmuls (default: Llama-2-7B)")
+    parser.add_argument("--gemm-vocab", type=int, default=32000, help="the LM head's rows in the skinny rows (GPU)")
     args = parser.parse_args(argv)
 
     gpu = not args.tiny
@@ -271,6 +272,11 @@ def main(argv: list[str] | None = None) -> int:
     hidden, intermediate, kv_dim = (int(x) for x in args.gemm_shape.split(","))
     for m in [int(x) for x in args.gemm_rows.split(",") if x] if args.only != "attention" else []:
         bench_gemm(timer, m, hidden, intermediate, kv_dim, args, rows)
+        if gpu:  # the skinny matmul (HF_PAGED_SKINNY_MATMUL) against cuBLAS, as the engine runs the projections
+            from hf_paged.bench.gemm_rows import bench_skinny, projections
+
+            bench_skinny(timer, m, projections(hidden, intermediate, kv_dim, args.gemm_vocab), _DTYPES[args.dtype],
+                         args.sweep, rows, Row)
 
     table = format_table(rows)
     print(table)
