@@ -22,7 +22,6 @@ from hf_paged.kernels.ops import SKINNY_ROWS as MAX_ROWS  # x's rows are padded 
 from hf_paged.kernels.paged_decode import arrival_counters
 
 
-
 @dataclass(frozen=True, slots=True)
 class SkinnyConfig:
     block_n: int = 64
@@ -32,7 +31,7 @@ class SkinnyConfig:
     num_stages: int = 4
 
     def __post_init__(self):
-        if self.block_n < 16 or self.block_k < 16 or self.block_n & (self.block_n - 1) or self.block_k & (self.block_k - 1):
+        if any(b < 16 or b & (b - 1) for b in (self.block_n, self.block_k)):
             raise ValueError(f"block_n and block_k must be powers of 2 >= 16, got {self.block_n}, {self.block_k}")
         if self.split_k < 1:
             raise ValueError(f"split_k must be >= 1, got {self.split_k}")
@@ -162,8 +161,8 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         x2, weight, bias if bias is not None else x2, out, partial, counters, m, n, k, k_per_split,
         x2.stride(0), weight.stride(0), out.stride(0),
         BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=split, HAS_BIAS=bias is not None,
-        PRECISION="ieee" if x.dtype == torch.float32 or INTERPRET else "tf32", EVEN=n % config.block_n == 0 and k % k_per_split == 0,
-        INTERPRET=INTERPRET,
+        PRECISION="ieee" if x.dtype == torch.float32 or INTERPRET else "tf32",
+        EVEN=n % config.block_n == 0 and k % k_per_split == 0, INTERPRET=INTERPRET,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out.reshape(*lead, n)
