@@ -116,7 +116,8 @@ def fuse_projections(model: torch.nn.Module, fuse: bool = True,
 
 @contextmanager
 def fused_forwards(groups: list[FusedGroup | SkinnyLinear]) -> Iterator[None]:
-    """Within the block, the groups' projections run fused (groups whose parameters were replaced are left out)."""
+    """Within the block, the groups' projections run fused and the skinny linears through `ops.linear` (groups whose
+    parameters were replaced are left out)."""
     active = [g for g in groups if g.intact()]
     for group in active:
         for m, forward in zip(group.members, group.forwards):
@@ -127,4 +128,5 @@ def fused_forwards(groups: list[FusedGroup | SkinnyLinear]) -> Iterator[None]:
         for group in active:
             for m in group.members:
                 m.__dict__.pop("forward", None)
-                m.__dict__.update(hf_paged_out=None, hf_paged_out_of=None)
+                if isinstance(group, FusedGroup):
+                    m.__dict__.update(hf_paged_out=None, hf_paged_out_of=None)
