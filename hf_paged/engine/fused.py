@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 
 from hf_paged.kernels import ops
 
@@ -51,7 +52,7 @@ def _concat_in_place(params: list[torch.nn.Parameter]) -> torch.Tensor:
 class FusedGroup:
     """Sibling projections (same input) whose weights are consecutive rows of one tensor."""
 
-    def __init__(self, members: list[torch.nn.Linear]):
+    def __init__(self, members: list[torch.nn.Linear], skinny: bool = False):
         self.members = members
         self.weight = _concat_in_place([m.weight for m in members])  # (sum N, K)
         self.bias = _concat_in_place([m.bias for m in members]) if members[0].bias is not None else None
@@ -63,7 +64,8 @@ class FusedGroup:
             # bound KV pools, so every layer still shares one graph.
             m.__dict__.update(hf_paged_fused_weight=self.weight, hf_paged_fused_bias=self.bias,
                               hf_paged_fused_sizes=sizes, hf_paged_fused_index=index,
-                              hf_paged_siblings=tuple(members), hf_paged_out=None, hf_paged_out_of=None)
+                              hf_paged_siblings=tuple(members), hf_paged_out=None, hf_paged_out_of=None,
+                              hf_paged_skinny=skinny)
 
     def intact(self) -> bool:
         """The parameters are still the views made at fusion (not replaced by a load or an adapter since)."""
@@ -75,7 +77,8 @@ def _fused_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     if out is not None and self.hf_paged_out_of is x:  # a sibling computed it, from this very input
         self.hf_paged_out = self.hf_paged_out_of = None
         return out
-    y = ops.linear(x, self.hf_paged_fused_weight, self.hf_paged_fused_bias)  # (..., sum N)
+    linear = ops.linear if self.hf_paged_skinny else F.linear  # HF_PAGED_SKINNY_MATMUL
+    y = linear(x, self.hf_paged_fused_weight, self.hf_paged_fused_bias)  # (..., sum N)
     outs = y.split(self.hf_paged_fused_sizes, dim=-1)
     for i, sibling in enumerate(self.hf_paged_siblings):
         if i != self.hf_paged_fused_index:
@@ -107,7 +110,7 @@ def fuse_projections(model: torch.nn.Module, fuse: bool = True,
         for names in GROUPS:
             members = [getattr(parent, name, None) for name in names]
             if all(isinstance(m, torch.nn.Module) and _fusable(m) for m in members) and _compatible(members):
-                groups.append(FusedGroup(members))
+                groups.append(FusedGroup(members, skinny))
     if skinny:
         fused = {id(m) for group in groups for m in group.members}
         groups += [SkinnyLinear(m) for m in model.modules() if _fusable(m) and id(m) not in fused]

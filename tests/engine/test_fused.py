@@ -130,6 +130,11 @@ def test_skinny_engine_matches_cublas_path(arch, monkeypatch):
         monkeypatch.setenv("HF_PAGED_KERNELS", "triton" if mode == "on" else "auto")
         llm = LLM(model, num_blocks=128, block_size=4, max_num_batched_tokens=40, fuse_projections=True)
         outs[mode] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        if mode == "off":  # the Triton kernels, but the switch off: the projections stay on F.linear
+            monkeypatch.setenv("HF_PAGED_KERNELS", "triton")
+            LLM(model, num_blocks=128, block_size=4, fuse_projections=True).generate(prompts[:2], params,
+                                                                                      use_tqdm=False)
+            assert calls == []
     layers = model.config.num_hidden_layers
     assert len(calls) >= 5 * layers + 1  # a decode step: q/k/v, o, gate/up, down a layer and the LM head
     assert all(shape.numel() // shape[-1] <= 16 for shape in calls)
