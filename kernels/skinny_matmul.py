@@ -10,9 +10,6 @@ split order: one launch, and the same bits whatever order the programs ran in.
 
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
@@ -20,21 +17,7 @@ import triton.language as tl
 from hf_paged.kernels.attention_tile import INTERPRET
 from hf_paged.kernels.ops import SKINNY_ROWS as MAX_ROWS  # x's rows are padded to one 16-row dot operand
 from hf_paged.kernels.paged_decode import arrival_counters
-
-
-@dataclass(frozen=True, slots=True)
-class SkinnyConfig:
-    block_n: int = 64
-    block_k: int = 128
-    split_k: int = 1
-    num_warps: int = 4
-    num_stages: int = 4
-
-    def __post_init__(self):
-        if any(b < 16 or b & (b - 1) for b in (self.block_n, self.block_k)):
-            raise ValueError(f"block_n and block_k must be powers of 2 >= 16, got {self.block_n}, {self.block_k}")
-        if self.split_k < 1:
-            raise ValueError(f"split_k must be >= 1, got {self.split_k}")
+from hf_paged.kernels.tuning import SkinnyConfig, default_skinny_config
 
 
 @triton.jit
@@ -93,28 +76,6 @@ def _skinny_kernel(
                 total += tl.load(bias + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[:, None]
             tl.store(out_ptrs, total.to(out.dtype.element_ty), mask=out_mask)
             tl.atomic_xchg(counters + strip, 0)  # ready for the next launch (a CUDA graph's replay too)
-
-
-@functools.cache
-def _device_facts(device: torch.device) -> tuple[int, int]:
-    """(multiprocessors, shared memory of one); off CUDA, what the CPU interpreter is given."""
-    if device.type != "cuda":
-        return 4, 0
-    props = torch.cuda.get_device_properties(device)
-    return props.multi_processor_count, props.shared_memory_per_multiprocessor
-
-
-def default_skinny_config(m: int, n: int, k: int, device: torch.device) -> SkinnyConfig:
-    """The H100's best tiles for a Llama-2-7B decode step at 2-16 rows (docs/kernels.md, "The skinny matmul"):
-    a weight of at least a wave of 64-row strips streams them unsplit, six stages deep where shared memory allows
-    (q/k/v, gate/up, the LM head); a narrower one takes 16-row strips (o), unless its K is long enough to halve
-    instead (down)."""
-    sms, smem = _device_facts(device)
-    if triton.cdiv(n, 64) >= sms:
-        return SkinnyConfig(64, 128, 1, 4, 6 if smem >= 160 * 1024 else 4)
-    if k >= 2 * n:
-        return SkinnyConfig(64, 128, 2, 4, 4)
-    return SkinnyConfig(16, 256, 1, 4, 4)
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,

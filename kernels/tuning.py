@@ -42,9 +42,31 @@ class PrefillConfig:
     store_last: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class SkinnyConfig:
+    """A tile of kernels/skinny_matmul.py: block_n weight rows a program, block_k of K a step, K in split_k shares."""
+
+    block_n: int = 64
+    block_k: int = 128
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 4
+
+    def __post_init__(self):
+        if any(b < 16 or b & (b - 1) for b in (self.block_n, self.block_k)):
+            raise ValueError(f"block_n and block_k must be powers of 2 >= 16, got {self.block_n}, {self.block_k}")
+        if self.split_k < 1:
+            raise ValueError(f"split_k must be >= 1, got {self.split_k}")
+
+
 @functools.cache
 def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+@functools.cache
+def _shared_memory(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).shared_memory_per_multiprocessor if device.type == "cuda" else 0
 
 
 @functools.cache
@@ -108,3 +130,16 @@ def default_prefill_config(group: int, head_dim: int, device: torch.device, own_
     if own_kv:
         return PrefillConfig(block_m=64, block_n=64, num_warps=4, num_stages=3, store_last=True)
     return PrefillConfig(block_m=64 if group == 1 else 128, block_n=32, num_warps=4, num_stages=3)
+
+
+def default_skinny_config(m: int, n: int, k: int, device: torch.device) -> SkinnyConfig:
+    """The H100's best skinny-matmul tiles for a Llama-2-7B decode step at 2-16 rows (docs/kernels.md, "The skinny
+    matmul"): a weight of at least a wave of 64-row strips streams them unsplit, six stages deep where shared memory
+    allows (q/k/v, gate/up, the LM head); a narrower one takes 16-row strips (o), unless its K is long enough to
+    halve instead (down). Off CUDA (the CPU interpreter) as for 4 SMs."""
+    sms = _num_sms(device) if device.type == "cuda" else 4
+    if triton.cdiv(n, 64) >= sms:
+        return SkinnyConfig(64, 128, 1, 4, 6 if _shared_memory(device) >= 160 * 1024 else 4)
+    if k >= 2 * n:
+        return SkinnyConfig(64, 128, 2, 4, 4)
+    return SkinnyConfig(16, 256, 1, 4, 4)

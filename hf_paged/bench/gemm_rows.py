@@ -7,7 +7,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from hf_paged.kernels.skinny_matmul import MAX_ROWS, SkinnyConfig, default_skinny_config
+from hf_paged.kernels.skinny_matmul import MAX_ROWS, skinny_linear
+from hf_paged.kernels.tuning import SkinnyConfig, default_skinny_config
 
 # (block_n, block_k, num_warps, num_stages): each stage holds block_n x block_k weights (at most 64 KiB)
 _TILES = ((16, 256, 4, 4), (16, 512, 4, 3), (32, 128, 4, 4), (32, 256, 4, 4), (32, 512, 4, 2), (64, 128, 4, 4),
@@ -34,8 +35,6 @@ def projections(hidden: int, intermediate: int, kv_dim: int, vocab: int) -> dict
 def bench_skinny(timer, m, shapes, dtype, sweep, rows, row_type):
     """Rows `matmul[NAME] skinny` (and `... skinny best of sweep`) at `m` rows against cuBLAS on the same weight;
     each row's detail holds the kernel's largest error against cuBLAS (a wrong tile is never reported fast)."""
-    from hf_paged.kernels.skinny_matmul import skinny_linear
-
     if m > MAX_ROWS:
         return
     device = timer.device

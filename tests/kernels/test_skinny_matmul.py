@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from hf_paged.kernels import ops
-from hf_paged.kernels.skinny_matmul import SkinnyConfig, skinny_linear
+from hf_paged.kernels.skinny_matmul import skinny_linear
+from hf_paged.kernels.tuning import SkinnyConfig
 from tests.kernels.paged_inputs import DEVICE, TOLERANCES
 
 on_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -64,16 +65,19 @@ def test_skinny_rejects_what_it_cannot_take():
 def test_default_config_by_weight_shape(monkeypatch):
     """The H100's tiles (132 SMs, 228 KiB of shared memory each): wide weights unsplit and six stages deep,
     o in 16-row strips, down halved along its long K."""
-    import hf_paged.kernels.skinny_matmul as skinny
+    from hf_paged.kernels import tuning
 
-    monkeypatch.setattr(skinny, "_device_facts", lambda device: (132, 228 * 1024))
-    config = skinny.default_skinny_config
-    assert config(4, 12288, 4096, None) == SkinnyConfig(64, 128, 1, 4, 6)  # q/k/v
-    assert config(4, 32000, 4096, None) == SkinnyConfig(64, 128, 1, 4, 6)  # LM head
-    assert config(4, 4096, 4096, None) == SkinnyConfig(16, 256, 1, 4, 4)  # o
-    assert config(4, 4096, 11008, None) == SkinnyConfig(64, 128, 2, 4, 4)  # down
-    monkeypatch.setattr(skinny, "_device_facts", lambda device: (58, 100 * 1024))  # less shared memory: 4 stages
-    assert config(4, 12288, 4096, None) == SkinnyConfig(64, 128, 1, 4, 4)
+    gpu = torch.device("cuda", 0)  # its facts stubbed below: no GPU needed
+    monkeypatch.setattr(tuning, "_num_sms", lambda device: 132)
+    monkeypatch.setattr(tuning, "_shared_memory", lambda device: 228 * 1024)
+    config = tuning.default_skinny_config
+    assert config(4, 12288, 4096, gpu) == SkinnyConfig(64, 128, 1, 4, 6)  # q/k/v
+    assert config(4, 32000, 4096, gpu) == SkinnyConfig(64, 128, 1, 4, 6)  # LM head
+    assert config(4, 4096, 4096, gpu) == SkinnyConfig(16, 256, 1, 4, 4)  # o
+    assert config(4, 4096, 11008, gpu) == SkinnyConfig(64, 128, 2, 4, 4)  # down
+    monkeypatch.setattr(tuning, "_num_sms", lambda device: 58)  # less shared memory: 4 stages
+    monkeypatch.setattr(tuning, "_shared_memory", lambda device: 100 * 1024)
+    assert config(4, 12288, 4096, gpu) == SkinnyConfig(64, 128, 1, 4, 4)
 
 
 def test_ops_linear_takes_the_skinny_kernel_up_to_16_rows(monkeypatch):
