@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements, one step a device call (each call is capped at 10 minutes), from the repo root:
 #   run(command="bash .ci/device-plan.sh STEP", carry=[".whl"])      (../shared/device/prepare-wheels first, here)
-# STEP: tests-kernels | tests-decode | tests-prefill | tests-models | kernels | targets | sweep | skinny | skinny-engine | decode-tiles | pipeline | ragged | order-kernels | order | throughput-order | compile-scope | blas | steps | pdl | throughput | lognormal | thousand | memory. Results go
+# STEP: tests-kernels | tests-decode | tests-prefill | tests-models | kernels | targets | prefill | sweep | skinny | skinny-engine | decode-tiles | pipeline | ragged | order-kernels | order | throughput-order | compile-scope | blas | steps | pdl | throughput | lognormal | thousand | memory. Results go
 # to $OUT (the device tool's folder that comes back) or /tmp/out, logs as they are written (a call cut off at its
 # limit still brings them back); record them in docs/benchmarks.md and docs/kernels.md with the command.
 # Together the two test steps ran past one 8-minute call on a fresh H200 (most of it Triton and inductor
@@ -16,7 +16,7 @@ tp="python3 -P -m hf_paged.bench.throughput --model llama2-7b"
 diff="python3 -P -m hf_paged.bench.diff"  # A/B tables (bench diff) of the switch steps
 pytest="python3 -P -m pytest -m cuda -q -rs -p no:cacheprovider --durations=10"
 decode_tests="decode or reduce or write_kv or block_copy"  # tests-decode; tests-prefill runs the rest
-case "${1:?STEP: tests-kernels | tests-decode | tests-prefill | tests-models | kernels | targets | sweep | skinny | skinny-engine | decode-tiles | pipeline | ragged | order-kernels | order | throughput-order | compile-scope | blas | steps | pdl | throughput | lognormal | thousand | memory}" in
+case "${1:?STEP: tests-kernels | tests-decode | tests-prefill | tests-models | kernels | targets | prefill | sweep | skinny | skinny-engine | decode-tiles | pipeline | ragged | order-kernels | order | throughput-order | compile-scope | blas | steps | pdl | throughput | lognormal | thousand | memory}" in
   tests-kernels) $pytest tests/kernels 2>&1 | tee "$out/tests_kernels.log" ;;
   tests-decode) $pytest tests/kernels -k "$decode_tests" 2>&1 | tee "$out/tests_decode.log" ;;
   tests-prefill) $pytest tests/kernels -k "not ($decode_tests)" 2>&1 | tee "$out/tests_prefill.log" ;;
@@ -26,6 +26,10 @@ case "${1:?STEP: tests-kernels | tests-decode | tests-prefill | tests-models | k
       # prefill, GQA 4 and MHA, at the defaults; no sweep (~1.5 minutes on a warm machine)
       python3 -P -m hf_paged.bench.kernels --only attention --heads 32/8,32/32 --contexts 1024 2048 4096 \
              --step-batches "" --out "$out/kernels_targets.json" 2>&1 | tee "$out/kernels_targets.log" ;;
+  prefill) # issue 4's prefill rows (8 x 1,024 new tokens; GQA 4 and MHA): through the block tables, the step's own
+      # K/V unstored (sdpa's work) and stored (against sdpa then the KV write too), each kind's tile sweep
+      python3 -P -m hf_paged.bench.kernels --only attention --sweep --sweep-kinds prefill --heads 32/8,32/32 \
+             --contexts 1024 --step-batches "" --out "$out/kernels_prefill.json" 2>&1 | tee "$out/kernels_prefill.log" ;;
   sweep) # tiles, PrefillConfig.store_last, and the decode layer at 1/16/64 sequences, even and ragged contexts
          # (DecodeConfig.min_split_tiles in the sweep)
       python3 -P -m hf_paged.bench.kernels --only attention --sweep --heads 32/8,32/32 --contexts 1024 \

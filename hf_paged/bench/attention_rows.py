@@ -40,7 +40,9 @@ def bench_attention(timer, kind, q_lens, seq_lens, hq, hkv, args, rows, sweep):
     """Rows for one attention shape. Batches with prompts get two rows on a GPU: K/V read through the block tables
     only (the engine's way where there is cached context), and `own K/V, stored`: the step's own K/V passed apart
     (only the earlier context is gathered) and stored into its slots by the same launch, the engine's way for
-    fresh prompts (the `prefill` rows, marked fresh)."""
+    fresh prompts (the `prefill` rows, marked fresh). Fresh prompts also get `own K/V`: the same launch without the
+    store, sdpa's work exactly (attention over contiguous K/V); and the stored row's detail times sdpa followed by
+    the K/V store (`write_kv`), the same total work as that row."""
     dtype, device = _DTYPES[args.dtype], timer.device
     inputs = attention_inputs(q_lens, seq_lens, hq, hkv, args.head_dim, args.block_size, dtype, device)
     scale = args.head_dim**-0.5
@@ -52,14 +54,18 @@ def bench_attention(timer, kind, q_lens, seq_lens, hq, hkv, args, rows, sweep):
     flops = causal_flops(q_lens, seq_lens, hq, args.head_dim)
     baseline = _sdpa_baseline(q_lens, seq_lens, hq, hkv, args.head_dim, dtype, device)
     baseline_ms = timer.ms(baseline) if baseline is not None and kind != "mixed" else None
-    variants = [False, True] if timer.gpu and max_q > 1 else [False]
-    for own_kv in variants:
+    # (own K/V passed apart, stored by the same launch); own K/V unstored only for fresh prompts (sdpa's work)
+    variants = [(False, False)]
+    if timer.gpu and max_q > 1:
+        variants += [(True, False)] * (kind == "prefill") + [(True, True)]
+    for own_kv, stored in variants:
         new_kv = {}
-        if own_kv:  # stored into the step's slots by the same launch
+        if own_kv:
             tokens = inputs["query"].shape[0]
             new_kv = {name: torch.randn(tokens, hkv, args.head_dim, dtype=dtype, device=device)  # (T, Hkv, D)
                       for name in ("key", "value")}
-            new_kv["slot_mapping"] = new_token_slots(inputs["block_tables"], q_lens, seq_lens, args.block_size)
+            if stored:  # into the step's slots
+                new_kv["slot_mapping"] = new_token_slots(inputs["block_tables"], q_lens, seq_lens, args.block_size)
             new_kv["fresh"] = q_lens == seq_lens  # prompts without cached context: no block-table reads
         if timer.gpu:
             from hf_paged.kernels.paged_attention import paged_attention
@@ -67,7 +73,7 @@ def bench_attention(timer, kind, q_lens, seq_lens, hq, hkv, args, rows, sweep):
             def run(cfg=None, new_kv=new_kv):
                 return paged_attention(**inputs, **new_kv, scale=scale, max_seqlen_q=max_q, config=cfg)
 
-            name = f"paged_attention[{kind}]" + (" own K/V, stored" if own_kv else "")
+            name = f"paged_attention[{kind}]" + (" own K/V" if own_kv else "") + (", stored" if stored else "")
         else:
             def run(cfg=None):
                 return reference.paged_attention(**inputs, scale=scale)
@@ -90,7 +96,11 @@ def bench_attention(timer, kind, q_lens, seq_lens, hq, hkv, args, rows, sweep):
             row.vs_baseline = ms / baseline_ms
             if timer.gpu and max_q > 1 and not own_kv:
                 row.detail = {"sdpa_backends_ms": _sdpa_backends(timer, baseline)}
+            if stored:
+                row.detail = {"sdpa_then_store_ms": timer.ms(_sdpa_then_store(baseline, inputs, new_kv))}
         rows.append(row)
+        if own_kv and not stored:
+            continue  # a measurement of sdpa's work, not a path the engine takes: no sweep
         if sweep and timer.gpu and kind in ("decode", "prefill") and kind in args.sweep_kinds:
             times = sweep_configs(timer, run, decode_configs() if max_q == 1 else prefill_configs())
             cfg, best_ms = next(iter(times.items()))
@@ -260,6 +270,18 @@ def _sdpa_baseline(q_lens, seq_lens, hq, hkv, head_dim, dtype, device):
     k = torch.randn(batch, hkv, ctx, head_dim, dtype=dtype, device=device)
     v = torch.randn(batch, hkv, ctx, head_dim, dtype=dtype, device=device)
     return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=q_len > 1, enable_gqa=hq != hkv)
+
+def _sdpa_then_store(baseline, inputs, new_kv):
+    """sdpa, then the step's own K/V stored into its slots (the KV write kernel): a stored row's work as two
+    launches."""
+    from hf_paged.kernels.kv_write import write_kv
+
+    def run():
+        out = baseline()
+        write_kv(new_kv["key"], new_kv["value"], inputs["key_cache"], inputs["value_cache"], new_kv["slot_mapping"])
+        return out
+
+    return run
 
 def _sdpa_backends(timer, baseline) -> dict[str, float | None]:
     """ms of the sdpa baseline forced onto each fused backend (None: the backend refused the shape)."""

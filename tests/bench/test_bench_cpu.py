@@ -276,14 +276,17 @@ def test_kernel_bench_reports_issue_4s_targets():
             Row("paged_attention[decode]", shape.replace("1024", "4096"), 0.3, frac_copy=0.795),
             Row("paged_attention[prefill]", "8x(q1024,ctx1024)", 0.26, vs_baseline=1.6,
                 detail={"sdpa_backends_ms": {"FLASH_ATTENTION": 0.26 / 0.8, "CUDNN_ATTENTION": 0.1625}}),
-            Row("paged_attention[prefill] own K/V, stored", "8x(q1024,ctx1024)", 0.2, vs_baseline=1.25),
+            Row("paged_attention[prefill] own K/V", "8x(q1024,ctx1024)", 0.21, vs_baseline=1.4),
+            Row("paged_attention[prefill] own K/V, stored", "8x(q1024,ctx1024)", 0.2, vs_baseline=1.25,
+                detail={"sdpa_then_store_ms": 0.25}),
             Row("paged_attention[prefill] best of sweep", "8x(q1024,ctx1024)", 0.1, vs_baseline=0.9),
             Row("paged_attention[prefill+prefix]", "8x(q512,ctx1024)", 0.2)]
     assert target_lines(rows) == [
         f"decode {shape}: 81.2% of copy bandwidth (target >= 80%): met",
         "decode 64x(q1,ctx4096) 32/8h d128 bs8: 79.5% of copy bandwidth (target >= 80%): short",
         "[prefill] 8x(q1024,ctx1024): 1.60x sdpa (target <= 1.3x); 0.80x sdpa's FlashAttention-2: short",
-        "[prefill] own K/V, stored 8x(q1024,ctx1024): 1.25x sdpa (target <= 1.3x): met"]
+        "[prefill] own K/V 8x(q1024,ctx1024): 1.40x sdpa (target <= 1.3x): short",
+        "[prefill] own K/V, stored 8x(q1024,ctx1024): 1.25x sdpa (target <= 1.3x); 0.80x sdpa then the K/V store: met"]
 
 
 def test_host_bench_steps_every_request_to_its_end(tmp_path):
