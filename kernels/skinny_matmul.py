@@ -6,9 +6,17 @@ pipeline of `num_stages` tiles, and multiplies each tile with the rows of x (pad
 `weight_tile @ x_tile.T`, so the weight is the dot's wide operand. Where K is split, each program leaves its partial
 sum in fp32 scratch and the last program of a strip (a per-strip counter, reset by that program) adds the partials in
 split order: one launch, and the same bits whatever order the programs ran in.
+
+A weight's strips rarely fill whole waves of the GPU (q/k/v's 192 strips of 64 rows take two waves of 132 SMs, the
+second 45% full), so a config with `persistent` > 0 launches that many programs an SM instead and deals out the
+work, (strip, K tile) pairs in strip order, evenly (stream-K): each program runs one pipelined loop over its share,
+storing each strip it covers whole, and leaving the partial sums of the (at most two) strips it shares with its
+neighbours in scratch; the last of a shared strip's programs to arrive adds them in program order.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import triton
@@ -17,7 +25,7 @@ import triton.language as tl
 from hf_paged.kernels.attention_tile import INTERPRET
 from hf_paged.kernels.ops import SKINNY_ROWS as MAX_ROWS  # x's rows are padded to one 16-row dot operand
 from hf_paged.kernels.paged_decode import arrival_counters
-from hf_paged.kernels.tuning import SkinnyConfig, default_skinny_config
+from hf_paged.kernels.tuning import SkinnyConfig, _num_sms, default_skinny_config
 
 
 @triton.jit
@@ -78,6 +86,99 @@ def _skinny_kernel(
             tl.atomic_xchg(counters + strip, 0)  # ready for the next launch (a CUDA graph's replay too)
 
 
+@triton.jit
+def _settle_strip(strip, p, start, end, T, W, P, bias, out, partial, counters, M, N, stride_om,
+                  BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Stream-K: where program p covers only part of `strip` (its items [start, end)), arrive at the strip's
+    counter; the last of its programs to arrive adds their partials in program order and stores the strip."""
+    if (strip * T < start) | ((strip + 1) * T > end):
+        offs_n = strip * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_m = tl.arange(0, 16)
+        local = tl.arange(0, BLOCK_N)[:, None] * 16 + offs_m[None, :]  # (BLOCK_N, 16) of a partial slot
+        first = ((strip * T + 1).to(tl.int64) * P - 1) // W  # the programs holding the strip's first and last item
+        last = (((strip + 1) * T).to(tl.int64) * P - 1) // W
+        tl.debug_barrier()  # NOTE: every thread's partial is written before the release below
+        arrived = tl.atomic_add(counters + strip, 1, sem="acq_rel")
+        if arrived == last - first:  # the last to arrive: every partial of the strip is visible (acquire)
+            total = tl.full([BLOCK_N, 16], 0.0, dtype=tl.float32)
+            q = first
+            while q <= last:
+                q_first_strip = (q * W // P) // T  # a program's first strip is its slot 0, its last slot 1
+                slot = tl.where(strip == q_first_strip, 0, 1)
+                total += tl.load(partial + (q * 2 + slot) * BLOCK_N * 16 + local, cache_modifier=".cg")
+                q += 1
+            if HAS_BIAS:
+                total += tl.load(bias + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[:, None]
+            out_mask = (offs_n < N)[:, None] & (offs_m < M)[None, :]
+            tl.store(out + offs_m[None, :] * stride_om + offs_n[:, None], total.to(out.dtype.element_ty),
+                     mask=out_mask)
+            tl.atomic_xchg(counters + strip, 0)  # ready for the next launch (a CUDA graph's replay too)
+
+
+@triton.jit(do_not_specialize=["M"])
+def _skinny_stream_kernel(
+    x, weight, bias, out, partial, counters, M, N, K, T, W, P,
+    stride_xm, stride_wn, stride_om,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    EVEN: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    # The W = strips x T items (strip, K tile), strip-major; program p takes [p W / P, (p + 1) W / P).
+    p = tl.program_id(0)
+    start = (p.to(tl.int64) * W // P).to(tl.int32)
+    end = ((p + 1).to(tl.int64) * W // P).to(tl.int32)
+    offs_m = tl.arange(0, 16)
+    offs_k = tl.arange(0, BLOCK_K)
+    local = tl.arange(0, BLOCK_N)[:, None] * 16 + offs_m[None, :]  # (BLOCK_N, 16) of a partial slot
+    x_ptrs = x + offs_m[None, :] * stride_xm + offs_k[:, None]  # (BLOCK_K, 16): x's rows as columns
+    first_strip = start // T
+    acc = tl.full([BLOCK_N, 16], 0.0, dtype=tl.float32)
+    # NOTE: one flat loop over the items (not one a strip), so the pipeline runs on across strip boundaries
+    if INTERPRET:  # NOTE: the CPU interpreter cannot bound range() by tensors (attention_tile.py says why)
+        it = start
+        while it < end:
+            acc = _stream_step(acc, it, start, end, p, first_strip, T, x_ptrs, weight, bias, out, partial, local,
+                               offs_m, offs_k, M, N, K, stride_wn, stride_om, BLOCK_N, BLOCK_K, HAS_BIAS,
+                               PRECISION, EVEN, INTERPRET)
+            it += 1
+    else:
+        for it in range(start, end):
+            acc = _stream_step(acc, it, start, end, p, first_strip, T, x_ptrs, weight, bias, out, partial, local,
+                               offs_m, offs_k, M, N, K, stride_wn, stride_om, BLOCK_N, BLOCK_K, HAS_BIAS,
+                               PRECISION, EVEN, INTERPRET)
+    last_strip = (end - 1) // T
+    _settle_strip(first_strip, p, start, end, T, W, P, bias, out, partial, counters, M, N, stride_om, BLOCK_N,
+                  HAS_BIAS)
+    if last_strip != first_strip:
+        _settle_strip(last_strip, p, start, end, T, W, P, bias, out, partial, counters, M, N, stride_om, BLOCK_N,
+                      HAS_BIAS)
+
+
+@triton.jit
+def _stream_step(acc, it, start, end, p, first_strip, T, x_ptrs, weight, bias, out, partial, local, offs_m, offs_k,
+                 M, N, K, stride_wn, stride_om, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, EVEN: tl.constexpr, INTERPRET: tl.constexpr):
+    """One item of a stream-K program: K tile `kt` of strip `strip` into acc; where the program's run of the strip
+    ends, the strip stored (covered whole: from its first tile on) or its partial left in the program's slot."""
+    strip = it // T
+    kt = it - strip * T
+    offs_n = strip * BLOCK_N + tl.arange(0, BLOCK_N)
+    w_ptrs = weight + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]  # (BLOCK_N, BLOCK_K)
+    acc = _accumulate(acc, w_ptrs, x_ptrs, kt * BLOCK_K, offs_n, offs_m, offs_k, M, N, K, PRECISION, EVEN,
+                      INTERPRET)
+    done = (kt == T - 1) | (it == end - 1)
+    if done:
+        whole = (kt == T - 1) & (strip * T >= start)
+        out_mask = (offs_n < N)[:, None] & (offs_m < M)[None, :]
+        result = acc
+        if HAS_BIAS:
+            result += tl.load(bias + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[:, None]
+        tl.store(out + offs_m[None, :] * stride_om + offs_n[:, None], result.to(out.dtype.element_ty),
+                 mask=out_mask & whole)
+        slot = tl.where(strip == first_strip, 0, 1)
+        tl.store(partial + (p * 2 + slot) * BLOCK_N * 16 + local, acc, mask=(local >= 0) & ~whole)
+    return tl.where(done, 0.0, acc)
+
+
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                   config: SkinnyConfig | None = None) -> torch.Tensor:
     """`F.linear(x, weight, bias)` for x of at most 16 rows (after flattening its leading dims).
@@ -112,6 +213,23 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if k == 0:
         return out.zero_().add_(bias if bias is not None else 0).reshape(*lead, n)
     strips = triton.cdiv(n, config.block_n)
+    if config.persistent:
+        tiles = triton.cdiv(k, config.block_k)  # T: K tiles a strip
+        items = strips * tiles
+        programs = min(items, config.persistent * (_num_sms(x.device) if x.device.type == "cuda" else 4))
+        counters = arrival_counters(x.device, strips)
+        if counters is not None:  # else (no counters inside a CUDA-graph capture) the strip grid below, unsplit
+            partial = torch.empty(programs * 2, config.block_n, 16, dtype=torch.float32, device=x.device)
+            _skinny_stream_kernel[(programs,)](
+                x2, weight, bias if bias is not None else x2, out, partial, counters, m, n, k, tiles, items, programs,
+                x2.stride(0), weight.stride(0), out.stride(0),
+                BLOCK_N=config.block_n, BLOCK_K=config.block_k, HAS_BIAS=bias is not None,
+                PRECISION="ieee" if x.dtype == torch.float32 or INTERPRET else "tf32",
+                EVEN=n % config.block_n == 0 and k % config.block_k == 0, INTERPRET=INTERPRET,
+                num_warps=config.num_warps, num_stages=config.num_stages,
+            )
+            return out.reshape(*lead, n)
+        config = dataclasses.replace(config, persistent=0, split_k=1)
     k_per_split = triton.cdiv(triton.cdiv(k, config.split_k), config.block_k) * config.block_k
     split = triton.cdiv(k, k_per_split)  # no empty shares
     counters = arrival_counters(x.device, strips) if split > 1 else None

@@ -51,12 +51,15 @@ class SkinnyConfig:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 4
+    # > 0: this many programs an SM share the (strip, K tile) items evenly (stream-K) and split_k is not used;
+    # 0: one program a strip and K share
+    persistent: int = 0
 
     def __post_init__(self):
         if any(b < 16 or b & (b - 1) for b in (self.block_n, self.block_k)):
             raise ValueError(f"block_n and block_k must be powers of 2 >= 16, got {self.block_n}, {self.block_k}")
-        if self.split_k < 1:
-            raise ValueError(f"split_k must be >= 1, got {self.split_k}")
+        if self.split_k < 1 or self.persistent < 0:
+            raise ValueError(f"split_k must be >= 1 and persistent >= 0, got {self.split_k}, {self.persistent}")
 
 
 @functools.cache
@@ -133,13 +136,13 @@ def default_prefill_config(group: int, head_dim: int, device: torch.device, own_
 
 
 def default_skinny_config(m: int, n: int, k: int, device: torch.device) -> SkinnyConfig:
-    """The H100's best skinny-matmul tiles for a Llama-2-7B decode step at 2-16 rows (docs/kernels.md, "The skinny
-    matmul"): a weight of at least a wave of 64-row strips streams them unsplit, six stages deep where shared memory
-    allows (q/k/v, gate/up, the LM head); a narrower one takes 16-row strips (o), unless its K is long enough to
-    halve instead (down). Off CUDA (the CPU interpreter) as for 4 SMs."""
-    sms = _num_sms(device) if device.type == "cuda" else 4
-    if triton.cdiv(n, 64) >= sms:
-        return SkinnyConfig(64, 128, 1, 4, 6 if _shared_memory(device) >= 160 * 1024 else 4)
-    if k >= 2 * n:
-        return SkinnyConfig(64, 128, 2, 4, 4)
-    return SkinnyConfig(16, 256, 1, 4, 4)
+    """Stream-K over one program an SM, 64 weight rows x 128 of K a tile, six stages deep where shared memory allows
+    (one such program an SM: 124 KiB), whatever the weight's shape.
+
+    The H100 sweep of one program a strip (docs/kernels.md, "The skinny matmul") found each SM streaming its strips
+    at its share of the copy rate, and the time set by the waves the strips fill: q/k/v's 192 strips of 64 rows take
+    two waves of 132 SMs (46.3 us; 33 us at the copy rate), gate/up's 344 three (72.7 us; 59 us). Dealing the
+    (strip, K tile) items out evenly removes the part-filled last wave. Off CUDA (the CPU interpreter) as for 4 SMs.
+    """
+    stages = 6 if device.type == "cuda" and _shared_memory(device) >= 160 * 1024 else 4
+    return SkinnyConfig(64, 128, 1, 4, stages, persistent=1)

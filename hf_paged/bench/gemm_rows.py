@@ -16,14 +16,16 @@ _TILES = ((16, 256, 4, 4), (16, 512, 4, 3), (32, 128, 4, 4), (32, 256, 4, 4), (3
 
 
 def skinny_configs(n: int, k: int, sms: int) -> list[SkinnyConfig]:
-    """Every tile of _TILES at each split of K that keeps the programs between half the SMs and eight waves."""
+    """Every tile of _TILES at each split of K that keeps the programs between half the SMs and eight waves, then
+    every tile as stream-K over one and two programs an SM."""
     configs = []
     for block_n, block_k, warps, stages in _TILES:
         strips = -(-n // block_n)
         for split in (1, 2, 4, 8, 16):
             if split * block_k <= k and sms // 2 <= strips * split <= 8 * sms:
                 configs.append(SkinnyConfig(block_n, block_k, split, warps, stages))
-    return configs
+    return configs + [SkinnyConfig(block_n, block_k, 1, warps, stages, persistent=per)
+                      for per in (1, 2) for block_n, block_k, warps, stages in _TILES]
 
 
 def projections(hidden: int, intermediate: int, kv_dim: int, vocab: int) -> dict[str, tuple[int, int]]:

@@ -48,6 +48,30 @@ def test_skinny_split_is_deterministic_and_leaves_counters_zero():
     assert int(arrival_counters(torch.device(DEVICE), 1).abs().sum()) == 0
 
 
+@pytest.mark.parametrize("m", [1, 3, 16])
+@pytest.mark.parametrize("n, k, persistent", [
+    (40, 96, 1),  # 3 strips x 3 K tiles over 4 programs: strips shared by two programs
+    (16, 512, 2),  # one strip over 8 programs: every program inside it (one partial slot each)
+    (200, 32, 1),  # 13 strips of one tile: whole strips only, 3-4 a program
+    (70, 200, 3),  # ragged N and K, 5 x 7 items over 12 programs
+    (64, 256, 1),  # even: no masks
+])
+def test_stream_k_matches_linear(m, n, k, persistent):
+    """Stream-K (SkinnyConfig.persistent, the CPU interpreter counting 4 SMs): whatever share of a strip each
+    program holds, the strips come out whole, the bias added once."""
+    check((m,), n, k, torch.float32, bias=n % 2 == 0, config=SkinnyConfig(16, 32, persistent=persistent),
+          seed=m + n)
+
+
+def test_stream_k_is_deterministic_and_leaves_counters_zero():
+    from hf_paged.kernels.paged_decode import arrival_counters
+
+    config = SkinnyConfig(16, 32, persistent=2)
+    first = check((5,), 50, 512, torch.float32, config=config, seed=2)
+    assert torch.equal(first, check((5,), 50, 512, torch.float32, config=config, seed=2))
+    assert int(arrival_counters(torch.device(DEVICE), 1).abs().sum()) == 0
+
+
 def test_skinny_rejects_what_it_cannot_take():
     x, w = torch.randn(17, 32), torch.randn(8, 32)
     with pytest.raises(ValueError, match="at most 16 rows"):
@@ -60,24 +84,21 @@ def test_skinny_rejects_what_it_cannot_take():
         skinny_linear(x[:2], torch.randn(32, 8).t())
     with pytest.raises(ValueError, match="powers of 2"):
         SkinnyConfig(block_n=24)
+    with pytest.raises(ValueError, match="persistent >= 0"):
+        SkinnyConfig(persistent=-1)
 
 
-def test_default_config_by_weight_shape(monkeypatch):
-    """The H100's tiles (132 SMs, 228 KiB of shared memory each): wide weights unsplit and six stages deep,
-    o in 16-row strips, down halved along its long K."""
+def test_default_config_is_stream_k():
+    """One program an SM dealt an even share of the (strip, K tile) items, six stages deep with an H100's 228 KiB
+    of shared memory an SM, four with less."""
     from hf_paged.kernels import tuning
 
     gpu = torch.device("cuda", 0)  # its facts stubbed below: no GPU needed
-    monkeypatch.setattr(tuning, "_num_sms", lambda device: 132)
-    monkeypatch.setattr(tuning, "_shared_memory", lambda device: 228 * 1024)
-    config = tuning.default_skinny_config
-    assert config(4, 12288, 4096, gpu) == SkinnyConfig(64, 128, 1, 4, 6)  # q/k/v
-    assert config(4, 32000, 4096, gpu) == SkinnyConfig(64, 128, 1, 4, 6)  # LM head
-    assert config(4, 4096, 4096, gpu) == SkinnyConfig(16, 256, 1, 4, 4)  # o
-    assert config(4, 4096, 11008, gpu) == SkinnyConfig(64, 128, 2, 4, 4)  # down
-    monkeypatch.setattr(tuning, "_num_sms", lambda device: 58)  # less shared memory: 4 stages
-    monkeypatch.setattr(tuning, "_shared_memory", lambda device: 100 * 1024)
-    assert config(4, 12288, 4096, gpu) == SkinnyConfig(64, 128, 1, 4, 4)
+    for smem, stages in ((228 * 1024, 6), (100 * 1024, 4)):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(tuning, "_shared_memory", lambda device, smem=smem: smem)
+            for n, k in ((12288, 4096), (4096, 4096), (4096, 11008), (32000, 4096)):  # q/k/v, o, down, LM head
+                assert tuning.default_skinny_config(4, n, k, gpu) == SkinnyConfig(64, 128, 1, 4, stages, persistent=1)
 
 
 def test_ops_linear_takes_the_skinny_kernel_up_to_16_rows(monkeypatch):
@@ -104,16 +125,37 @@ def test_ops_linear_takes_the_skinny_kernel_up_to_16_rows(monkeypatch):
 @pytest.mark.parametrize("m", [1, 3, 16])
 @pytest.mark.parametrize("n, k", [(12288, 4096), (4096, 4096), (4096, 11008), (32000, 4096), (1000, 1000)])
 def test_gpu_skinny_at_model_shapes(m, n, k):
-    check((m,), n, k, torch.bfloat16, bias=n == 1000, seed=m)
+    check((m,), n, k, torch.bfloat16, bias=n == 1000, seed=m)  # the default: stream-K
+    check((m,), n, k, torch.bfloat16, bias=n == 1000, seed=m, config=SkinnyConfig(64, 128, 2))  # a strip x K grid
+
+
+@pytest.mark.cuda
+@on_gpu
+@pytest.mark.parametrize("persistent", [1, 2, 8])
+def test_gpu_stream_k_is_deterministic_under_contention(persistent):
+    """Many programs sharing each strip arrive in whatever order the GPU runs them: the sum is still in program
+    order (the same bits every time) and every counter is back at zero."""
+    from hf_paged.kernels.paged_decode import arrival_counters
+
+    config = SkinnyConfig(32, 64, persistent=persistent)
+    first = check((16,), 4096, 11008, torch.bfloat16, config=config, seed=3)
+    for _ in range(5):
+        assert torch.equal(first, check((16,), 4096, 11008, torch.bfloat16, config=config, seed=3))
+    assert int(arrival_counters(torch.device("cuda"), 1).abs().sum()) == 0
 
 
 @pytest.mark.cuda
 @on_gpu
 def test_gpu_skinny_in_a_cuda_graph():
-    """Replayed from a CUDA graph on new inputs, the split kernel gives the eager result (its counters reset)."""
+    """Replayed from a CUDA graph on new inputs, the split and the stream-K kernels give the eager result (their
+    counters reset)."""
     x = torch.randn(4, 4096, dtype=torch.bfloat16, device="cuda")
     w = torch.randn(4096, 4096, dtype=torch.bfloat16, device="cuda")
-    config = SkinnyConfig(64, 128, 8)
+    for config in (SkinnyConfig(64, 128, 8), SkinnyConfig(64, 128, persistent=1)):
+        replays_as_eager(x, w, config)
+
+
+def replays_as_eager(x, w, config):
     skinny_linear(x, w, config=config)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
