@@ -35,9 +35,9 @@ case "${1:?STEP: tests-kernels | tests-decode | tests-prefill | tests-models | k
       python3 -P -m hf_paged.bench.kernels --only attention --sweep --heads 32/8,32/32 --contexts 1024 \
              --step-batches 1,16,64 --out "$out/kernels_sweep.json" 2>&1 | tee "$out/kernels_sweep.log" ;;
   skinny) # the skinny matmul (kernels/skinny_matmul.py): its GPU tests, then against cuBLAS for a decode step's
-      # projections at 1-16 rows, every tile, split and stream-K grid of the sweep (hf_paged/bench/gemm_rows.py)
+      # projections at 16, 32 and 64 rows, every tile, split and stream-K grid of the sweep (hf_paged/bench/gemm_rows.py)
       $pytest tests/kernels/test_skinny_matmul.py 2>&1 | tee "$out/tests_skinny.log"
-      python3 -P -m hf_paged.bench.kernels --only gemm --gemm-rows 1,4,16 --sweep --out "$out/kernels_skinny.json" \
+      python3 -P -m hf_paged.bench.kernels --only gemm --gemm-rows 16,32,64 --sweep --out "$out/kernels_skinny.json" \
              2>&1 | tee "$out/kernels_skinny.log" ;;
   skinny-engine) # the engine with the small decode steps' projections on the skinny matmul (HF_PAGED_SKINNY_MATMUL=on)
       # against cuBLAS, ShareGPT-128 then lognormal-128, each its own process; tables off -> on

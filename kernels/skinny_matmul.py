@@ -1,9 +1,9 @@
-"""Triton matmul for a decode step's projections: `F.linear(x, weight, bias)` with at most 16 rows of x.
+"""Triton matmul for a decode step's projections: `F.linear(x, weight, bias)` with at most 64 rows of x.
 
 At a few rows a projection only streams its weight, so the kernel is built to read that weight at the copy rate:
 each program walks a strip of `block_n` weight rows across its share of K (one of `split_k` shares) through a
-pipeline of `num_stages` tiles, and multiplies each tile with the rows of x (padded to 16, the smallest dot) as
-`weight_tile @ x_tile.T`, so the weight is the dot's wide operand. Where K is split, each program leaves its partial
+pipeline of `num_stages` tiles, and multiplies each tile with the rows of x (padded to 16, the smallest dot, or to
+32 or 64) as `weight_tile @ x_tile.T`, so the weight is the dot's wide operand. Where K is split, each program leaves its partial
 sum in fp32 scratch and the last program of a strip (a per-strip counter, reset by that program) adds the partials in
 split order: one launch, and the same bits whatever order the programs ran in.
 
@@ -23,9 +23,10 @@ import triton
 import triton.language as tl
 
 from hf_paged.kernels.attention_tile import INTERPRET
-from hf_paged.kernels.ops import SKINNY_ROWS as MAX_ROWS  # x's rows are padded to one 16-row dot operand
 from hf_paged.kernels.paged_decode import arrival_counters
 from hf_paged.kernels.tuning import SkinnyConfig, _num_sms, default_skinny_config
+
+MAX_ROWS = 64  # x's rows are padded to a dot operand of 16, 32 or 64 rows
 
 
 @triton.jit
@@ -39,7 +40,7 @@ def _accumulate(acc, w_ptrs, x_ptrs, k, offs_n, offs_m, offs_k, M, N, K, PRECISI
         xt = tl.load(x_ptrs + k, mask=(offs_m < M)[None, :] & (offs_k + k < K)[:, None], other=0.0)
     if INTERPRET:  # NOTE: triton 3.6's interpreter multiplies bfloat16 dot operands as garbage; fp32 is exact
         w, xt = w.to(tl.float32), xt.to(tl.float32)
-    return tl.dot(w, xt, acc, input_precision=PRECISION)  # (BLOCK_N, 16)
+    return tl.dot(w, xt, acc, input_precision=PRECISION)  # (BLOCK_N, ROWS)
 
 
 @triton.jit(do_not_specialize=["M"])  # NOTE: compiled for one row apart the tiles ran up to 2.4x slower (H100)
@@ -47,16 +48,16 @@ def _skinny_kernel(
     x, weight, bias, out, partial, counters, M, N, K, k_per_split,
     stride_xm, stride_wn, stride_om,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-    PRECISION: tl.constexpr, EVEN: tl.constexpr, INTERPRET: tl.constexpr,
+    PRECISION: tl.constexpr, EVEN: tl.constexpr, INTERPRET: tl.constexpr, ROWS: tl.constexpr,
 ):
     strip, share = tl.program_id(0), tl.program_id(1)
     offs_n = strip * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, 16)
+    offs_m = tl.arange(0, ROWS)
     offs_k = tl.arange(0, BLOCK_K)
     w_ptrs = weight + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]  # (BLOCK_N, BLOCK_K)
-    x_ptrs = x + offs_m[None, :] * stride_xm + offs_k[:, None]  # (BLOCK_K, 16): x's rows as columns
+    x_ptrs = x + offs_m[None, :] * stride_xm + offs_k[:, None]  # (BLOCK_K, ROWS): x's rows as columns
     k_start = share * k_per_split
-    acc = tl.full([BLOCK_N, 16], 0.0, dtype=tl.float32)
+    acc = tl.full([BLOCK_N, ROWS], 0.0, dtype=tl.float32)
     if INTERPRET:  # NOTE: the CPU interpreter cannot bound range() by tensors (attention_tile.py says why)
         k = k_start
         while k < k_start + k_per_split:
@@ -66,18 +67,18 @@ def _skinny_kernel(
         for k in range(k_start, k_start + k_per_split, BLOCK_K):  # the last share may run past K: masked
             acc = _accumulate(acc, w_ptrs, x_ptrs, k, offs_n, offs_m, offs_k, M, N, K, PRECISION, EVEN, INTERPRET)
     out_mask = (offs_n < N)[:, None] & (offs_m < M)[None, :]
-    out_ptrs = out + offs_m[None, :] * stride_om + offs_n[:, None]  # (BLOCK_N, 16): out^T
+    out_ptrs = out + offs_m[None, :] * stride_om + offs_n[:, None]  # (BLOCK_N, ROWS): out^T
     if SPLIT_K == 1:
         if HAS_BIAS:
             acc += tl.load(bias + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[:, None]
         tl.store(out_ptrs, acc.to(out.dtype.element_ty), mask=out_mask)
     else:
-        part_ptrs = partial + offs_m[None, :] * N + offs_n[:, None]  # (BLOCK_N, 16) of a [SPLIT_K, M, N] scratch
+        part_ptrs = partial + offs_m[None, :] * N + offs_n[:, None]  # (BLOCK_N, ROWS) of a [SPLIT_K, M, N] scratch
         tl.store(part_ptrs + share * M * N, acc, mask=out_mask)
         tl.debug_barrier()  # NOTE: every thread's partial is written before the release below
         arrived = tl.atomic_add(counters + strip, 1, sem="acq_rel")
         if arrived == SPLIT_K - 1:  # the strip's last program: its partials are all visible (acquire)
-            total = tl.full([BLOCK_N, 16], 0.0, dtype=tl.float32)
+            total = tl.full([BLOCK_N, ROWS], 0.0, dtype=tl.float32)
             for s in range(SPLIT_K):
                 total += tl.load(part_ptrs + s * M * N, mask=out_mask, other=0.0, cache_modifier=".cg")
             if HAS_BIAS:
@@ -88,24 +89,24 @@ def _skinny_kernel(
 
 @triton.jit
 def _settle_strip(strip, p, start, end, T, W, P, bias, out, partial, counters, M, N, stride_om,
-                  BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr):
+                  BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, ROWS: tl.constexpr):
     """Stream-K: where program p covers only part of `strip` (its items [start, end)), arrive at the strip's
     counter; the last of its programs to arrive adds their partials in program order and stores the strip."""
     if (strip * T < start) | ((strip + 1) * T > end):
         offs_n = strip * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_m = tl.arange(0, 16)
-        local = tl.arange(0, BLOCK_N)[:, None] * 16 + offs_m[None, :]  # (BLOCK_N, 16) of a partial slot
+        offs_m = tl.arange(0, ROWS)
+        local = tl.arange(0, BLOCK_N)[:, None] * ROWS + offs_m[None, :]  # (BLOCK_N, ROWS) of a partial slot
         first = ((strip * T + 1).to(tl.int64) * P - 1) // W  # the programs holding the strip's first and last item
         last = (((strip + 1) * T).to(tl.int64) * P - 1) // W
         tl.debug_barrier()  # NOTE: every thread's partial is written before the release below
         arrived = tl.atomic_add(counters + strip, 1, sem="acq_rel")
         if arrived == last - first:  # the last to arrive: every partial of the strip is visible (acquire)
-            total = tl.full([BLOCK_N, 16], 0.0, dtype=tl.float32)
+            total = tl.full([BLOCK_N, ROWS], 0.0, dtype=tl.float32)
             q = first
             while q <= last:
                 q_first_strip = (q * W // P) // T  # a program's first strip is its slot 0, its last slot 1
                 slot = tl.where(strip == q_first_strip, 0, 1)
-                total += tl.load(partial + (q * 2 + slot) * BLOCK_N * 16 + local, cache_modifier=".cg")
+                total += tl.load(partial + (q * 2 + slot) * BLOCK_N * ROWS + local, cache_modifier=".cg")
                 q += 1
             if HAS_BIAS:
                 total += tl.load(bias + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[:, None]
@@ -120,43 +121,44 @@ def _skinny_stream_kernel(
     x, weight, bias, out, partial, counters, M, N, K, T, W, P,
     stride_xm, stride_wn, stride_om,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
-    EVEN: tl.constexpr, INTERPRET: tl.constexpr,
+    EVEN: tl.constexpr, INTERPRET: tl.constexpr, ROWS: tl.constexpr,
 ):
     # The W = strips x T items (strip, K tile), strip-major; program p takes [p W / P, (p + 1) W / P).
     p = tl.program_id(0)
     start = (p.to(tl.int64) * W // P).to(tl.int32)
     end = ((p + 1).to(tl.int64) * W // P).to(tl.int32)
-    offs_m = tl.arange(0, 16)
+    offs_m = tl.arange(0, ROWS)
     offs_k = tl.arange(0, BLOCK_K)
-    local = tl.arange(0, BLOCK_N)[:, None] * 16 + offs_m[None, :]  # (BLOCK_N, 16) of a partial slot
-    x_ptrs = x + offs_m[None, :] * stride_xm + offs_k[:, None]  # (BLOCK_K, 16): x's rows as columns
+    local = tl.arange(0, BLOCK_N)[:, None] * ROWS + offs_m[None, :]  # (BLOCK_N, ROWS) of a partial slot
+    x_ptrs = x + offs_m[None, :] * stride_xm + offs_k[:, None]  # (BLOCK_K, ROWS): x's rows as columns
     first_strip = start // T
-    acc = tl.full([BLOCK_N, 16], 0.0, dtype=tl.float32)
+    acc = tl.full([BLOCK_N, ROWS], 0.0, dtype=tl.float32)
     # NOTE: one flat loop over the items (not one a strip), so the pipeline runs on across strip boundaries
     if INTERPRET:  # NOTE: the CPU interpreter cannot bound range() by tensors (attention_tile.py says why)
         it = start
         while it < end:
             acc = _stream_step(acc, it, start, end, p, first_strip, T, x_ptrs, weight, bias, out, partial, local,
                                offs_m, offs_k, M, N, K, stride_wn, stride_om, BLOCK_N, BLOCK_K, HAS_BIAS,
-                               PRECISION, EVEN, INTERPRET)
+                               PRECISION, EVEN, INTERPRET, ROWS)
             it += 1
     else:
         for it in range(start, end):
             acc = _stream_step(acc, it, start, end, p, first_strip, T, x_ptrs, weight, bias, out, partial, local,
                                offs_m, offs_k, M, N, K, stride_wn, stride_om, BLOCK_N, BLOCK_K, HAS_BIAS,
-                               PRECISION, EVEN, INTERPRET)
+                               PRECISION, EVEN, INTERPRET, ROWS)
     last_strip = (end - 1) // T
     _settle_strip(first_strip, p, start, end, T, W, P, bias, out, partial, counters, M, N, stride_om, BLOCK_N,
-                  HAS_BIAS)
+                  HAS_BIAS, ROWS)
     if last_strip != first_strip:
         _settle_strip(last_strip, p, start, end, T, W, P, bias, out, partial, counters, M, N, stride_om, BLOCK_N,
-                      HAS_BIAS)
+                      HAS_BIAS, ROWS)
 
 
 @triton.jit
 def _stream_step(acc, it, start, end, p, first_strip, T, x_ptrs, weight, bias, out, partial, local, offs_m, offs_k,
                  M, N, K, stride_wn, stride_om, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, EVEN: tl.constexpr, INTERPRET: tl.constexpr):
+                 HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, EVEN: tl.constexpr, INTERPRET: tl.constexpr,
+                 ROWS: tl.constexpr):
     """One item of a stream-K program: K tile `kt` of strip `strip` into acc; where the program's run of the strip
     ends, the strip stored (covered whole: from its first tile on) or its partial left in the program's slot."""
     strip = it // T
@@ -175,13 +177,14 @@ def _stream_step(acc, it, start, end, p, first_strip, T, x_ptrs, weight, bias, o
         tl.store(out + offs_m[None, :] * stride_om + offs_n[:, None], result.to(out.dtype.element_ty),
                  mask=out_mask & whole)
         slot = tl.where(strip == first_strip, 0, 1)
-        tl.store(partial + (p * 2 + slot) * BLOCK_N * 16 + local, acc, mask=(local >= 0) & ~whole)
+        tl.store(partial + (p * 2 + slot) * BLOCK_N * ROWS + local, acc, mask=(local >= 0) & ~whole)
     return tl.where(done, 0.0, acc)
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                   config: SkinnyConfig | None = None) -> torch.Tensor:
-    """`F.linear(x, weight, bias)` for x of at most 16 rows (after flattening its leading dims).
+    """`F.linear(x, weight, bias)` for x of at most 64 rows (after flattening its leading dims; `ops.linear` sends it
+    16 or fewer).
 
     Args:
         x: [..., K], K contiguous. weight: [N, K], K contiguous, x's dtype. bias: [N] or None.
@@ -212,6 +215,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         return out.reshape(*lead, n)
     if k == 0:
         return out.zero_().add_(bias if bias is not None else 0).reshape(*lead, n)
+    rows = max(16, triton.next_power_of_2(m))  # x's rows padded to a dot operand
     strips = triton.cdiv(n, config.block_n)
     if config.persistent:
         tiles = triton.cdiv(k, config.block_k)  # T: K tiles a strip
@@ -219,13 +223,13 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         programs = min(items, config.persistent * (_num_sms(x.device) if x.device.type == "cuda" else 4))
         counters = arrival_counters(x.device, strips)
         if counters is not None:  # else (no counters inside a CUDA-graph capture) the strip grid below, unsplit
-            partial = torch.empty(programs * 2, config.block_n, 16, dtype=torch.float32, device=x.device)
+            partial = torch.empty(programs * 2, config.block_n, rows, dtype=torch.float32, device=x.device)
             _skinny_stream_kernel[(programs,)](
                 x2, weight, bias if bias is not None else x2, out, partial, counters, m, n, k, tiles, items, programs,
                 x2.stride(0), weight.stride(0), out.stride(0),
                 BLOCK_N=config.block_n, BLOCK_K=config.block_k, HAS_BIAS=bias is not None,
                 PRECISION="ieee" if x.dtype == torch.float32 or INTERPRET else "tf32",
-                EVEN=n % config.block_n == 0 and k % config.block_k == 0, INTERPRET=INTERPRET,
+                EVEN=n % config.block_n == 0 and k % config.block_k == 0, INTERPRET=INTERPRET, ROWS=rows,
                 num_warps=config.num_warps, num_stages=config.num_stages,
             )
             return out.reshape(*lead, n)
@@ -241,7 +245,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         x2.stride(0), weight.stride(0), out.stride(0),
         BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=split, HAS_BIAS=bias is not None,
         PRECISION="ieee" if x.dtype == torch.float32 or INTERPRET else "tf32",
-        EVEN=n % config.block_n == 0 and k % k_per_split == 0, INTERPRET=INTERPRET,
+        EVEN=n % config.block_n == 0 and k % k_per_split == 0, INTERPRET=INTERPRET, ROWS=rows,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out.reshape(*lead, n)

@@ -25,10 +25,11 @@ def check(lead, n, k, dtype, bias=False, config=None, seed=0):
     return out
 
 
-@pytest.mark.parametrize("m", [1, 2, 5, 16])
+@pytest.mark.parametrize("m", [1, 2, 5, 16, 33])
 @pytest.mark.parametrize("n, k, split", [(40, 96, 1), (70, 200, 3), (64, 256, 2), (33, 64, 4)])
 def test_skinny_matches_linear(m, n, k, split):
-    """Ragged N and K (masked strips and shares), splits that leave the last share short or empty."""
+    """Ragged N and K (masked strips and shares), splits that leave the last share short or empty; x padded to 16,
+    32 or 64 rows."""
     check((m,), n, k, torch.float32, bias=split % 2 == 1, config=SkinnyConfig(16, 32, split, 4, 2), seed=m + n)
 
 
@@ -48,7 +49,7 @@ def test_skinny_split_is_deterministic_and_leaves_counters_zero():
     assert int(arrival_counters(torch.device(DEVICE), 1).abs().sum()) == 0
 
 
-@pytest.mark.parametrize("m", [1, 3, 16])
+@pytest.mark.parametrize("m", [1, 3, 16, 40])
 @pytest.mark.parametrize("n, k, persistent", [
     (40, 96, 1),  # 3 strips x 3 K tiles over 4 programs: strips shared by two programs
     (16, 512, 2),  # one strip over 8 programs: every program inside it (one partial slot each)
@@ -73,8 +74,8 @@ def test_stream_k_is_deterministic_and_leaves_counters_zero():
 
 
 def test_skinny_rejects_what_it_cannot_take():
-    x, w = torch.randn(17, 32), torch.randn(8, 32)
-    with pytest.raises(ValueError, match="at most 16 rows"):
+    x, w = torch.randn(65, 32), torch.randn(8, 32)
+    with pytest.raises(ValueError, match="at most 64 rows"):
         skinny_linear(x, w)
     with pytest.raises(ValueError, match="disagree"):
         skinny_linear(x[:2], w[:, :16])
@@ -122,7 +123,7 @@ def test_ops_linear_takes_the_skinny_kernel_up_to_16_rows(monkeypatch):
 
 @pytest.mark.cuda
 @on_gpu
-@pytest.mark.parametrize("m", [1, 3, 16])
+@pytest.mark.parametrize("m", [1, 3, 16, 32, 64])
 @pytest.mark.parametrize("n, k", [(12288, 4096), (4096, 4096), (4096, 11008), (32000, 4096), (1000, 1000)])
 def test_gpu_skinny_at_model_shapes(m, n, k):
     check((m,), n, k, torch.bfloat16, bias=n == 1000, seed=m)  # the default: stream-K
