@@ -39,14 +39,15 @@ case "${1:?STEP: tests-kernels | tests-decode | tests-prefill | tests-models | k
       $pytest tests/kernels/test_skinny_matmul.py 2>&1 | tee "$out/tests_skinny.log"
       python3 -P -m hf_paged.bench.kernels --only gemm --gemm-rows 16,32,64 --sweep --out "$out/kernels_skinny.json" \
              2>&1 | tee "$out/kernels_skinny.log" ;;
-  skinny-engine) # the engine with the small decode steps' projections on the skinny matmul (HF_PAGED_SKINNY_MATMUL=on)
-      # against cuBLAS, ShareGPT-128 then lognormal-128, each its own process; tables off -> on
-      for w in sharegpt lognormal; do
-        for s in off on; do
-          HF_PAGED_SKINNY_MATMUL=$s $tp --workload $w --num-requests 128 --systems d \
-            --out "$out/tp_skinny_${s}_$w.json" 2>&1 | tee -a "$out/tp_skinny_$w.log"
-        done
-        $diff "$out/tp_skinny_off_$w.json" "$out/tp_skinny_on_$w.json" | tee "$out/tp_skinny_diff_$w.md"
+  skinny-engine) # the engine with the small decode steps' projections on the skinny matmul (HF_PAGED_SKINNY_MATMUL:
+      # off; 64 / 16: steps of up to 64 / 16 sequences) against cuBLAS, ShareGPT-128 then lognormal-128, each run
+      # its own process; tables off -> each
+      for run in sharegpt:off sharegpt:64 sharegpt:16 lognormal:off lognormal:64; do
+        w=${run%:*} s=${run#*:}
+        HF_PAGED_SKINNY_MATMUL=$s $tp --workload $w --num-requests 128 --systems d \
+          --out "$out/tp_skinny_${s}_$w.json" 2>&1 | tee -a "$out/tp_skinny_$w.log"
+        [ "$s" = off ] || $diff "$out/tp_skinny_off_$w.json" "$out/tp_skinny_${s}_$w.json" \
+          | tee -a "$out/tp_skinny_$w.log"  # (seven files come back)
       done ;;
   decode-tiles) # the GQA decode tile at block size 8 (the default) and 16 (docs/kernels.md "Measured on an H200")
       for bs in 8 16; do

@@ -237,35 +237,38 @@ def copy_blocks(key_cache: torch.Tensor, value_cache: torch.Tensor, src: torch.T
     return reference.copy_blocks(key_cache, value_cache, src, dst)
 
 
-SKINNY_MATMUL = ("off", "on")
-SKINNY_ROWS = 16  # the most rows kernels/skinny_matmul.py takes (one 16-row dot operand)
+SKINNY_MATMUL = ("off", "on", "16", "32", "64")
+SKINNY_ROWS = 16  # the most rows `linear` sends the skinny matmul by default (one 16-row dot operand)
 
 
-def skinny_matmul() -> bool:
-    """`HF_PAGED_SKINNY_MATMUL`: whether the engine runs its projections (engine/fused.py) through `linear`, whose
-    Triton path takes the skinny matmul (kernels/skinny_matmul.py) for x of at most 16 rows (decode steps of up to
-    16 sequences) instead of cuBLAS. Else a ValueError."""
-    return env_choice("HF_PAGED_SKINNY_MATMUL", SKINNY_MATMUL) == "on"
+def skinny_matmul() -> int:
+    """`HF_PAGED_SKINNY_MATMUL`: the most rows of x for which the engine's projections (engine/fused.py) take the
+    skinny matmul (kernels/skinny_matmul.py) through `linear` instead of cuBLAS: 0 (off, the default), 16 (on: decode
+    steps of up to 16 sequences), 32 or 64. Else a ValueError."""
+    value = env_choice("HF_PAGED_SKINNY_MATMUL", SKINNY_MATMUL)
+    return {"off": 0, "on": SKINNY_ROWS}[value] if value in ("off", "on") else int(value)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear(x, weight, bias)`; on the Triton path, with x of at most 16 rows, the skinny matmul.
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           max_rows: int = SKINNY_ROWS) -> torch.Tensor:
+    """`F.linear(x, weight, bias)`; on the Triton path, with x of at most `max_rows` rows (64 at most), the skinny
+    matmul.
 
     Under torch.compile it is the opaque custom op `hf_paged::linear`, which picks per call: one graph with a
     dynamic token count serves every batch size, and each decode CUDA graph captures the kernel its size takes.
     """
     if torch.compiler.is_compiling():
-        return torch.ops.hf_paged.linear(x, weight, bias)
-    return _linear(x, weight, bias)
+        return torch.ops.hf_paged.linear(x, weight, bias, max_rows)
+    return _linear(x, weight, bias, max_rows)
 
 
-def _skinny_fits(x, weight, bias) -> bool:
-    return (x.numel() <= SKINNY_ROWS * x.shape[-1] and x.dtype == weight.dtype and x.stride(-1) == 1
+def _skinny_fits(x, weight, bias, max_rows) -> bool:
+    return (x.numel() <= min(max_rows, 64) * x.shape[-1] and x.dtype == weight.dtype and x.stride(-1) == 1
             and weight.stride(-1) == 1 and (bias is None or (bias.dtype == x.dtype and bias.stride(0) == 1)))
 
 
-def _linear(x, weight, bias=None) -> torch.Tensor:
-    if _skinny_fits(x, weight, bias) and _use_triton(x):
+def _linear(x, weight, bias=None, max_rows=SKINNY_ROWS) -> torch.Tensor:
+    if _skinny_fits(x, weight, bias, max_rows) and _use_triton(x):
         from hf_paged.kernels.skinny_matmul import skinny_linear
 
         return skinny_linear(x, weight, bias)
@@ -273,9 +276,10 @@ def _linear(x, weight, bias=None) -> torch.Tensor:
 
 
 _linear_op = torch.library.custom_op(
-    "hf_paged::linear", _linear, mutates_args=(), schema="(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor")
+    "hf_paged::linear", _linear, mutates_args=(),
+    schema="(Tensor x, Tensor weight, Tensor? bias=None, int max_rows=16) -> Tensor")
 
 
 @_linear_op.register_fake
-def _(x, weight, bias=None):
+def _(x, weight, bias=None, max_rows=SKINNY_ROWS):
     return x.new_empty(*x.shape[:-1], weight.shape[0])  # (..., N)

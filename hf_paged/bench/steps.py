@@ -38,7 +38,7 @@ from hf_paged.patches.generate import paged_attention
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 MATMUL = ("gemm", "cutlass", "nvjet", "xmma", "cublas", "aten::mm", "aten::addmm", "aten::bmm", "aten::matmul",
-          "_skinny_kernel")  # the last: kernels/skinny_matmul.py (HF_PAGED_SKINNY_MATMUL)
+          "_skinny_kernel", "_skinny_stream_kernel")  # the last two: kernels/skinny_matmul.py (HF_PAGED_SKINNY_MATMUL)
 PAGED = ("_decode_kernel", "_reduce_kernel", "_prefill_kernel", "_write_kv", "kv_write", "_copy_blocks", "paged")
 
 

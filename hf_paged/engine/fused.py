@@ -52,7 +52,7 @@ def _concat_in_place(params: list[torch.nn.Parameter]) -> torch.Tensor:
 class FusedGroup:
     """Sibling projections (same input) whose weights are consecutive rows of one tensor."""
 
-    def __init__(self, members: list[torch.nn.Linear], skinny: bool = False):
+    def __init__(self, members: list[torch.nn.Linear], skinny: int = 0):
         self.members = members
         self.weight = _concat_in_place([m.weight for m in members])  # (sum N, K)
         self.bias = _concat_in_place([m.bias for m in members]) if members[0].bias is not None else None
@@ -77,8 +77,10 @@ def _fused_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     if out is not None and self.hf_paged_out_of is x:  # a sibling computed it, from this very input
         self.hf_paged_out = self.hf_paged_out_of = None
         return out
-    linear = ops.linear if self.hf_paged_skinny else F.linear  # HF_PAGED_SKINNY_MATMUL
-    y = linear(x, self.hf_paged_fused_weight, self.hf_paged_fused_bias)  # (..., sum N)
+    if self.hf_paged_skinny:  # HF_PAGED_SKINNY_MATMUL: up to this many rows on the skinny matmul
+        y = ops.linear(x, self.hf_paged_fused_weight, self.hf_paged_fused_bias, self.hf_paged_skinny)  # (..., sum N)
+    else:
+        y = F.linear(x, self.hf_paged_fused_weight, self.hf_paged_fused_bias)
     outs = y.split(self.hf_paged_fused_sizes, dim=-1)
     for i, sibling in enumerate(self.hf_paged_siblings):
         if i != self.hf_paged_fused_index:
@@ -89,22 +91,23 @@ def _fused_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
 class SkinnyLinear:
     """A plain projection outside the fused groups, run through `ops.linear` in the engine's forwards."""
 
-    def __init__(self, module: torch.nn.Linear):
+    def __init__(self, module: torch.nn.Linear, rows: int = ops.SKINNY_ROWS):
         self.members = [module]
         self.forwards = [types.MethodType(_skinny_forward, module)]
+        module.__dict__["hf_paged_skinny"] = rows  # the most rows of x the skinny matmul takes
 
     def intact(self) -> bool:
         return _fusable(self.members[0])
 
 
 def _skinny_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    return ops.linear(x, self.weight, self.bias)
+    return ops.linear(x, self.weight, self.bias, self.hf_paged_skinny)
 
 
-def fuse_projections(model: torch.nn.Module, fuse: bool = True,
-                     skinny: bool = False) -> list[FusedGroup | SkinnyLinear]:
+def fuse_projections(model: torch.nn.Module, fuse: bool = True, skinny: int = 0) -> list[FusedGroup | SkinnyLinear]:
     """With `fuse`, lay out every fusable q/k/v and gate/up group of the model as one weight; returns the groups,
-    and with `skinny` every other plain nn.Linear of the model as a `SkinnyLinear`."""
+    and with `skinny` (the most rows of x for the skinny matmul; 0: none) every other plain nn.Linear of the model
+    as a `SkinnyLinear`."""
     groups = []
     for parent in model.modules() if fuse else ():
         for names in GROUPS:
@@ -113,7 +116,7 @@ def fuse_projections(model: torch.nn.Module, fuse: bool = True,
                 groups.append(FusedGroup(members, skinny))
     if skinny:
         fused = {id(m) for group in groups for m in group.members}
-        groups += [SkinnyLinear(m) for m in model.modules() if _fusable(m) and id(m) not in fused]
+        groups += [SkinnyLinear(m, skinny) for m in model.modules() if _fusable(m) and id(m) not in fused]
     return groups
 
 

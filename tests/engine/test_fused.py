@@ -113,7 +113,8 @@ def test_fused_compiled_layers_still_share_one_graph():
 def test_skinny_engine_matches_cublas_path(arch, monkeypatch):
     """HF_PAGED_SKINNY_MATMUL=on with the Triton kernels (CPU interpreter): every plain projection, fused or not
     (o/down, the LM head; qwen2's biases), runs the skinny kernel in steps of <= 16 rows, with the same tokens as
-    F.linear (fp32) and the model's own code again afterwards."""
+    F.linear (fp32) and the model's own code again afterwards; =32 takes it up to 32 rows (the prefill chunks of
+    up to 40 tokens stay on F.linear)."""
     import hf_paged.kernels.skinny_matmul as skinny
 
     model = fresh_model(arch)
@@ -140,3 +141,9 @@ def test_skinny_engine_matches_cublas_path(arch, monkeypatch):
     assert all(shape.numel() // shape[-1] <= 16 for shape in calls)
     assert outs["on"] == outs["off"]
     assert not any("forward" in m.__dict__ for m in model.modules())
+    calls.clear()
+    monkeypatch.setenv("HF_PAGED_SKINNY_MATMUL", "32")
+    llm = LLM(model, num_blocks=128, block_size=4, max_num_batched_tokens=40, fuse_projections=True)
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == outs["off"]
+    rows = [shape.numel() // shape[-1] for shape in calls]
+    assert max(rows) <= 32 and any(r > 16 for r in rows)  # prompts of 17-30 tokens: their prefill chunks

@@ -116,6 +116,12 @@ def test_ops_linear_takes_the_skinny_kernel_up_to_16_rows(monkeypatch):
         assert len(calls) == expect
     ops.linear(torch.randn(2, 32, device=DEVICE), w.t().contiguous().t())  # weight not K-contiguous: F.linear
     assert len(calls) == 2
+    x = torch.randn(40, 32, device=DEVICE)
+    torch.testing.assert_close(ops.linear(x, w, None, 64), F.linear(x, w))  # a higher limit: up to 64 rows
+    assert len(calls) == 3
+    for value, rows in (("off", 0), ("", 0), ("on", 16), ("16", 16), ("32", 32), ("64", 64)):
+        monkeypatch.setenv("HF_PAGED_SKINNY_MATMUL", value)
+        assert ops.skinny_matmul() == rows
     monkeypatch.setenv("HF_PAGED_SKINNY_MATMUL", "maybe")
     with pytest.raises(ValueError, match="HF_PAGED_SKINNY_MATMUL"):
         ops.skinny_matmul()
