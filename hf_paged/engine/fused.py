@@ -10,7 +10,7 @@ model runs its own code.
 
 With `HF_PAGED_SKINNY_MATMUL=on` every plain projection (the fused groups, o/down, the LM head) runs through
 `ops.linear` in the engine's forwards, which takes the Triton skinny matmul (kernels/skinny_matmul.py) for decode
-steps of up to 16 sequences on a GPU, and cuBLAS otherwise.
+steps of up to 16 sequences on a GPU (32 or 64 with `=32`, `=64`), and cuBLAS otherwise.
 """
 
 from __future__ import annotations
