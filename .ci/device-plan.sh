@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements, one step a device call (each call is capped at 10 minutes), from the repo root:
 #   run(command="bash .ci/device-plan.sh STEP", carry=[".whl"])      (../shared/device/prepare-wheels first, here)
-# STEP: tests-kernels | tests-decode | tests-prefill | tests-models | kernels | targets | prefill | sweep | skinny | skinny-engine | decode-tiles | pipeline | ragged | order-kernels | order | throughput-order | compile-scope | blas | steps | pdl | throughput | lognormal | thousand | memory. Results go
+# STEP: tests-kernels | tests-decode | tests-prefill | tests-models | kernels | targets | prefill | sweep | skinny | skinny-engine | stream-k | decode-tiles | pipeline | ragged | order-kernels | order | throughput-order | compile-scope | blas | steps | pdl | throughput | lognormal | thousand | memory. Results go
 # to $OUT (the device tool's folder that comes back) or /tmp/out, logs as they are written (a call cut off at its
 # limit still brings them back); record them in docs/benchmarks.md and docs/kernels.md with the command.
 # Together the two test steps ran past one 8-minute call on a fresh H200 (most of it Triton and inductor
@@ -16,7 +16,7 @@ tp="python3 -P -m hf_paged.bench.throughput --model llama2-7b"
 diff="python3 -P -m hf_paged.bench.diff"  # A/B tables (bench diff) of the switch steps
 pytest="python3 -P -m pytest -m cuda -q -rs -p no:cacheprovider --durations=10"
 decode_tests="decode or reduce or write_kv or block_copy"  # tests-decode; tests-prefill runs the rest
-case "${1:?STEP: tests-kernels | tests-decode | tests-prefill | tests-models | kernels | targets | prefill | sweep | skinny | skinny-engine | decode-tiles | pipeline | ragged | order-kernels | order | throughput-order | compile-scope | blas | steps | pdl | throughput | lognormal | thousand | memory}" in
+case "${1:?STEP: tests-kernels | tests-decode | tests-prefill | tests-models | kernels | targets | prefill | sweep | skinny | skinny-engine | stream-k | decode-tiles | pipeline | ragged | order-kernels | order | throughput-order | compile-scope | blas | steps | pdl | throughput | lognormal | thousand | memory}" in
   tests-kernels) $pytest tests/kernels 2>&1 | tee "$out/tests_kernels.log" ;;
   tests-decode) $pytest tests/kernels -k "$decode_tests" 2>&1 | tee "$out/tests_decode.log" ;;
   tests-prefill) $pytest tests/kernels -k "not ($decode_tests)" 2>&1 | tee "$out/tests_prefill.log" ;;
@@ -48,6 +48,18 @@ case "${1:?STEP: tests-kernels | tests-decode | tests-prefill | tests-models | k
           --out "$out/tp_skinny_${s}_$w.json" 2>&1 | tee -a "$out/tp_skinny_$w.log"
         [ "$s" = off ] || $diff "$out/tp_skinny_off_$w.json" "$out/tp_skinny_${s}_$w.json" \
           | tee -a "$out/tp_skinny_$w.log"  # (seven files come back)
+      done ;;
+  stream-k) # one call for the stream-K skinny matmul: its GPU tests (stop on a failure), its rows against cuBLAS at
+      # 16 and 64 rows (the defaults, no sweep), then the engine, cuBLAS against the skinny matmul up to 64 rows,
+      # ShareGPT-128 and lognormal-128, then up to 16 rows on ShareGPT; eight files come back
+      $pytest -x tests/kernels/test_skinny_matmul.py 2>&1 | tee "$out/tests_skinny.log"
+      [ "${PIPESTATUS[0]}" = 0 ] || exit 1
+      python3 -P -m hf_paged.bench.kernels --only gemm --gemm-rows 16,64 --out "$out/kernels_stream_k.json" 2>&1
+      for run in sharegpt:off sharegpt:64 lognormal:off lognormal:64 sharegpt:16; do
+        w=${run%:*} s=${run#*:}
+        HF_PAGED_SKINNY_MATMUL=$s $tp --workload $w --num-requests 128 --systems d \
+          --out "$out/tp_skinny_${s}_$w.json" 2>&1 | tail -n 25 >> "$out/tp_skinny.log"
+        [ "$s" = off ] || $diff "$out/tp_skinny_off_$w.json" "$out/tp_skinny_${s}_$w.json" >> "$out/tp_skinny.log"
       done ;;
   decode-tiles) # the GQA decode tile at block size 8 (the default) and 16 (docs/kernels.md "Measured on an H200")
       for bs in 8 16; do
