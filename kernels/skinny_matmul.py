@@ -3,9 +3,9 @@
 At a few rows a projection only streams its weight, so the kernel is built to read that weight at the copy rate:
 each program walks a strip of `block_n` weight rows across its share of K (one of `split_k` shares) through a
 pipeline of `num_stages` tiles, and multiplies each tile with the rows of x (padded to 16, the smallest dot, or to
-32 or 64) as `weight_tile @ x_tile.T`, so the weight is the dot's wide operand. Where K is split, each program leaves its partial
-sum in fp32 scratch and the last program of a strip (a per-strip counter, reset by that program) adds the partials in
-split order: one launch, and the same bits whatever order the programs ran in.
+32 or 64) as `weight_tile @ x_tile.T`, so the weight is the dot's wide operand. Where K is split, each program
+leaves its partial sum in fp32 scratch and the last program of a strip (a per-strip counter, reset by that program)
+adds the partials in split order: one launch, and the same bits whatever order the programs ran in.
 
 A weight's strips rarely fill whole waves of the GPU (q/k/v's 192 strips of 64 rows take two waves of 132 SMs, the
 second 45% full), so a config with `persistent` > 0 launches that many programs an SM instead and deals out the
@@ -177,7 +177,7 @@ def _stream_step(acc, it, start, end, p, first_strip, T, x_ptrs, weight, bias, o
         tl.store(out + offs_m[None, :] * stride_om + offs_n[:, None], result.to(out.dtype.element_ty),
                  mask=out_mask & whole)
         slot = tl.where(strip == first_strip, 0, 1)
-        tl.store(partial + (p * 2 + slot) * BLOCK_N * ROWS + local, acc, mask=(local >= 0) & ~whole)
+        tl.store(partial + (p * 2 + slot) * BLOCK_N * ROWS + local, acc, mask=(local >= 0) & ~whole)  # all of it
     return tl.where(done, 0.0, acc)
 
 
