@@ -49,18 +49,19 @@ case "${1:?STEP: tests-kernels | tests-decode | tests-prefill | tests-models | k
         [ "$s" = off ] || $diff "$out/tp_skinny_off_$w.json" "$out/tp_skinny_${s}_$w.json" \
           | tee -a "$out/tp_skinny_$w.log"  # (seven files come back)
       done ;;
-  stream-k) # one call for the stream-K skinny matmul, most telling first (a call cut short keeps what it wrote):
+  stream-k) # one call for the stream-K skinny matmul (HF_PAGED_SKINNY_GRID=stream), most telling first (a call cut short keeps what it wrote):
       # its GPU tests (stop on a failure); the engine, cuBLAS against the skinny matmul up to 64 rows on
       # ShareGPT-128; its rows against cuBLAS at 16 and 64 rows (the defaults, no sweep); the same pair on
       # lognormal-128; up to 16 rows on ShareGPT. Eight files come back
       $pytest -x tests/kernels/test_skinny_matmul.py 2>&1 | tee "$out/tests_skinny.log"
       for run in sharegpt:off sharegpt:64 gemm lognormal:off lognormal:64 sharegpt:16; do
         if [ $run = gemm ]; then
-          python3 -P -m hf_paged.bench.kernels --only gemm --gemm-rows 16,64 --out "$out/kernels_stream_k.json" 2>&1
+          HF_PAGED_SKINNY_GRID=stream python3 -P -m hf_paged.bench.kernels --only gemm --gemm-rows 16,64 \
+            --out "$out/kernels_stream_k.json" 2>&1
           continue
         fi
         w=${run%:*} s=${run#*:}
-        HF_PAGED_SKINNY_MATMUL=$s $tp --workload $w --num-requests 128 --systems d \
+        HF_PAGED_SKINNY_MATMUL=$s HF_PAGED_SKINNY_GRID=stream $tp --workload $w --num-requests 128 --systems d \
           --out "$out/tp_skinny_${s}_$w.json" 2>&1 | tail -n 25 >> "$out/tp_skinny.log"
         [ "$s" = off ] || $diff "$out/tp_skinny_off_$w.json" "$out/tp_skinny_${s}_$w.json" >> "$out/tp_skinny.log"
       done ;;

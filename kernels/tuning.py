@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from hf_paged.kernels.ops import decode_heads_first
+from hf_paged.kernels.ops import decode_heads_first, env_choice
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,13 +136,28 @@ def default_prefill_config(group: int, head_dim: int, device: torch.device, own_
 
 
 def default_skinny_config(m: int, n: int, k: int, device: torch.device) -> SkinnyConfig:
-    """Stream-K over one program an SM, 64 weight rows x 128 of K a tile, six stages deep where shared memory allows
-    (one such program an SM: 124 KiB), whatever the weight's shape.
+    """The H100's best skinny-matmul tiles for a Llama-2-7B decode step at 2-16 rows (docs/kernels.md, "The skinny
+    matmul"): a weight of at least a wave of 64-row strips streams them unsplit, six stages deep where shared memory
+    allows (q/k/v, gate/up, the LM head); a narrower one takes 16-row strips (o), unless its K is long enough to
+    halve instead (down). Off CUDA (the CPU interpreter) as for 4 SMs.
 
-    The H100 sweep of one program a strip (docs/kernels.md, "The skinny matmul") found each SM streaming its strips
-    at its share of the copy rate, and the time set by the waves the strips fill: q/k/v's 192 strips of 64 rows take
-    two waves of 132 SMs (46.3 us; 33 us at the copy rate), gate/up's 344 three (72.7 us; 59 us). Dealing the
-    (strip, K tile) items out evenly removes the part-filled last wave. Off CUDA (the CPU interpreter) as for 4 SMs.
+    `HF_PAGED_SKINNY_GRID=stream` (an experiment, not yet timed on a GPU): stream-K over one program an SM, 64 x 128
+    tiles as deep, for every shape. The sweep found each SM streaming its strips at its share of the copy rate and
+    the time set by the waves the strips fill: q/k/v's 192 strips of 64 rows take two waves of 132 SMs (46.3 us; 33
+    us at the copy rate), gate/up's 344 three (72.7 us; 59 us); dealt out evenly, the part-filled last wave goes.
     """
     stages = 6 if device.type == "cuda" and _shared_memory(device) >= 160 * 1024 else 4
-    return SkinnyConfig(64, 128, 1, 4, stages, persistent=1)
+    if skinny_grid() == "stream":
+        return SkinnyConfig(64, 128, 1, 4, stages, persistent=1)
+    sms = _num_sms(device) if device.type == "cuda" else 4
+    if triton.cdiv(n, 64) >= sms:
+        return SkinnyConfig(64, 128, 1, 4, stages)
+    if k >= 2 * n:
+        return SkinnyConfig(64, 128, 2, 4, 4)
+    return SkinnyConfig(16, 256, 1, 4, 4)
+
+
+def skinny_grid() -> str:
+    """`HF_PAGED_SKINNY_GRID`: `strips` (default: one program a strip and K share) or `stream` (stream-K, see
+    default_skinny_config). Else a ValueError."""
+    return env_choice("HF_PAGED_SKINNY_GRID", ("strips", "stream"))

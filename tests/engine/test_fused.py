@@ -114,7 +114,7 @@ def test_skinny_engine_matches_cublas_path(arch, monkeypatch):
     """HF_PAGED_SKINNY_MATMUL=on with the Triton kernels (CPU interpreter): every plain projection, fused or not
     (o/down, the LM head; qwen2's biases), runs the skinny kernel in steps of <= 16 rows, with the same tokens as
     F.linear (fp32) and the model's own code again afterwards; =32 takes it up to 32 rows (the prefill chunks of
-    up to 40 tokens stay on F.linear)."""
+    up to 40 tokens stay on F.linear), here with the stream-K grid (HF_PAGED_SKINNY_GRID=stream)."""
     import hf_paged.kernels.skinny_matmul as skinny
 
     model = fresh_model(arch)
@@ -143,6 +143,7 @@ def test_skinny_engine_matches_cublas_path(arch, monkeypatch):
     assert not any("forward" in m.__dict__ for m in model.modules())
     calls.clear()
     monkeypatch.setenv("HF_PAGED_SKINNY_MATMUL", "32")
+    monkeypatch.setenv("HF_PAGED_SKINNY_GRID", "stream")
     llm = LLM(model, num_blocks=128, block_size=4, max_num_batched_tokens=40, fuse_projections=True)
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == outs["off"]
     rows = [shape.numel() // shape[-1] for shape in calls]

@@ -89,17 +89,32 @@ def test_skinny_rejects_what_it_cannot_take():
         SkinnyConfig(persistent=-1)
 
 
-def test_default_config_is_stream_k():
-    """One program an SM dealt an even share of the (strip, K tile) items, six stages deep with an H100's 228 KiB
-    of shared memory an SM, four with less."""
+def test_default_config_by_weight_shape(monkeypatch):
+    """The H100's tiles (132 SMs, 228 KiB of shared memory each): wide weights unsplit and six stages deep,
+    o in 16-row strips, down halved along its long K; under HF_PAGED_SKINNY_GRID=stream one program an SM dealt an
+    even share of the (strip, K tile) items, whatever the shape."""
     from hf_paged.kernels import tuning
 
     gpu = torch.device("cuda", 0)  # its facts stubbed below: no GPU needed
-    for smem, stages in ((228 * 1024, 6), (100 * 1024, 4)):
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(tuning, "_shared_memory", lambda device, smem=smem: smem)
-            for n, k in ((12288, 4096), (4096, 4096), (4096, 11008), (32000, 4096)):  # q/k/v, o, down, LM head
-                assert tuning.default_skinny_config(4, n, k, gpu) == SkinnyConfig(64, 128, 1, 4, stages, persistent=1)
+    monkeypatch.setattr(tuning, "_num_sms", lambda device: 132)
+    monkeypatch.setattr(tuning, "_shared_memory", lambda device: 228 * 1024)
+    config = tuning.default_skinny_config
+    assert config(4, 12288, 4096, gpu) == SkinnyConfig(64, 128, 1, 4, 6)  # q/k/v
+    assert config(4, 32000, 4096, gpu) == SkinnyConfig(64, 128, 1, 4, 6)  # LM head
+    assert config(4, 4096, 4096, gpu) == SkinnyConfig(16, 256, 1, 4, 4)  # o
+    assert config(4, 4096, 11008, gpu) == SkinnyConfig(64, 128, 2, 4, 4)  # down
+    monkeypatch.setenv("HF_PAGED_SKINNY_GRID", "stream")
+    for n, k in ((12288, 4096), (4096, 4096), (4096, 11008), (32000, 4096)):
+        assert config(4, n, k, gpu) == SkinnyConfig(64, 128, 1, 4, 6, persistent=1)
+    monkeypatch.setenv("HF_PAGED_SKINNY_GRID", "strips")
+    monkeypatch.setattr(tuning, "_num_sms", lambda device: 58)  # less shared memory: 4 stages
+    monkeypatch.setattr(tuning, "_shared_memory", lambda device: 100 * 1024)
+    assert config(4, 12288, 4096, gpu) == SkinnyConfig(64, 128, 1, 4, 4)
+    monkeypatch.setenv("HF_PAGED_SKINNY_GRID", "stream")
+    assert config(4, 12288, 4096, gpu) == SkinnyConfig(64, 128, 1, 4, 4, persistent=1)
+    monkeypatch.setenv("HF_PAGED_SKINNY_GRID", "spiral")
+    with pytest.raises(ValueError, match="HF_PAGED_SKINNY_GRID"):
+        config(4, 12288, 4096, gpu)
 
 
 def test_ops_linear_takes_the_skinny_kernel_up_to_16_rows(monkeypatch):
@@ -132,8 +147,8 @@ def test_ops_linear_takes_the_skinny_kernel_up_to_16_rows(monkeypatch):
 @pytest.mark.parametrize("m", [1, 3, 16, 32, 64])
 @pytest.mark.parametrize("n, k", [(12288, 4096), (4096, 4096), (4096, 11008), (32000, 4096), (1000, 1000)])
 def test_gpu_skinny_at_model_shapes(m, n, k):
-    check((m,), n, k, torch.bfloat16, bias=n == 1000, seed=m)  # the default: stream-K
-    check((m,), n, k, torch.bfloat16, bias=n == 1000, seed=m, config=SkinnyConfig(64, 128, 2))  # a strip x K grid
+    check((m,), n, k, torch.bfloat16, bias=n == 1000, seed=m)  # the default tiles
+    check((m,), n, k, torch.bfloat16, bias=n == 1000, seed=m, config=SkinnyConfig(64, 128, 1, 4, 6, persistent=1))
 
 
 @pytest.mark.cuda
