@@ -16,6 +16,22 @@ tp="python3 -P -m hf_paged.bench.throughput --model llama2-7b"
 diff="python3 -P -m hf_paged.bench.diff"  # A/B tables (bench diff) of the switch steps
 pytest="python3 -P -m pytest -m cuda -q -rs -p no:cacheprovider --durations=10"
 decode_tests="decode or reduce or write_kv or block_copy"  # tests-decode; tests-prefill runs the rest
+skinny_runs() { # GRID RUN...: each RUN, on the skinny matmul's grid GRID (HF_PAGED_SKINNY_GRID), is WORKLOAD:ROWS, the
+  # engine with HF_PAGED_SKINNY_MATMUL=ROWS (a table against WORKLOAD:off, run before it), or gemm, the kernel's
+  # rows against cuBLAS at 16 and 64 rows; the runs' tails and tables go to one log
+  local grid=$1 run w s; shift
+  for run in "$@"; do
+    if [ "$run" = gemm ]; then
+      HF_PAGED_SKINNY_GRID=$grid python3 -P -m hf_paged.bench.kernels --only gemm --gemm-rows 16,64 \
+        --out "$out/kernels_skinny_$grid.json" 2>&1
+      continue
+    fi
+    w=${run%:*} s=${run#*:}
+    HF_PAGED_SKINNY_MATMUL=$s HF_PAGED_SKINNY_GRID=$grid $tp --workload $w --num-requests 128 --systems d \
+      --out "$out/tp_skinny_${s}_$w.json" 2>&1 | tail -n 25 >> "$out/tp_skinny.log"
+    [ "$s" = off ] || $diff "$out/tp_skinny_off_$w.json" "$out/tp_skinny_${s}_$w.json" >> "$out/tp_skinny.log"
+  done
+}
 case "${1:?STEP: tests-kernels | tests-decode | tests-prefill | tests-models | kernels | targets | prefill | sweep | skinny | skinny-engine | stream-k | decode-tiles | pipeline | ragged | order-kernels | order | throughput-order | compile-scope | blas | steps | pdl | throughput | lognormal | thousand | memory}" in
   tests-kernels) $pytest tests/kernels 2>&1 | tee "$out/tests_kernels.log" ;;
   tests-decode) $pytest tests/kernels -k "$decode_tests" 2>&1 | tee "$out/tests_decode.log" ;;
@@ -40,31 +56,15 @@ case "${1:?STEP: tests-kernels | tests-decode | tests-prefill | tests-models | k
       python3 -P -m hf_paged.bench.kernels --only gemm --gemm-rows 16,32,64 --sweep --out "$out/kernels_skinny.json" \
              2>&1 | tee "$out/kernels_skinny.log" ;;
   skinny-engine) # the engine with the small decode steps' projections on the skinny matmul (HF_PAGED_SKINNY_MATMUL:
-      # off; 64 / 16: steps of up to 64 / 16 sequences) against cuBLAS, ShareGPT-128 then lognormal-128, each run
-      # its own process; tables off -> each
-      for run in sharegpt:off sharegpt:64 sharegpt:16 lognormal:off lognormal:64; do
-        w=${run%:*} s=${run#*:}
-        HF_PAGED_SKINNY_MATMUL=$s $tp --workload $w --num-requests 128 --systems d \
-          --out "$out/tp_skinny_${s}_$w.json" 2>&1 | tee -a "$out/tp_skinny_$w.log"
-        [ "$s" = off ] || $diff "$out/tp_skinny_off_$w.json" "$out/tp_skinny_${s}_$w.json" \
-          | tee -a "$out/tp_skinny_$w.log"  # (seven files come back)
-      done ;;
-  stream-k) # one call for the stream-K skinny matmul (HF_PAGED_SKINNY_GRID=stream), most telling first (a call cut short keeps what it wrote):
-      # its GPU tests (stop on a failure); the engine, cuBLAS against the skinny matmul up to 64 rows on
-      # ShareGPT-128; its rows against cuBLAS at 16 and 64 rows (the defaults, no sweep); the same pair on
-      # lognormal-128; up to 16 rows on ShareGPT. Eight files come back
+      # off; 64 / 16: steps of up to 64 / 16 sequences) against cuBLAS on its default grid, ShareGPT-128 then
+      # lognormal-128, each run its own process; tables off -> each
+      skinny_runs strips sharegpt:off sharegpt:64 sharegpt:16 lognormal:off lognormal:64 ;;
+  stream-k) # one call for the stream-K skinny matmul (HF_PAGED_SKINNY_GRID=stream), most telling first (a call cut
+      # short keeps what it wrote): its GPU tests (stop on a failure); the engine, cuBLAS against the skinny matmul
+      # up to 64 rows on ShareGPT-128; its rows against cuBLAS at 16 and 64 rows (the defaults, no sweep); the same
+      # pair on lognormal-128; up to 16 rows on ShareGPT. Eight files come back
       $pytest -x tests/kernels/test_skinny_matmul.py 2>&1 | tee "$out/tests_skinny.log"
-      for run in sharegpt:off sharegpt:64 gemm lognormal:off lognormal:64 sharegpt:16; do
-        if [ $run = gemm ]; then
-          HF_PAGED_SKINNY_GRID=stream python3 -P -m hf_paged.bench.kernels --only gemm --gemm-rows 16,64 \
-            --out "$out/kernels_stream_k.json" 2>&1
-          continue
-        fi
-        w=${run%:*} s=${run#*:}
-        HF_PAGED_SKINNY_MATMUL=$s HF_PAGED_SKINNY_GRID=stream $tp --workload $w --num-requests 128 --systems d \
-          --out "$out/tp_skinny_${s}_$w.json" 2>&1 | tail -n 25 >> "$out/tp_skinny.log"
-        [ "$s" = off ] || $diff "$out/tp_skinny_off_$w.json" "$out/tp_skinny_${s}_$w.json" >> "$out/tp_skinny.log"
-      done ;;
+      skinny_runs stream sharegpt:off sharegpt:64 gemm lognormal:off lognormal:64 sharegpt:16 ;;
   decode-tiles) # the GQA decode tile at block size 8 (the default) and 16 (docs/kernels.md "Measured on an H200")
       for bs in 8 16; do
         python3 -P -m hf_paged.bench.kernels --only attention --sweep --heads 32/8 --contexts 1024 4096 \

@@ -239,6 +239,7 @@ def copy_blocks(key_cache: torch.Tensor, value_cache: torch.Tensor, src: torch.T
 
 SKINNY_MATMUL = ("off", "on", "16", "32", "64")
 SKINNY_ROWS = 16  # the most rows `linear` sends the skinny matmul by default (one 16-row dot operand)
+SKINNY_MAX_ROWS = 64  # the most rows kernels/skinny_matmul.py takes (x padded to a 16-, 32- or 64-row operand)
 
 
 def skinny_matmul() -> int:
@@ -251,8 +252,8 @@ def skinny_matmul() -> int:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            max_rows: int = SKINNY_ROWS) -> torch.Tensor:
-    """`F.linear(x, weight, bias)`; on the Triton path, with x of at most `max_rows` rows (64 at most), the skinny
-    matmul.
+    """`F.linear(x, weight, bias)`; on the Triton path, with x of at most `max_rows` rows (SKINNY_MAX_ROWS at most),
+    the skinny matmul.
 
     Under torch.compile it is the opaque custom op `hf_paged::linear`, which picks per call: one graph with a
     dynamic token count serves every batch size, and each decode CUDA graph captures the kernel its size takes.
@@ -263,7 +264,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 def _skinny_fits(x, weight, bias, max_rows) -> bool:
-    return (x.numel() <= min(max_rows, 64) * x.shape[-1] and x.dtype == weight.dtype and x.stride(-1) == 1
+    return (x.numel() <= min(max_rows, SKINNY_MAX_ROWS) * x.shape[-1] and x.dtype == weight.dtype and x.stride(-1) == 1
             and weight.stride(-1) == 1 and (bias is None or (bias.dtype == x.dtype and bias.stride(0) == 1)))
 
 
@@ -277,7 +278,7 @@ def _linear(x, weight, bias=None, max_rows=SKINNY_ROWS) -> torch.Tensor:
 
 _linear_op = torch.library.custom_op(
     "hf_paged::linear", _linear, mutates_args=(),
-    schema="(Tensor x, Tensor weight, Tensor? bias=None, int max_rows=16) -> Tensor")
+    schema=f"(Tensor x, Tensor weight, Tensor? bias=None, int max_rows={SKINNY_ROWS}) -> Tensor")
 
 
 @_linear_op.register_fake

@@ -24,9 +24,8 @@ import triton.language as tl
 
 from hf_paged.kernels.attention_tile import INTERPRET
 from hf_paged.kernels.paged_decode import arrival_counters
-from hf_paged.kernels.tuning import SkinnyConfig, _num_sms, default_skinny_config
-
-MAX_ROWS = 64  # x's rows are padded to a dot operand of 16, 32 or 64 rows
+from hf_paged.kernels.ops import SKINNY_MAX_ROWS as MAX_ROWS  # x padded to a dot operand of 16, 32 or 64 rows
+from hf_paged.kernels.tuning import SkinnyConfig, default_skinny_config, sm_count
 
 
 @triton.jit
@@ -220,7 +219,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if config.persistent:
         tiles = triton.cdiv(k, config.block_k)  # T: K tiles a strip
         items = strips * tiles
-        programs = min(items, config.persistent * (_num_sms(x.device) if x.device.type == "cuda" else 4))
+        programs = min(items, config.persistent * sm_count(x.device))
         counters = arrival_counters(x.device, strips)
         if counters is not None:  # else (no counters inside a CUDA-graph capture) the strip grid below, unsplit
             partial = torch.empty(programs * 2, config.block_n, rows, dtype=torch.float32, device=x.device)

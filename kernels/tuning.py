@@ -67,6 +67,11 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def sm_count(device: torch.device) -> int:
+    """The device's SMs; 4 off CUDA (the CPU interpreter's stand-in, small enough to split tiny test shapes)."""
+    return _num_sms(device) if device.type == "cuda" else 4
+
+
 @functools.cache
 def _shared_memory(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).shared_memory_per_multiprocessor if device.type == "cuda" else 0
@@ -149,8 +154,7 @@ def default_skinny_config(m: int, n: int, k: int, device: torch.device) -> Skinn
     stages = 6 if device.type == "cuda" and _shared_memory(device) >= 160 * 1024 else 4
     if skinny_grid() == "stream":
         return SkinnyConfig(64, 128, 1, 4, stages, persistent=1)
-    sms = _num_sms(device) if device.type == "cuda" else 4
-    if triton.cdiv(n, 64) >= sms:
+    if triton.cdiv(n, 64) >= sm_count(device):
         return SkinnyConfig(64, 128, 1, 4, stages)
     if k >= 2 * n:
         return SkinnyConfig(64, 128, 2, 4, 4)
