@@ -16,6 +16,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
 from hf_paged.kernels import ops
+from hf_paged.kernels.reference import softmax_with_sinks
 
 METADATA_KEY = "paged_metadata"
 KV_POOL_KEY = "paged_kv_pool"
@@ -70,6 +71,7 @@ def paged_attention_forward(
     if meta is None or layer is None:
         return _contiguous_attention(module, query, key, value, attention_mask, scaling, softcap, **kwargs)
 
+    sinks = kwargs.get("s_aux")  # attention sinks (gpt-oss and others): one more logit per head in the denominator
     batch, num_q_heads, q_len, head_dim = query.shape
     scale = scaling if scaling is not None else head_dim**-0.5
     window = sliding_window if sliding_window is not None else layer.sliding_window
@@ -82,26 +84,38 @@ def paged_attention_forward(
     # context the kernel reading both ways ran slower than the block tables alone (H200, MHA:
     # prefix chunks 0.249 against 0.211 ms, a mixed step 0.437 against 0.344; docs/kernels.md).
     # NOTE: contiguous rows: the kernels take one layout for both, and a compiled graph may lay K and V out apart.
+    tables = (meta.block_tables, meta.seq_lens, meta.cu_seqlens_q)
+    expand = getattr(module, "expand_kv", None)  # multi-head latent attention: the pools hold latents
+    if expand is not None:
+        if slots is not None:
+            raise ValueError(f"{type(module).__name__} caches latents: the engine runs it without compiled layers")
+        packed_out = ops.latent_attention(packed_q, layer.key_cache, layer.value_cache, *tables, scale, expand, window,
+                                          softcap, sinks)  # (T, Hq, Dv)
+        return _unpack(packed_out, meta, batch, q_len), None
     decode = meta.max_seqlen_q == 1
     own_kv = (meta.query_index is None and key.dtype == layer.key_cache.dtype
               and (slots is not None if decode else meta.fresh))
     new_k, new_v = (token_rows(key), token_rows(value)) if own_kv else (None, None)  # (T, Hkv, D)
-    tables = (meta.block_tables, meta.seq_lens, meta.cu_seqlens_q)
     if slots is not None and own_kv:  # store and attend in one launch (Triton)
         packed_out = ops.write_and_attend(packed_q, new_k, new_v, layer.key_cache, layer.value_cache, slots, *tables,
-                                          scale, window, softcap, meta.max_seqlen_q, meta.fresh)  # (T, Hq, D)
+                                          scale, window, softcap, meta.max_seqlen_q, meta.fresh, sinks)  # (T, Hq, D)
     else:
         if slots is not None:
             ops.write_kv(token_rows(key), token_rows(value), layer.key_cache, layer.value_cache, slots)
         packed_out = ops.paged_attention(packed_q, layer.key_cache, layer.value_cache, *tables, scale,
                                          sliding_window=window, softcap=softcap, max_seqlen_q=meta.max_seqlen_q,
-                                         key=new_k, value=new_v, fresh=meta.fresh)  # (T, Hq, D)
+                                         key=new_k, value=new_v, fresh=meta.fresh, sinks=sinks)  # (T, Hq, D)
+    return _unpack(packed_out, meta, batch, q_len), None
+
+
+def _unpack(packed_out: torch.Tensor, meta: PagedAttentionMetadata, batch: int, q_len: int) -> torch.Tensor:
+    """The packed rows [T, Hq, Dv] back at their places in the forward's [B, Q, Hq, Dv] (padding: zeros)."""
     if meta.query_index is None:
         out = packed_out
     else:
-        out = packed_out.new_zeros(batch * q_len, num_q_heads, head_dim)
+        out = packed_out.new_zeros(batch * q_len, *packed_out.shape[1:])
         out.index_copy_(0, meta.query_index, packed_out)
-    return out.view(batch, q_len, num_q_heads, head_dim), None
+    return out.view(batch, q_len, *packed_out.shape[1:])
 
 
 def bind_pools(module: torch.nn.Module, layer: LayerKV | None) -> None:
@@ -129,14 +143,16 @@ def token_rows(states: torch.Tensor) -> torch.Tensor:
 def _contiguous_attention(module, query, key, value, attention_mask, scaling, softcap, **kwargs):
     """Attention over ordinary contiguous K/V [B, Hkv, L, D] with a boolean (or absent = causal) mask."""
     kwargs.pop("sliding_window", None)
-    if softcap is None:
+    sinks = kwargs.pop("s_aux", None)
+    if softcap is None and sinks is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
-    # Soft-capping (Gemma2) needs the scores before softmax: plain eager math.
+    # Soft-capping (Gemma2) and attention sinks (gpt-oss) need the scores before softmax: plain eager math.
     group = query.shape[1] // key.shape[1]
     key = key.repeat_interleave(group, dim=1)
     value = value.repeat_interleave(group, dim=1)
     scores = torch.matmul(query, key.transpose(2, 3)) * (scaling if scaling is not None else query.shape[-1] ** -0.5)
-    scores = torch.tanh(scores / softcap) * softcap  # (B, Hq, Q, L)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap  # (B, Hq, Q, L)
     q_len, kv_len = query.shape[2], key.shape[2]
     if attention_mask is None:
         q_pos = torch.arange(kv_len - q_len, kv_len, device=query.device)[:, None]
@@ -145,7 +161,7 @@ def _contiguous_attention(module, query, key, value, attention_mask, scaling, so
         scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
     else:
         scores = scores + attention_mask
-    probs = torch.softmax(scores.float(), dim=-1).to(query.dtype)
+    probs = softmax_with_sinks(scores.float(), sinks).to(query.dtype)
     return torch.matmul(probs, value).transpose(1, 2).contiguous(), None
 
 

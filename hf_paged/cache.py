@@ -88,12 +88,15 @@ class StepPlan:
     metadata: PagedAttentionMetadata
 
 
-def _config_kv_shape(config: PreTrainedConfig) -> tuple[int, int, int]:
-    """(num_layers, num_kv_heads, head_dim) from a decoder config."""
+def _config_kv_shape(config: PreTrainedConfig) -> tuple[int, int]:
+    """(num_layers, the K and V values a layer caches per token) from a decoder config. Multi-head latent attention
+    (DeepSeek-V2/V3, MiniCPM3, ...) caches its compressed latent and shared rotary key, one "head" each."""
+    if getattr(config, "kv_lora_rank", None):
+        return config.num_hidden_layers, config.kv_lora_rank + config.qk_rope_head_dim
     num_heads = config.num_attention_heads
     num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
-    return config.num_hidden_layers, num_kv_heads, head_dim
+    return config.num_hidden_layers, 2 * num_kv_heads * head_dim
 
 
 class PagedCache(Cache):
@@ -126,9 +129,9 @@ class PagedCache(Cache):
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         self.config = config.get_text_config(decoder=True)
-        num_layers, num_kv_heads, head_dim = _config_kv_shape(self.config)
+        num_layers, kv_per_token = _config_kv_shape(self.config)
         itemsize = torch.empty((), dtype=dtype or torch.get_default_dtype()).element_size()
-        self.bytes_per_block = 2 * num_layers * block_size * num_kv_heads * head_dim * itemsize
+        self.bytes_per_block = num_layers * block_size * kv_per_token * itemsize
         if (num_blocks is None) == (kv_cache_memory is None):
             raise ValueError("give exactly one of num_blocks or kv_cache_memory")
         if num_blocks is None:

@@ -88,6 +88,7 @@ def paged_attention(
     key: torch.Tensor | None = None,
     value: torch.Tensor | None = None,
     fresh: bool = False,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Varlen causal attention over paged K/V; see `reference.paged_attention` for the layouts.
 
@@ -95,28 +96,30 @@ def paged_attention(
     key / value: the step's own K/V [num_tokens, num_kv_heads, head_dim], already in the caches; the Triton
     prefill reads the new tokens' keys there (contiguous rows) instead of through the block tables. The torch
     paths read the caches, which hold the same values. fresh: with them, no sequence has context before its new
-    tokens (the Triton prefill then skips the block tables; the launcher's `fresh`).
+    tokens (the Triton prefill then skips the block tables; the launcher's `fresh`). sinks: [num_q_heads] attention
+    sinks (gpt-oss's `s_aux`), one more logit per head in each softmax's denominator.
     Under torch.compile it is the opaque custom op `hf_paged::paged_attention`, so the graph does not break here.
     """
     if torch.compiler.is_compiling():
         return torch.ops.hf_paged.paged_attention(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q,
-                                                  scale, sliding_window, softcap, max_seqlen_q, key, value, fresh)
+                                                  scale, sliding_window, softcap, max_seqlen_q, key, value, fresh,
+                                                  sinks)
     return _paged_attention(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale, sliding_window,
-                            softcap, max_seqlen_q, key, value, fresh)
+                            softcap, max_seqlen_q, key, value, fresh, sinks)
 
 
 def _paged_attention(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale, sliding_window,
-                     softcap, max_seqlen_q, key=None, value=None, fresh=False):
+                     softcap, max_seqlen_q, key=None, value=None, fresh=False, sinks=None):
     if _use_triton(query):
         from hf_paged.kernels.paged_attention import paged_attention as triton_paged_attention
 
         return triton_paged_attention(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale,
-                                      sliding_window, softcap, max_seqlen_q, key, value, fresh=fresh)
+                                      sliding_window, softcap, max_seqlen_q, key, value, fresh=fresh, sinks=sinks)
     if _mode() == "reference":
         return reference.paged_attention(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale,
-                                         sliding_window, softcap)
+                                         sliding_window, softcap, sinks)
     return batched.paged_attention(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale,
-                                   sliding_window, softcap)
+                                   sliding_window, softcap, sinks)
 
 
 # NOTE: eager calls take the plain functions above; only compiled graphs go through the dispatcher (a custom op
@@ -125,14 +128,37 @@ _paged_attention_op = torch.library.custom_op(
     "hf_paged::paged_attention", _paged_attention, mutates_args=(),
     schema="(Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, Tensor seq_lens, "
            "Tensor cu_seqlens_q, float scale, SymInt? sliding_window, float? softcap, SymInt? max_seqlen_q, "
-           "Tensor? key=None, Tensor? value=None, bool fresh=False) -> Tensor",
+           "Tensor? key=None, Tensor? value=None, bool fresh=False, Tensor? sinks=None) -> Tensor",
 )
 
 
 @_paged_attention_op.register_fake
 def _(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale, sliding_window, softcap,
-      max_seqlen_q, key=None, value=None, fresh=False):
+      max_seqlen_q, key=None, value=None, fresh=False, sinks=None):
     return torch.empty_like(query, memory_format=torch.contiguous_format)  # (T, Hq, D)
+
+
+def latent_attention(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    scale: float,
+    expand,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`paged_attention` over caches of latents (multi-head latent attention: DeepSeek-V2/V3, MiniCPM3, ...): each
+    sequence's cached latents, read through its block table, become its K/V by the model's own `expand(k, v)`
+    (the attention module's `expand_kv`), as they do under DynamicCache. Torch on every device: the latents are
+    paged and shared like any K/V, the attention runs batched (kernels/batched.py), or per sequence under
+    HF_PAGED_KERNELS=reference. Returns [num_tokens, num_q_heads, Dv]."""
+    attend = reference.paged_attention if _mode() == "reference" else batched.paged_attention
+    return attend(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale, sliding_window, softcap,
+                  sinks, expand)
 
 
 def write_and_attend(
@@ -150,46 +176,49 @@ def write_and_attend(
     softcap: float | None = None,
     max_seqlen_q: int | None = None,
     fresh: bool = False,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`write_kv(key, value, ..., slot_mapping)`, then `paged_attention` with the step's own K/V: one launch on the
     Triton path (the kernels store the new tokens while they attend), the two calls on the torch paths.
 
     key, value: [num_tokens, num_kv_heads, head_dim] in the caches' dtype, rows packed like query's.
-    fresh: no sequence has context before its new tokens (see `paged_attention`).
+    fresh: no sequence has context before its new tokens, sinks: attention sinks (see `paged_attention`).
     NOTE: a token with slot -1 (padding) stores nothing, and which K/V the rows that see it read is unspecified.
     Under torch.compile it is the custom op `hf_paged::write_and_attend`, which mutates the two caches.
     """
     if torch.compiler.is_compiling():
         return torch.ops.hf_paged.write_and_attend(query, key, value, key_cache, value_cache, slot_mapping,
                                                    block_tables, seq_lens, cu_seqlens_q, scale, sliding_window,
-                                                   softcap, max_seqlen_q, fresh)
+                                                   softcap, max_seqlen_q, fresh, sinks)
     return _write_and_attend(query, key, value, key_cache, value_cache, slot_mapping, block_tables, seq_lens,
-                             cu_seqlens_q, scale, sliding_window, softcap, max_seqlen_q, fresh)
+                             cu_seqlens_q, scale, sliding_window, softcap, max_seqlen_q, fresh, sinks)
 
 
 def _write_and_attend(query, key, value, key_cache, value_cache, slot_mapping, block_tables, seq_lens, cu_seqlens_q,
-                      scale, sliding_window, softcap, max_seqlen_q, fresh=False) -> torch.Tensor:
+                      scale, sliding_window, softcap, max_seqlen_q, fresh=False, sinks=None) -> torch.Tensor:
     if _use_triton(query):
         from hf_paged.kernels.paged_attention import paged_attention as triton_paged_attention
 
         return triton_paged_attention(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale,
-                                      sliding_window, softcap, max_seqlen_q, key, value, slot_mapping, fresh=fresh)
+                                      sliding_window, softcap, max_seqlen_q, key, value, slot_mapping, fresh=fresh,
+                                      sinks=sinks)
     _write_kv(key, value, key_cache, value_cache, slot_mapping)
     return _paged_attention(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale,
-                            sliding_window, softcap, max_seqlen_q)
+                            sliding_window, softcap, max_seqlen_q, sinks=sinks)
 
 
 _write_and_attend_op = torch.library.custom_op(
     "hf_paged::write_and_attend", _write_and_attend, mutates_args=("key_cache", "value_cache"),
     schema="(Tensor query, Tensor key, Tensor value, Tensor(a!) key_cache, Tensor(b!) value_cache, "
            "Tensor slot_mapping, Tensor block_tables, Tensor seq_lens, Tensor cu_seqlens_q, float scale, "
-           "SymInt? sliding_window, float? softcap, SymInt? max_seqlen_q, bool fresh=False) -> Tensor",
+           "SymInt? sliding_window, float? softcap, SymInt? max_seqlen_q, bool fresh=False, Tensor? sinks=None) "
+           "-> Tensor",
 )
 
 
 @_write_and_attend_op.register_fake
 def _(query, key, value, key_cache, value_cache, slot_mapping, block_tables, seq_lens, cu_seqlens_q, scale,
-      sliding_window, softcap, max_seqlen_q, fresh=False):
+      sliding_window, softcap, max_seqlen_q, fresh=False, sinks=None):
     return torch.empty_like(query, memory_format=torch.contiguous_format)  # (T, Hq, D)
 
 

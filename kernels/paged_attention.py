@@ -111,6 +111,7 @@ def paged_attention(
     slot_mapping: torch.Tensor | None = None,
     *,
     fresh: bool = False,
+    sinks: torch.Tensor | None = None,
     config: DecodeConfig | PrefillConfig | None = None,
 ) -> torch.Tensor:
     """Varlen causal attention of packed queries over paged K/V; `reference.paged_attention` is the spec.
@@ -131,12 +132,17 @@ def paged_attention(
             q_len: prompts without a cached prefix); the prefill kernel then reads nothing through the block
             tables, and compiles without that code (fewer registers). Not checked (that would read the device):
             a batch with cached context gives wrong results under it.
+        sinks: [num_q_heads] attention sinks (gpt-oss's `s_aux`): one more logit per head in each softmax's
+            denominator, attached to no value.
         config: a DecodeConfig / PrefillConfig to override the tuned defaults (benchmarks, tests).
     Returns:
         [num_tokens, num_q_heads, head_dim] in query's dtype.
     """
     _check_inputs(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, sliding_window, softcap)
     _check_new_kv(query, key_cache, key, value, slot_mapping)
+    if sinks is not None and (tuple(sinks.shape) != (query.shape[1],) or sinks.device != query.device):
+        raise ValueError(f"sinks must be [num_q_heads={query.shape[1]}] on {query.device}, got {tuple(sinks.shape)} "
+                         f"on {sinks.device}")
     out = torch.empty_like(query, memory_format=torch.contiguous_format)
     num_seqs = seq_lens.shape[0]
     if num_seqs == 0 or query.shape[0] == 0:
@@ -155,6 +161,7 @@ def paged_attention(
         SLIDING=sliding_window is not None, SOFTCAP=softcap is not None,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", INTERPRET=INTERPRET,
         PDL=not INTERPRET and use_pdl(query.device),
+        SINKS=sinks is not None, sinks=query if sinks is None else (sinks.float() * _LOG2E).contiguous(),
     )
     window = sliding_window if sliding_window is not None else 0
     args = (query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q,

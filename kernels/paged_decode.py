@@ -64,10 +64,11 @@ def split_range(seq_len, window, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr
 
 
 @triton.jit
-def _merge_splits(out_ptrs, out_mask, part_acc, part_ml, rows, h_mask, offs_d, active,
-                  NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, ROWS: tl.constexpr):
+def _merge_splits(out_ptrs, out_mask, part_acc, part_ml, rows, h_mask, offs_d, active, sink,
+                  NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, ROWS: tl.constexpr,
+                  SINKS: tl.constexpr):
     """Merge the first `active` of the NUM_SPLITS partial softmaxes of ROWS query heads; rows[i] * NUM_SPLITS is
-    head i's first partial.
+    head i's first partial. SINKS: sink (ROWS,), in log2 units, joins each head's denominator.
 
     NOTE: .cg loads: the partials were written by other SMs, read here from L2, never from a stale L1 line.
     """
@@ -89,6 +90,8 @@ def _merge_splits(out_ptrs, out_mask, part_acc, part_ml, rows, h_mask, offs_d, a
         w = tl.exp2(m - m_max)  # 0 for empty splits (m = -inf)
         o += acc * w[:, None]
         denom += l * w
+    if SINKS:
+        denom += tl.where(h_mask, tl.exp2(sink - m_max), 0.0)
     denom = tl.where(h_mask, denom, 1.0)
     tl.store(out_ptrs, (o / denom[:, None]).to(out_ptrs.dtype.element_ty), mask=out_mask)
 
@@ -102,11 +105,12 @@ def _decode_kernel(
     stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_kt, stride_kh, stride_bt,
     qk_scale, softcap_scale, window,
     new_k, new_v, stride_nt, stride_nh, slot_mapping,  # NEW_KV: the step's K/V (T, Hkv, D); WRITE: its slots (T,)
+    sinks,  # SINKS: (Hq,) f32 attention sinks in log2 units, one more logit in each head's softmax denominator
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, MIN_SPLIT_TILES: tl.constexpr,
     SLIDING: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
     NEW_KV: tl.constexpr, WRITE: tl.constexpr, FUSED_REDUCE: tl.constexpr, PDL: tl.constexpr,
-    HEADS_FASTEST: tl.constexpr,
+    HEADS_FASTEST: tl.constexpr, SINKS: tl.constexpr,
 ):
     if HEADS_FASTEST:  # grid (Hkv, S, splits)
         kv_head = tl.program_id(0)
@@ -173,7 +177,12 @@ def _decode_kernel(
             acc, m_i, l_i = attend_key(acc, m_i, l_i, q, k, v, qk_scale, softcap_scale, SOFTCAP)
     out_ptrs = out + q_start * stride_ot + q_heads[:, None] * stride_oh + offs_d[None, :]
     out_mask = h_mask[:, None] & d_mask[None, :]
+    sink = tl.full([BLOCK_H], 0.0, dtype=tl.float32)
+    if SINKS:
+        sink = tl.load(sinks + q_heads, mask=h_mask, other=0.0)
     if NUM_SPLITS == 1:
+        if SINKS:
+            l_i += tl.where(h_mask, tl.exp2(sink - m_i), 0.0)
         tl.store(out_ptrs, (acc / l_i[:, None]).to(out.dtype.element_ty), mask=out_mask)
     else:
         rows = seq * GROUP * num_kv_heads + q_heads  # (BLOCK_H,) query heads of (S, Hq)
@@ -188,17 +197,17 @@ def _decode_kernel(
             counter = counters + seq * num_kv_heads + kv_head
             arrived = tl.atomic_add(counter, 1, sem="acq_rel")
             if arrived == active - 1:
-                _merge_splits(out_ptrs, out_mask, part_acc, part_ml, rows, h_mask, offs_d, active, NUM_SPLITS,
-                              HEAD_DIM, HEAD_PAD, BLOCK_H)
+                _merge_splits(out_ptrs, out_mask, part_acc, part_ml, rows, h_mask, offs_d, active, sink, NUM_SPLITS,
+                              HEAD_DIM, HEAD_PAD, BLOCK_H, SINKS)
                 tl.atomic_xchg(counter, 0)  # zero again for the next launch
 
 
 @triton.jit
 def _reduce_kernel(
-    out, part_acc, part_ml, cu_seqlens_q, seq_lens, window, stride_ot, stride_oh,
+    out, part_acc, part_ml, cu_seqlens_q, seq_lens, window, stride_ot, stride_oh, sinks,
     NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr, MIN_SPLIT_TILES: tl.constexpr, SLIDING: tl.constexpr, NEW_KV: tl.constexpr,
-    PDL: tl.constexpr,
+    PDL: tl.constexpr, SINKS: tl.constexpr,
 ):
     """Merge the partial softmaxes of one (sequence, query head): the second launch without FUSED_REDUCE. The split
     constants are the decode launch's (they say which splits hold partials)."""
@@ -224,7 +233,10 @@ def _reduce_kernel(
                   mask=s_mask[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)  # (SPLITS_PAD, HEAD_PAD)
     m_max = row_max(m, 0)  # finite: the split holding the query's own token saw it
     w = tl.exp2(m - m_max)  # 0 for empty splits (m = -inf)
-    o = row_sum(acc * w[:, None], 0) / row_sum(l * w, 0)
+    denom = row_sum(l * w, 0)
+    if SINKS:
+        denom += tl.exp2(tl.load(sinks + head) - m_max)
+    o = row_sum(acc * w[:, None], 0) / denom
     tl.store(out + q_start * stride_ot + head * stride_oh + offs_d, o.to(out.dtype.element_ty),
              mask=offs_d < HEAD_DIM)
 
@@ -261,7 +273,8 @@ def launch_decode(out, args, common, cfg: DecodeConfig, num_seqs, num_kv_heads, 
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=common["PDL"])
     if splits > 1 and not fused:
         _reduce_kernel[(num_seqs, num_q_heads)](
-            out, part_acc, part_ml, args[5], args[4], args[-1], out.stride(0), out.stride(1),
+            out, part_acc, part_ml, args[5], args[4], args[-1], out.stride(0), out.stride(1), common["sinks"],
             NUM_SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits), HEAD_DIM=head_dim, BLOCK_N=cfg.block_n,
             MIN_SPLIT_TILES=min_tiles, SLIDING=common["SLIDING"], NEW_KV=key is not None,
-            HEAD_PAD=common["HEAD_PAD"], PDL=common["PDL"], num_warps=4, launch_pdl=common["PDL"])
+            HEAD_PAD=common["HEAD_PAD"], PDL=common["PDL"], SINKS=common["SINKS"], num_warps=4,
+            launch_pdl=common["PDL"])

@@ -61,6 +61,7 @@ def _prefill_kernel(
     new_k, new_v, stride_nt, stride_nh,  # NEW_KV: the step's own K/V [num_tokens, num_kv_heads, D], packed like q
     # (NEW_KV 1: pointers; 2: TMA tensor descriptors over them)
     key_rows, value_rows, slot_mapping,  # WRITE: the same K/V by pointer, and the tokens' slots (T,)
+    sinks,  # SINKS: (Hq,) f32 attention sinks in log2 units, one more logit in each head's softmax denominator
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, HEAD_DIM: tl.constexpr,
     HEAD_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     SLIDING: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
@@ -68,6 +69,7 @@ def _prefill_kernel(
     PREFIX: tl.constexpr,  # with NEW_KV: False promises no sequence has keys before its new tokens (fresh prompts)
     PDL: tl.constexpr,  # launched early (programmatic dependent launch): wait for the kernel before, see below
     STORE_LAST: tl.constexpr,  # WRITE after the attention instead of before (PrefillConfig.store_last)
+    SINKS: tl.constexpr,
 ):
     # The query tiles of all sequences back to back: sequence s owns the programs from cu_seqlens_q[s] // BLOCK_Q + s
     # to the next sequence's first (at least its ceil(q_len / BLOCK_Q) tiles; a spare one returns at once). So a
@@ -147,6 +149,8 @@ def _prefill_kernel(
                                 full_end, end, qk_scale, softcap_scale, window, offs_d, d_mask, BLOCK_M, BLOCK_SIZE,
                                 BLOCK_N, HEAD_PAD, HEAD_DIM, SLIDING, SOFTCAP, DOT_PRECISION, INTERPRET,
                                 PIPELINE_PREFILL)
+    if SINKS:  # m_i is finite on real rows: each sees its own key
+        l_i += tl.where(row_ok, tl.exp2(tl.load(sinks + q_heads) - m_i), 0.0)
     l_i = tl.where(l_i == 0.0, 1.0, l_i)  # padding rows
     o = acc / l_i[:, None]
     o_offs = (q_start + tok).to(tl.int64)[:, None] * stride_ot + q_heads[:, None] * stride_oh + offs_d[None, :]

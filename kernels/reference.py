@@ -35,19 +35,22 @@ def paged_attention(
     scale: float,
     sliding_window: int | None = None,
     softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
+    expand=None,
 ) -> torch.Tensor:
     """Varlen causal attention of packed queries over paged K/V (decode is the case q_len_s == 1).
 
     Args:
         query: [num_tokens, num_q_heads, head_dim], the queries of all sequences packed back to back.
+        sinks: [num_q_heads] attention sinks (gpt-oss's `s_aux`): one more logit per head in each softmax's
+            denominator, attached to no value.
+        expand: for caches of latents (multi-head latent attention): the model's `expand_kv(k, v)`, which turns a
+            sequence's cached [1, Hc, L, Dc] pair into its K [1, Hkv, L, D] and V [1, Hkv, L, Dv].
     Returns:
-        [num_tokens, num_q_heads, head_dim] in the query's dtype; computed in float32.
+        [num_tokens, num_q_heads, Dv] in the query's dtype (Dv: the values' head_dim); computed in float32.
     """
     num_tokens, num_q_heads, head_dim = query.shape
-    num_kv_heads = key_cache.shape[2]
-    assert num_q_heads % num_kv_heads == 0, (num_q_heads, num_kv_heads)
-    group = num_q_heads // num_kv_heads
-    out = torch.zeros_like(query)
+    out = None
     seq_lens_l = seq_lens.tolist()
     cu_l = cu_seqlens_q.tolist()
     for s, seq_len in enumerate(seq_lens_l):
@@ -56,10 +59,16 @@ def paged_attention(
         if q_len == 0:
             continue
         assert q_len <= seq_len, f"sequence {s}: {q_len} queries but only {seq_len} tokens of context"
-        k = gather_kv(key_cache, block_tables[s], seq_len).float()  # (L, Hkv, D)
-        v = gather_kv(value_cache, block_tables[s], seq_len).float()
-        k = k.repeat_interleave(group, dim=1).transpose(0, 1)  # (Hq, L, D)
-        v = v.repeat_interleave(group, dim=1).transpose(0, 1)
+        k = gather_kv(key_cache, block_tables[s], seq_len).transpose(0, 1)  # (Hkv, L, D)
+        v = gather_kv(value_cache, block_tables[s], seq_len).transpose(0, 1)
+        if expand is not None:
+            k, v = (t[0] for t in expand(k[None], v[None]))
+        assert num_q_heads % k.shape[0] == 0, (num_q_heads, k.shape[0])
+        group = num_q_heads // k.shape[0]
+        k = k.float().repeat_interleave(group, dim=0)  # (Hq, L, D)
+        v = v.float().repeat_interleave(group, dim=0)
+        if out is None:
+            out = query.new_zeros(num_tokens, num_q_heads, v.shape[-1])
         q = query[q_start:q_end].float().transpose(0, 1)  # (Hq, q_len, D)
         scores = torch.matmul(q, k.transpose(1, 2)) * scale  # (Hq, q_len, L)
         if softcap is not None:
@@ -70,9 +79,18 @@ def paged_attention(
         if sliding_window is not None:
             visible &= (q_pos - k_pos) < sliding_window
         scores = scores.masked_fill(~visible, float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
+        probs = softmax_with_sinks(scores, sinks)
         out[q_start:q_end] = torch.matmul(probs, v).transpose(0, 1).to(query.dtype)
-    return out
+    return query.new_zeros(num_tokens, num_q_heads, head_dim) if out is None else out  # None: no queries at all
+
+
+def softmax_with_sinks(scores: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor:
+    """Softmax over the last axis of scores [..., Hq, Q, L]; with sinks [Hq], each head's sink joins the
+    denominator as one more logit and its own probability is dropped."""
+    if sinks is None:
+        return torch.softmax(scores, dim=-1)
+    sink = sinks.to(scores.dtype).view(-1, 1, 1).expand(*scores.shape[:-1], 1)
+    return torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
 
 
 def write_kv(

@@ -7,7 +7,7 @@ import ast
 import os
 from pathlib import Path
 
-from tests.tiny import CONFIGS
+from tests.tiny import CONFIGS, FEATURES
 
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "supported.md"
@@ -47,7 +47,10 @@ def render() -> str:
             notes.append(f"sliding window {config.sliding_window}")
         if getattr(config, "attn_logit_softcapping", None):
             notes.append(f"soft-capping {config.attn_logit_softcapping}")
-        heads, kv = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        if arch in FEATURES:
+            notes.append(FEATURES[arch])
+        heads = config.num_attention_heads
+        kv = getattr(config, "num_key_value_heads", None) or getattr(config, "num_kv_heads", None) or heads
         notes.append(f"{heads} q / {kv} kv heads")
         lines.append(f"| {arch} | {type(config).__name__}: {', '.join(notes)} | "
                      f"tests/hf/test_architectures.py |")

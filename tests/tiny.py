@@ -3,13 +3,23 @@
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    Cohere2Config,
+    DeepseekV3Config,
+    FalconConfig,
     Gemma2Config,
+    Gemma3TextConfig,
     GPT2Config,
+    GptOssConfig,
+    GraniteSWAConfig,
     LlamaConfig,
     MistralConfig,
+    MixtralConfig,
+    Olmo2Config,
     Phi3Config,
+    PhiConfig,
     Qwen2Config,
     Qwen3Config,
+    Starcoder2Config,
 )
 
 VOCAB = 96
@@ -30,9 +40,34 @@ CONFIGS = {
         attn_logit_softcapping=5.0, final_logit_softcapping=30.0, query_pre_attn_scalar=16,
     ),
     "phi3": lambda: Phi3Config(**COMMON, num_key_value_heads=4),
+    "phi": lambda: PhiConfig(**COMMON, num_key_value_heads=4, partial_rotary_factor=0.5),
+    "gemma3_text": lambda: Gemma3TextConfig(
+        **{**COMMON, "num_hidden_layers": 3}, num_key_value_heads=2, head_dim=16, sliding_window=5,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"], query_pre_attn_scalar=16,
+    ),
+    "cohere2": lambda: Cohere2Config(
+        **COMMON, num_key_value_heads=2, sliding_window=6, layer_types=["sliding_attention", "full_attention"],
+    ),
+    "starcoder2": lambda: Starcoder2Config(**COMMON, num_key_value_heads=2, sliding_window=7),
+    "olmo2": lambda: Olmo2Config(**COMMON, num_key_value_heads=2),
+    "falcon": lambda: FalconConfig(**COMMON, num_kv_heads=2, new_decoder_architecture=True),
+    "mixtral": lambda: MixtralConfig(**COMMON, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2),
+    "gpt_oss": lambda: GptOssConfig(  # attention sinks, sliding and full layers alternating
+        **COMMON, num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=6,
+    ),
+    "granite_swa": lambda: GraniteSWAConfig(**COMMON, num_key_value_heads=2, sliding_window=6),  # attention sinks
+    "deepseek_v3": lambda: DeepseekV3Config(  # multi-head latent attention: the cache holds latents
+        **COMMON, num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16,
+        v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, first_k_dense_replace=1,
+        n_group=1, topk_group=1,
+    ),
     "gpt2": lambda: GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=512,
                                initializer_range=0.2, bos_token_id=1, eos_token_id=2, pad_token_id=0),
 }
+
+# What each architecture adds to the paged path beyond plain causal GQA (docs/supported.md lists it).
+FEATURES = {"deepseek_v3": "multi-head latent attention (latents cached)", "gpt_oss": "attention sinks", "granite_swa": "attention sinks", "falcon": "parallel attention/MLP",
+            "mixtral": "mixture of experts", "phi": "partial rotary"}
 
 _CACHE = {}
 

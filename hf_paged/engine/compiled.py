@@ -32,6 +32,13 @@ def attention_modules(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
             if type(module).__name__.endswith("Attention") and isinstance(getattr(module, "layer_idx", None), int)}
 
 
+def caches_latents(model: torch.nn.Module) -> bool:
+    """Whether the model's attention caches latents and expands them itself (multi-head latent attention: an
+    attention module with `expand_kv`, DeepSeek-V2/V3, MiniCPM3, ...). Its paged attention runs in torch, reading
+    lengths on the host: no CUDA graphs, no compiled forwards."""
+    return any(callable(getattr(module, "expand_kv", None)) for module in model.modules())
+
+
 def on_one_device(model: torch.nn.Module) -> bool:
     """Every parameter on one device (no accelerate placement over several devices, nothing offloaded)."""
     return len({param.device for param in model.parameters()}) == 1

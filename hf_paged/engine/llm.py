@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from hf_paged.blocks import DEFAULT_BLOCK_SIZE
 from hf_paged.engine.collector import frozen_heap
-from hf_paged.engine.compiled import on_one_device
+from hf_paged.engine.compiled import caches_latents, on_one_device
 from hf_paged.engine.config import EngineConfig, EngineStats
 from hf_paged.engine.engine import LLMEngine, RequestError
 from hf_paged.engine.params import BeamSearchParams, SamplingParams
@@ -60,7 +60,7 @@ def compile_by_default(model) -> bool:
         return False
     if getattr(model, "is_quantized", False) or hasattr(model, "peft_config"):
         return False
-    if not on_one_device(model):
+    if not on_one_device(model) or caches_latents(model):
         return False
     return not (torch.distributed.is_available() and torch.distributed.is_initialized())
 

@@ -9,7 +9,8 @@ import torch.fx.experimental._config
 
 from hf_paged.attention import PagedAttentionMetadata
 from hf_paged.cache import PagedCache, StepPlan
-from hf_paged.engine.compiled import CompiledLayers, compile_options, compile_scope, compiles_by_layer
+from hf_paged.engine.compiled import (CompiledLayers, caches_latents, compile_options, compile_scope,
+                                      compiles_by_layer)
 from hf_paged.engine.cuda_graphs import DecodeGraphs
 from hf_paged.engine.fused import fuse_projections as fuse_projections_of
 from hf_paged.engine.fused import fused_forwards
@@ -32,6 +33,11 @@ class ModelRunner:
         self.fused = fuse_projections_of(model, fuse=fuse_projections, skinny=skinny)
         self.graphs = None
         self.pending_tokens: torch.Tensor | None = None
+        if caches_latents(model) and (compile_model or (cuda_graphs and self.device.type == "cuda")):
+            warnings.warn(f"{type(model).__name__} caches latents (multi-head latent attention): its paged attention "
+                          "runs in torch, so the engine runs it without CUDA graphs or compiled forwards",
+                          RuntimeWarning, stacklevel=3)
+            compile_model = cuda_graphs = False
         # torch.compile (inductor) fuses the model's elementwise work (norms, rotary, activations, residual adds)
         # between the paged ops, layer by layer with one graph shared by all layers (engine/compiled.py; the whole
         # forward as one graph when the layers cannot share, or with HF_PAGED_COMPILE_SCOPE=model). Every forward

@@ -100,8 +100,26 @@ def test_paged_cache_serves_other_attention_implementations(attn):
     assert model.config._attn_implementation == attn
 
 
-def test_paged_attention_without_paged_cache_matches_sdpa():
-    model = copy.deepcopy(tiny_model("llama"))
+def test_latent_cache_stores_latents_at_the_configs_bytes():
+    """Multi-head latent attention (DeepSeek-V3) caches its latent and rotary key, one "head" each: the blocks'
+    bytes are those, as estimated from the config, and the tokens DynamicCache's."""
+    model = tiny_model("deepseek_v3")
+    ids, mask = ragged_batch([6, 13], seed=26)
+    kwargs = dict(attention_mask=mask, max_new_tokens=7, do_sample=False, pad_token_id=0, eos_token_id=None)
+    ref = model.generate(ids, **kwargs)
+    cache = hf_paged.PagedCache(model.config, num_blocks=32, block_size=4)
+    assert cache.stats().bytes_per_block == 2 * 4 * (16 + 8) * 4  # layers x tokens x (latent + rotary key) x fp32
+    assert torch.equal(model.generate(ids, cache=cache, **kwargs), ref)
+    stats = cache.stats()
+    assert stats.bytes_in_use == stats.blocks_in_use * stats.bytes_per_block
+    assert [tuple(layer.keys.shape[2:]) + tuple(layer.values.shape[2:]) for layer in cache.layers] == [(1, 16, 1, 8)] * 2
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt_oss"])
+def test_paged_attention_without_paged_cache_matches_the_default(arch):
+    """DynamicCache with the "paged" attention's contiguous fallback: sdpa's result, or with attention sinks
+    (gpt-oss, whose default is eager) the sinks' softmax."""
+    model = copy.deepcopy(tiny_model(arch))
     ids, mask = ragged_batch([5, 11], seed=25)
     kwargs = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
     ref = model.generate(ids, **kwargs)

@@ -22,9 +22,9 @@ POINTERS = {"out": "*bf16", "query": "*bf16", "k_cache": "*bf16", "v_cache": "*b
             "value": "*bf16", "key_cache": "*bf16", "value_cache": "*bf16", "part_acc": "*fp32", "part_ml": "*fp32",
             "new_k": "*bf16", "new_v": "*bf16", "key_rows": "*bf16", "value_rows": "*bf16", "counters": "*i32",
             "block_tables": "*i32", "seq_lens": "*i32", "cu_seqlens_q": "*i32", "slot_mapping": "*i64",
-            "qk_scale": "fp32", "softcap_scale": "fp32"}
+            "sinks": "*fp32", "qk_scale": "fp32", "softcap_scale": "fp32"}
 COMMON = dict(HEAD_DIM=128, HEAD_PAD=128, BLOCK_SIZE=16, SLIDING=False, SOFTCAP=False, DOT_PRECISION="tf32",
-              INTERPRET=False, PDL=False)
+              INTERPRET=False, PDL=False, SINKS=False)
 
 
 def aligned_args(kernel, signature: dict) -> dict:
@@ -91,7 +91,8 @@ def main() -> dict:
                                            ("_own_kv_tma", 2, False, False), ("_own_kv_tma_write", 2, True, False),
                                            ("_own_kv_tma_write_pdl", 2, True, True),
                                            ("_own_kv_tma_write_last", 2, True, False),
-                                           ("_own_kv_tma_write_fresh", 2, True, False)):
+                                           ("_own_kv_tma_write_fresh", 2, True, False),
+                                           ("_own_kv_tma_write_sinks", 2, True, False)):
             cfg = tuning.default_prefill_config(group, 128, torch.device("cuda"), own_kv=new_kv > 0)  # no GPU touched
             block_q = cfg.block_m // group
             types = {"new_k": f"tensordesc<bf16[{cfg.block_n}, 1, 128]>", "new_v": f"tensordesc<bf16[{cfg.block_n}, 1, "
@@ -101,6 +102,7 @@ def main() -> dict:
                                                     BLOCK_N=cfg.block_n, NEW_KV=new_kv, WRITE=write,
                                                     WRITE_Q=min(16, triton.next_power_of_2(block_q)), PDL=pdl,
                                                     PREFIX=not suffix.endswith("_fresh"),
+                                                    SINKS=suffix.endswith("_sinks"),
                                                     STORE_LAST=suffix.endswith("_last") or (
                                                         suffix.endswith("_fresh") and cfg.store_last)),
                 cfg.num_warps, cfg.num_stages, types)
@@ -112,17 +114,19 @@ def main() -> dict:
                                               ("decode_splits4_fused_write", 4, False, True, False),
                                               ("decode_splits4_fused_write_min4", 4, False, True, False),
                                               ("decode_splits1_fused_write_heads", 1, False, True, False),
-                                              ("decode_splits2_fused_write_pdl", 2, False, True, True)):
+                                              ("decode_splits2_fused_write_pdl", 2, False, True, True),
+                                              ("decode_splits4_fused_write_sinks", 4, False, True, False)):
         report[name] = compile_for_hopper(
             paged_decode._decode_kernel, dict(COMMON, GROUP=4, BLOCK_H=16, BLOCK_N=64, NUM_SPLITS=splits,
                                               MIN_SPLIT_TILES=4 if name.endswith("_min4") else 1,
                                               SLIDING=special, SOFTCAP=special, NEW_KV=fused, WRITE=fused,
                                               FUSED_REDUCE=fused, PDL=pdl,
-                                              HEADS_FASTEST=name.endswith("_heads")), 4, 3)
-    for name, pdl in (("reduce", False), ("reduce_pdl", True), ("reduce_min4", False)):
+                                              HEADS_FASTEST=name.endswith("_heads"),
+                                              SINKS=name.endswith("_sinks")), 4, 3)
+    for name, pdl in (("reduce", False), ("reduce_pdl", True), ("reduce_min4", False), ("reduce_sinks", False)):
         report[name] = compile_for_hopper(paged_decode._reduce_kernel, dict(
             NUM_SPLITS=4, SPLITS_PAD=4, HEAD_DIM=128, HEAD_PAD=128, BLOCK_N=64, SLIDING=False, NEW_KV=True,
-            MIN_SPLIT_TILES=4 if name.endswith("_min4") else 1, PDL=pdl), 4, 1)
+            MIN_SPLIT_TILES=4 if name.endswith("_min4") else 1, PDL=pdl, SINKS=name.endswith("_sinks")), 4, 1)
     report["write_kv"] = compile_for_hopper(kv_write._write_kv_kernel, dict(NUM_HEADS=8, HEAD_DIM=128, BLOCK_H=8,
                                                                            HEAD_PAD=128, BLOCK_SIZE=16), 4, 1)
     return report

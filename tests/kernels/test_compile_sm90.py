@@ -25,10 +25,10 @@ def test_kernels_compile_for_hopper():
     report = json.loads(done.stdout.strip().splitlines()[-1])
     prefill = [f"prefill_group{g}{suffix}" for g in (4, 1)
                for suffix in ("", "_own_kv", "_own_kv_tma", "_own_kv_tma_write", "_own_kv_tma_write_pdl",
-                              "_own_kv_tma_write_last", "_own_kv_tma_write_fresh")]
+                              "_own_kv_tma_write_last", "_own_kv_tma_write_fresh", "_own_kv_tma_write_sinks")]
     decode = ["decode_splits1", "decode_splits4", "decode_splits4_fused_write", "decode_splits4_fused_write_min4",
-              "decode_splits1_fused_write_heads", "decode_splits2_fused_write_pdl"]
-    assert set(report) == {*prefill, *decode, "reduce", "reduce_pdl", "reduce_min4", "write_kv"}
+              "decode_splits1_fused_write_heads", "decode_splits2_fused_write_pdl", "decode_splits4_fused_write_sinks"]
+    assert set(report) == {*prefill, *decode, "reduce", "reduce_pdl", "reduce_min4", "reduce_sinks", "write_kv"}
     # HF_PAGED_PDL: programmatic dependent launch waits for the kernel before and lets the next one start
     for name, kernel in report.items():
         expected = ["griddepcontrol.wait", "griddepcontrol.launch_dependents"] if name.endswith("_pdl") else []
@@ -42,6 +42,14 @@ def test_kernels_compile_for_hopper():
     fused = report["decode_splits4_fused_write"]
     assert any(".acq_rel." in atom and ".add." in atom for atom in fused["atomics"]) and fused["l2_loads"], fused
     assert not report["decode_splits4"]["atomics"], report["decode_splits4"]
+    # attention sinks (gpt-oss) cost the engine's kernels nothing but their normalisation: the same shared memory
+    # and, within a few, the same registers as without
+    for name, plain in (("prefill_group1_own_kv_tma_write_sinks", "prefill_group1_own_kv_tma_write"),
+                        ("decode_splits4_fused_write_sinks", "decode_splits4_fused_write"),
+                        ("reduce_sinks", "reduce")):
+        assert report[name]["shared"] == report[plain]["shared"], (name, report[name], report[plain])
+        if "registers" in report[plain]:
+            assert report[name]["registers"] <= report[plain]["registers"] + 8, (name, report[name], report[plain])
     # software pipelining: K/V read by pointer (through the block tables, or the step's own rows without TMA) are
     # async copies into shared memory (fresh prompts with TMA read no K/V by pointer); pipelined
     # (HF_PAGED_KV_PIPELINE) they stay num_stages - 1 tiles ahead of the tile being computed (3 stages: 2 tiles, K

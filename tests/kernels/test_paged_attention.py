@@ -14,12 +14,12 @@ on_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA 
 
 
 def check(q_lens, seq_lens, num_q_heads, num_kv_heads, head_dim, block_size, dtype, seed=0, window=None,
-          softcap=None, config=None, max_seqlen_q=None):
+          softcap=None, config=None, max_seqlen_q=None, sinks=None):
     inputs = attention_inputs(q_lens, seq_lens, num_q_heads, num_kv_heads, head_dim, block_size, dtype, seed)
     scale = head_dim**-0.5
     out = paged_attention(**inputs, scale=scale, sliding_window=window, softcap=softcap, max_seqlen_q=max_seqlen_q,
-                          config=config)
-    ref = reference.paged_attention(**inputs, scale=scale, sliding_window=window, softcap=softcap)
+                          config=config, sinks=sinks)
+    ref = reference.paged_attention(**inputs, scale=scale, sliding_window=window, softcap=softcap, sinks=sinks)
     atol, rtol = TOLERANCES[dtype]
     torch.testing.assert_close(out, ref, atol=atol, rtol=rtol)
 
@@ -120,7 +120,7 @@ def test_prefill_sliding_window_and_softcap(window, softcap):
 
 
 def check_new_kv(q_lens, seq_lens, hq, hkv, d, block_size, dtype, seed=0, window=None, softcap=None,
-                 head_major=False, config=None, write=False, skip=(), wide_value=False, fresh=False):
+                 head_major=False, config=None, write=False, skip=(), wide_value=False, fresh=False, sinks=None):
     """The step's own K/V passed apart: the kernel must read the new tokens there, not in the caches, whose new
     slots are poisoned with NaN here; the result is the reference's on the intact caches. `write`: the kernel also
     stores them (slot_mapping), after which the caches must equal the intact ones, but for the tokens in `skip`
@@ -128,7 +128,7 @@ def check_new_kv(q_lens, seq_lens, hq, hkv, d, block_size, dtype, seed=0, window
     projection's), K packed. `fresh`: the launcher is told no sequence has earlier context (seq_lens == q_lens)."""
     inputs = attention_inputs(q_lens, seq_lens, hq, hkv, d, block_size, dtype, seed)
     scale = d**-0.5
-    ref = reference.paged_attention(**inputs, scale=scale, sliding_window=window, softcap=softcap)
+    ref = reference.paged_attention(**inputs, scale=scale, sliding_window=window, softcap=softcap, sinks=sinks)
     rows = {"key": [], "value": []}
     poisoned = {name: inputs[name].clone() for name in ("key_cache", "value_cache")}
     slots = []
@@ -151,7 +151,7 @@ def check_new_kv(q_lens, seq_lens, hq, hkv, d, block_size, dtype, seed=0, window
         slot_mapping = torch.tensor([-1 if t in skip else slot for t, slot in enumerate(slots)], device=DEVICE)
     out = paged_attention(**{**inputs, **poisoned}, scale=scale, sliding_window=window, softcap=softcap,
                           max_seqlen_q=max(q_lens), key=new["key"], value=new["value"], slot_mapping=slot_mapping,
-                          fresh=fresh, config=config)
+                          fresh=fresh, config=config, sinks=sinks)
     atol, rtol = TOLERANCES[dtype]
     torch.testing.assert_close(out, ref, atol=atol, rtol=rtol)
     if write:
@@ -675,3 +675,38 @@ def test_kv_pipeline_switch(value, flags):
     else:
         assert done.returncode == 0, done.stderr[-2000:]
         assert done.stdout.split() == flags.split()
+
+
+def sink_logits(num_q_heads, seed=0):
+    """Attention sinks as gpt-oss learns them: one logit a head, some far above the scores, some far below."""
+    return (torch.randn(num_q_heads, generator=torch.Generator().manual_seed(seed)) * 3).to(DEVICE)
+
+
+@pytest.mark.parametrize("splits, fused", [(1, True), (2, True), (3, False)], ids=["one", "fused", "two_launches"])
+@pytest.mark.parametrize("window", [None, 5])
+def test_decode_attention_sinks(splits, fused, window):
+    """Sinks join each head's denominator once: in the one split's normalisation, or in either merge of the
+    splits' partials; with the step's own K/V stored too."""
+    config = DecodeConfig(block_n=16, num_splits=splits, num_warps=1, num_stages=1, fused_reduce=fused)
+    seq_lens = [1, 9, 17, 40]
+    check([1] * 4, seq_lens, 8, 2, 64, 16, torch.float32, seed=splits, window=window, config=config,
+          sinks=sink_logits(8, splits))
+    check_new_kv([1] * 4, seq_lens, 8, 2, 64, 16, torch.float32, seed=splits + 1, window=window, config=config,
+                 write=True, sinks=sink_logits(8, splits + 1))
+
+
+@pytest.mark.parametrize("window", [None, 6])
+def test_prefill_attention_sinks(window):
+    """The prefill's rows each add their head's sink: over block tables, the step's own K/V, and fresh prompts."""
+    q_lens = [7, 1, 20, 13]
+    check(q_lens, [19, 30, 50, 13], 4, 2, 64, 8, torch.float32, seed=11, window=window, sinks=sink_logits(4))
+    check_new_kv(q_lens, [19, 30, 50, 13], 4, 2, 64, 8, torch.bfloat16, seed=12, window=window, write=True,
+                 sinks=sink_logits(4, 1))
+    check_new_kv(q_lens, q_lens, 4, 1, 64, 8, torch.float16, seed=13, window=window, write=True, fresh=True,
+                 sinks=sink_logits(4, 2))
+
+
+def test_sinks_of_the_wrong_shape_are_refused():
+    inputs = attention_inputs([1], [5], 4, 2, 64, 8, torch.float32)
+    with pytest.raises(ValueError, match="sinks must be"):
+        paged_attention(**inputs, scale=0.125, sinks=torch.zeros(2, device=DEVICE))
