@@ -1,5 +1,7 @@
 """On the GPU: paged generate (Triton kernels) and the engine against DynamicCache + sdpa."""
 
+import contextlib
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig
@@ -35,6 +37,33 @@ def test_generate_paged_on_cuda_matches_dynamic_cache(config_cls, extra):
     beams = dict(kwargs, num_beams=4, num_return_sequences=2, output_scores=False)
     assert torch.equal(model.generate(ids, cache_implementation="paged", **beams).sequences,
                        model.generate(ids, **beams).sequences)
+
+
+@pytest.mark.parametrize("arch", ["gpt_oss", "deepseek_v3"])
+def test_sinks_and_latents_on_cuda(arch):
+    """Attention sinks through the Triton kernels (gpt-oss: sliding and full layers), latents expanded in torch
+    (DeepSeek-V3): paged generate and the engine's defaults (sinks: compiled forwards and CUDA graphs; latents:
+    eager, with a warning) against DynamicCache."""
+    from tests.tiny import tiny_model
+
+    model = tiny_model(arch).to("cuda")
+    try:
+        ids, mask = ragged_batch([40, 7, 23], seed=3)
+        ids, mask = ids.cuda(), mask.cuda()
+        kwargs = dict(attention_mask=mask, max_new_tokens=30, do_sample=False, pad_token_id=0, eos_token_id=None)
+        ref = model.generate(ids, **kwargs)
+        assert torch.equal(model.generate(ids, cache_implementation="paged", **kwargs), ref)
+        prompts = [ragged_batch([n], seed=n)[0][0].tolist() for n in (5, 17, 33)]
+        with pytest.warns(RuntimeWarning, match="latents") if arch == "deepseek_v3" else contextlib.nullcontext():
+            llm = hf_paged.LLM(model, num_blocks=256, max_num_batched_tokens=64)
+        outputs = llm.generate(prompts, hf_paged.SamplingParams(temperature=0, max_tokens=16, ignore_eos=True),
+                               use_tqdm=False)
+        for prompt, output in zip(prompts, outputs):
+            one = model.generate(torch.tensor([prompt], device="cuda"), max_new_tokens=16, do_sample=False,
+                                 pad_token_id=0, eos_token_id=None)
+            assert output.outputs[0].token_ids == one[0, len(prompt):].tolist()
+    finally:
+        model.to("cpu")  # tiny_model caches it for the CPU tests
 
 
 def test_generate_paged_bf16_logits_close():
