@@ -211,6 +211,17 @@ def test_a_failing_step_aborts_only_its_requests(make_llm, monkeypatch):
     assert outputs[-1].outputs[0].token_ids == _hf_greedy(tiny_model("llama"), second, 12)
 
 
+def test_a_model_whose_attention_bypasses_the_cache_kwargs_is_named(make_llm):
+    """Falcon's attention (like GPT-NeoX's, BLOOM's, MPT's in transformers 5.24) passes no kwargs to cache.update,
+    so the packed engine step cannot reach it: the step fails with that said, and every block goes back (paged
+    generate serves such models, tests/hf/test_architectures.py)."""
+    from hf_paged.engine import StepError
+
+    llm = make_llm("falcon")
+    with pytest.raises(StepError, match="FalconConfig: the engine needs the 'paged' attention"):
+        llm.generate(_prompts(2, seed=31), GREEDY, use_tqdm=False)
+
+
 def test_preemption_by_swap_keeps_the_kv_and_the_outputs(make_llm):
     model = tiny_model("llama")
     prompts = _prompts(8, seed=9, low=10, high=20)
