@@ -88,15 +88,50 @@ class StepPlan:
     metadata: PagedAttentionMetadata
 
 
-def _config_kv_shape(config: PreTrainedConfig) -> tuple[int, int]:
-    """(num_layers, the K and V values a layer caches per token) from a decoder config. Multi-head latent attention
-    (DeepSeek-V2/V3, MiniCPM3, ...) caches its compressed latent and shared rotary key, one "head" each."""
+def _layer_kv_values(config: PreTrainedConfig) -> list[int]:
+    """The K and V values each layer caches per token, from a decoder config. Multi-head latent attention
+    (DeepSeek-V2/V3, MiniCPM3, ...) caches its compressed latent and shared rotary key, one "head" each.
+
+    Heterogeneous configs (transformers' `per_layer_config`, e.g. Gemma4's full-attention layers with
+    `global_head_dim` / `num_global_key_value_heads`) vary head_dim and num_key_value_heads by layer, and raise
+    AmbiguousGlobalPerLayerAttributeError when they are read on the global config: read them per layer.
+    """
     if getattr(config, "kv_lora_rank", None):
-        return config.num_hidden_layers, config.kv_lora_rank + config.qk_rope_head_dim
-    num_heads = config.num_attention_heads
-    num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
-    return config.num_hidden_layers, 2 * num_kv_heads * head_dim
+        return [config.kv_lora_rank + config.qk_rope_head_dim] * config.num_hidden_layers
+    values = []
+    for layer_config in config.per_layer_config:
+        num_heads = layer_config.num_attention_heads
+        num_kv_heads = getattr(layer_config, "num_key_value_heads", None) or num_heads
+        head_dim = getattr(layer_config, "head_dim", None) or layer_config.hidden_size // num_heads
+        values.append(2 * num_kv_heads * head_dim)
+    return values
+
+
+def _kv_sharing_layers(config: PreTrainedConfig) -> tuple[set[int], set[int]]:
+    """(consumers, producers) of KV sharing between layers (Gemma4's num_kv_shared_layers), both empty without it.
+
+    A consumer ("reuse") computes no K/V and calls no cache.update: it attends over the K/V that the last earlier
+    layer of its type (the "store" producer) got back from cache.update, handed over in the model's
+    `shared_kv_states`.
+    """
+    modes = getattr(config, "kv_sharing_modes", None) or []
+    consumers = {i for i, mode in enumerate(modes) if mode == "reuse"}
+    consumer_types = {config.layer_types[i] for i in consumers}
+    producers = {i for i, mode in enumerate(modes) if mode == "store" and config.layer_types[i] in consumer_types}
+    return consumers, producers
+
+
+def _check_layer_types(config: PreTrainedConfig, layer_types: list[str], consumers: set[int]) -> None:
+    name = type(config).__name__
+    stored = [t for i, t in enumerate(layer_types) if i not in consumers]  # consumers are "dummy": they store nothing
+    unsupported = sorted({t for t in stored if t not in SUPPORTED_LAYER_TYPES})
+    if unsupported:
+        raise ValueError(f"PagedCache does not support layer types {unsupported} ({name})")
+    if "chunked_attention" in layer_types:
+        raise ValueError("PagedCache does not support chunked attention layers yet")
+    # NOTE: the paged attention is causal; Gemma4's use_bidirectional_attention="all" (is_causal False) is not.
+    if getattr(config, "use_bidirectional_attention", None) == "all" or getattr(config, "is_causal", True) is False:
+        raise ValueError(f"PagedCache's attention is causal; {name} uses bidirectional attention")
 
 
 class PagedCache(Cache):
@@ -129,9 +164,13 @@ class PagedCache(Cache):
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         self.config = config.get_text_config(decoder=True)
-        num_layers, kv_per_token = _config_kv_shape(self.config)
+        layer_types, layer_kwargs = get_layer_types_and_kwargs(self.config)
+        consumers, self.kv_producers = _kv_sharing_layers(self.config)
+        _check_layer_types(self.config, layer_types, consumers)
         itemsize = torch.empty((), dtype=dtype or torch.get_default_dtype()).element_size()
-        self.bytes_per_block = num_layers * block_size * kv_per_token * itemsize
+        # over the layers that store K/V (KV-sharing consumers store none)
+        kv_per_token = sum(n for i, n in enumerate(_layer_kv_values(self.config)) if i not in consumers)
+        self.bytes_per_block = block_size * kv_per_token * itemsize
         if (num_blocks is None) == (kv_cache_memory is None):
             raise ValueError("give exactly one of num_blocks or kv_cache_memory")
         if num_blocks is None:
@@ -140,12 +179,6 @@ class PagedCache(Cache):
                 raise ValueError(
                     f"kv_cache_memory={kv_cache_memory} bytes holds no block of {self.bytes_per_block} bytes"
                 )
-        layer_types, layer_kwargs = get_layer_types_and_kwargs(self.config)
-        unsupported = sorted({t for t in layer_types if t not in SUPPORTED_LAYER_TYPES})
-        if unsupported:
-            raise ValueError(f"PagedCache does not support layer types {unsupported} ({type(config).__name__})")
-        if "chunked_attention" in layer_types:
-            raise ValueError("PagedCache does not support chunked attention layers yet")
         layers = [PagedLayer(num_blocks, block_size, kw.get("sliding_window")) for kw in layer_kwargs]
         super().__init__(layers=layers)
         self.block_size = block_size
@@ -286,7 +319,10 @@ class PagedCache(Cache):
                 f"{type(self.config).__name__}: the engine needs the 'paged' attention and attention modules that "
                 "pass their kwargs to cache.update (this model's do not)"
             )
-        if self.config._attn_implementation == "paged" and isinstance(call_kwargs, dict):
+        # KV-sharing producers hand their K/V to later layers (shared_kv_states) that get no block tables: they
+        # return the whole contiguous K/V, attended by the contiguous path, as with any other attention.
+        if (self.config._attn_implementation == "paged" and isinstance(call_kwargs, dict)
+                and layer_idx not in self.kv_producers):
             call_kwargs[METADATA_KEY] = _to_device(plan.metadata, layer.device)
             call_kwargs[KV_POOL_KEY] = LayerKV(layer.keys, layer.values, layer.sliding_window)
             return key_states, value_states

@@ -85,8 +85,11 @@ def _generate(original, self, inputs=None, generation_config=None, **kwargs):
     if not (kwarg_paged or _wants_paged(self, generation_config) or isinstance(user_cache, PagedCache)):
         return original(self, inputs, generation_config, **kwargs)
     _check_model_supported(self)
-    if kwargs.get("use_cache") is False:
+    if kwargs.get("use_cache") is False or getattr(generation_config, "use_cache", None) is False:
         raise ValueError("cache_implementation='paged' needs use_cache=True")
+    # Asking for the paged cache asks for a cache: a model whose own generation config turns it off (MPT: MptConfig
+    # has use_cache=False) would otherwise skip transformers' cache set-up and feed the whole sequence at every step.
+    kwargs["use_cache"] = True
     token = None
     if kwarg_paged:
         kwargs.pop("cache_implementation")
@@ -123,6 +126,8 @@ def _prepare_cache_for_generation(
     paged = (request is not None and request.model is self) or generation_config.cache_implementation == "paged"
     group = max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1)
     rows = batch_size * group
+    if paged and generation_config.use_cache is False:
+        raise ValueError("cache_implementation='paged' needs use_cache=True")
     if paged and model_kwargs.get("cache") is None:
         if model_kwargs.get("past_key_values") is not None:
             raise ValueError("pass either cache_implementation='paged' or a cache, not both")

@@ -50,7 +50,10 @@ def render() -> str:
         if arch in FEATURES:
             notes.append(FEATURES[arch])
         heads = config.num_attention_heads
-        kv = getattr(config, "num_key_value_heads", None) or getattr(config, "num_kv_heads", None) or heads
+        try:
+            kv = getattr(config, "num_key_value_heads", None) or getattr(config, "num_kv_heads", None) or heads
+        except RuntimeError:  # set per layer (Gemma4): the global attribute refuses to answer (AmbiguousGlobal...)
+            kv = "/".join(str(n) for n in sorted({c.num_key_value_heads for c in config.per_layer_config}))
         notes.append(f"{heads} q / {kv} kv heads")
         lines.append(f"| {arch} | {type(config).__name__}: {', '.join(notes)} | "
                      f"tests/hf/test_architectures.py |")

@@ -8,12 +8,14 @@ from transformers import (
     FalconConfig,
     Gemma2Config,
     Gemma3TextConfig,
+    Gemma4TextConfig,
     GPT2Config,
     GptOssConfig,
     GraniteSWAConfig,
     LlamaConfig,
     MistralConfig,
     MixtralConfig,
+    MptConfig,
     Olmo2Config,
     Phi3Config,
     PhiConfig,
@@ -56,6 +58,13 @@ CONFIGS = {
         **COMMON, num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=6,
     ),
     "granite_swa": lambda: GraniteSWAConfig(**COMMON, num_key_value_heads=2, sliding_window=6),  # attention sinks
+    "gemma4_text": lambda: Gemma4TextConfig(  # per-layer head dims, K = V on full layers, KV shared by the last 2
+        **{**COMMON, "num_hidden_layers": 4}, num_key_value_heads=2, head_dim=16, global_head_dim=32, sliding_window=5,
+        attention_k_eq_v=True, num_global_key_value_heads=1, num_kv_shared_layers=2,
+        layer_types=["sliding_attention", "full_attention"] * 2,
+    ),
+    "mpt": lambda: MptConfig(vocab_size=VOCAB, d_model=64, n_heads=4, n_layers=2, max_seq_len=512,
+                             initializer_range=0.2, pad_token_id=0, bos_token_id=1, eos_token_id=2),
     "deepseek_v3": lambda: DeepseekV3Config(  # multi-head latent attention: the cache holds latents
         **COMMON, num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16,
         v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, first_k_dense_replace=1,
@@ -67,7 +76,9 @@ CONFIGS = {
 
 # What each architecture adds to the paged path beyond plain causal GQA (docs/supported.md lists it).
 FEATURES = {"deepseek_v3": "multi-head latent attention (latents cached)", "gpt_oss": "attention sinks", "granite_swa": "attention sinks", "falcon": "parallel attention/MLP",
-            "mixtral": "mixture of experts", "phi": "partial rotary"}
+            "mixtral": "mixture of experts", "phi": "partial rotary",
+            "gemma4_text": "per-layer head dims and KV heads, K = V on full layers, last 2 layers share KV",
+            "mpt": "ALiBi, use_cache off in its config"}
 
 _CACHE = {}
 

@@ -57,6 +57,11 @@ class LLMEngine:
             model.config, block_size=config.block_size, dtype=dtype,
             enable_prefix_caching=config.enable_prefix_caching, **budget,
         )
+        if self.cache.kv_producers:
+            raise ValueError(
+                f"{type(model).__name__}: the engine does not support KV sharing between layers "
+                "(num_kv_shared_layers); use model.generate(..., cache_implementation='paged')"
+            )
         text_config = model.config.get_text_config(decoder=True)
         self.max_model_len = config.max_model_len or getattr(text_config, "max_position_embeddings", None) or 4096
         self.vocab_size = model.get_output_embeddings().weight.shape[0]

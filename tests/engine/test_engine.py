@@ -222,6 +222,13 @@ def test_a_model_whose_attention_bypasses_the_cache_kwargs_is_named(make_llm):
         llm.generate(_prompts(2, seed=31), GREEDY, use_tqdm=False)
 
 
+def test_kv_sharing_between_layers_is_refused_up_front():
+    """Gemma4's last layers reuse earlier layers' K/V (num_kv_shared_layers): paged generate serves it, the engine
+    says it cannot before taking any request."""
+    with pytest.raises(ValueError, match="does not support KV sharing between layers"):
+        LLM(tiny_model("gemma4_text"), num_blocks=64, block_size=4)
+
+
 def test_preemption_by_swap_keeps_the_kv_and_the_outputs(make_llm):
     model = tiny_model("llama")
     prompts = _prompts(8, seed=9, low=10, high=20)

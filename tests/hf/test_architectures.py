@@ -41,3 +41,20 @@ def test_attention_setting_restored_after_generate():
     ids, mask = ragged_batch([4, 6])
     model.generate(ids, attention_mask=mask, max_new_tokens=3, pad_token_id=0, cache_implementation="paged")
     assert model.config._attn_implementation == before != "paged"
+
+
+def test_paged_turns_on_the_cache_a_config_turns_off():
+    """MPT's config says use_cache=False (stock generate then re-feeds the whole sequence every step): asking for
+    the paged cache asks for a cache, with the same tokens; an explicit use_cache=False is refused."""
+    from transformers import GenerationConfig
+
+    model = tiny_model("mpt")
+    assert model.generation_config.use_cache is False
+    ids, mask = ragged_batch([9, 14, 5], seed=3)
+    kwargs = dict(attention_mask=mask, max_new_tokens=8, pad_token_id=0, eos_token_id=None)
+    cache = hf_paged.PagedCache(model.config, num_blocks=64, block_size=4)
+    assert torch.equal(model.generate(ids, cache=cache, **kwargs), model.generate(ids, **kwargs))
+    assert cache.stats().tokens_stored > 0 and model.generation_config.use_cache is False
+    for explicit in (dict(use_cache=False), dict(generation_config=GenerationConfig(use_cache=False))):
+        with pytest.raises(ValueError, match="needs use_cache=True"):
+            model.generate(ids, cache_implementation="paged", **{**kwargs, **explicit})
