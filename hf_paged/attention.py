@@ -44,6 +44,7 @@ class LayerKV:
     key_cache: torch.Tensor  # (num_blocks, block_size, Hkv, D)
     value_cache: torch.Tensor
     sliding_window: int | None
+    chunk_size: int | None = None  # chunked attention (Llama4's attention_chunk_size): keys of the query's own chunk
 
 
 def paged_attention_forward(
@@ -74,7 +75,8 @@ def paged_attention_forward(
     sinks = kwargs.get("s_aux")  # attention sinks (gpt-oss and others): one more logit per head in the denominator
     batch, num_q_heads, q_len, head_dim = query.shape
     scale = scaling if scaling is not None else head_dim**-0.5
-    window = sliding_window if sliding_window is not None else layer.sliding_window
+    chunk = layer.chunk_size
+    window = None if chunk is not None else sliding_window if sliding_window is not None else layer.sliding_window
     flat_q = query.transpose(1, 2).reshape(batch * q_len, num_q_heads, head_dim)  # (B*Q, Hq, D)
     packed_q = (flat_q if meta.query_index is None else flat_q.index_select(0, meta.query_index)).contiguous()
     # The kernels take the step's own K/V apart where its rows are the packed queries' (no padded batch) and the
@@ -98,13 +100,15 @@ def paged_attention_forward(
     new_k, new_v = (token_rows(key), token_rows(value)) if own_kv else (None, None)  # (T, Hkv, D)
     if slots is not None and own_kv:  # store and attend in one launch (Triton)
         packed_out = ops.write_and_attend(packed_q, new_k, new_v, layer.key_cache, layer.value_cache, slots, *tables,
-                                          scale, window, softcap, meta.max_seqlen_q, meta.fresh, sinks)  # (T, Hq, D)
+                                          scale, window, softcap, meta.max_seqlen_q, meta.fresh, sinks,
+                                          chunk_size=chunk)  # (T, Hq, D)
     else:
         if slots is not None:
             ops.write_kv(token_rows(key), token_rows(value), layer.key_cache, layer.value_cache, slots)
         packed_out = ops.paged_attention(packed_q, layer.key_cache, layer.value_cache, *tables, scale,
                                          sliding_window=window, softcap=softcap, max_seqlen_q=meta.max_seqlen_q,
-                                         key=new_k, value=new_v, fresh=meta.fresh, sinks=sinks)  # (T, Hq, D)
+                                         key=new_k, value=new_v, fresh=meta.fresh, sinks=sinks,
+                                         chunk_size=chunk)  # (T, Hq, D)
     return _unpack(packed_out, meta, batch, q_len), None
 
 
@@ -123,15 +127,16 @@ def bind_pools(module: torch.nn.Module, layer: LayerKV | None) -> None:
     them there: reached through the module, they are inputs of one graph that every layer shares, where reaching
     them through the cache by layer index would compile every layer apart."""
     if layer is None:
-        for name in ("hf_paged_keys", "hf_paged_values", "hf_paged_window"):
+        for name in ("hf_paged_keys", "hf_paged_values", "hf_paged_window", "hf_paged_chunk"):
             module.__dict__.pop(name, None)
     else:
         module.hf_paged_keys, module.hf_paged_values = layer.key_cache, layer.value_cache
         module.hf_paged_window = layer.sliding_window
+        module.hf_paged_chunk = layer.chunk_size
 
 
 def bound_pools(module: torch.nn.Module) -> LayerKV:
-    return LayerKV(module.hf_paged_keys, module.hf_paged_values, module.hf_paged_window)
+    return LayerKV(module.hf_paged_keys, module.hf_paged_values, module.hf_paged_window, module.hf_paged_chunk)
 
 
 def token_rows(states: torch.Tensor) -> torch.Tensor:

@@ -45,11 +45,14 @@ class PagedLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = True
 
-    def __init__(self, num_blocks: int, block_size: int, sliding_window: int | None = None):
+    def __init__(self, num_blocks: int, block_size: int, sliding_window: int | None = None,
+                 chunk_size: int | None = None):
         super().__init__()
         self.num_blocks, self.block_size = num_blocks, block_size
         self.sliding_window = sliding_window
-        self.is_sliding = sliding_window is not None
+        self.chunk_size = chunk_size  # chunked attention (Llama4): the attention reads only the query's own chunk
+        # NOTE: transformers treats chunked layers as sliding ones (create_chunked_causal_mask looks for one)
+        self.is_sliding = sliding_window is not None or chunk_size is not None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         # key_states: (B, Hkv, Q, D); the pool goes on the layer's own device (accelerate device_map placements).
@@ -127,8 +130,6 @@ def _check_layer_types(config: PreTrainedConfig, layer_types: list[str], consume
     unsupported = sorted({t for t in stored if t not in SUPPORTED_LAYER_TYPES})
     if unsupported:
         raise ValueError(f"PagedCache does not support layer types {unsupported} ({name})")
-    if "chunked_attention" in layer_types:
-        raise ValueError("PagedCache does not support chunked attention layers yet")
     # NOTE: the paged attention is causal; Gemma4's use_bidirectional_attention="all" (is_causal False) is not.
     if getattr(config, "use_bidirectional_attention", None) == "all" or getattr(config, "is_causal", True) is False:
         raise ValueError(f"PagedCache's attention is causal; {name} uses bidirectional attention")
@@ -179,7 +180,13 @@ class PagedCache(Cache):
                 raise ValueError(
                     f"kv_cache_memory={kv_cache_memory} bytes holds no block of {self.bytes_per_block} bytes"
                 )
-        layers = [PagedLayer(num_blocks, block_size, kw.get("sliding_window")) for kw in layer_kwargs]
+        # get_layer_types_and_kwargs gives chunked layers their attention_chunk_size as "sliding_window"
+        layers = [
+            PagedLayer(num_blocks, block_size, chunk_size=kw.get("sliding_window"))
+            if layer_type == "chunked_attention"
+            else PagedLayer(num_blocks, block_size, kw.get("sliding_window"))
+            for layer_type, kw in zip(layer_types, layer_kwargs)
+        ]
         super().__init__(layers=layers)
         self.block_size = block_size
         self.pool = BlockPool(num_blocks, enable_prefix_caching=enable_prefix_caching)
@@ -190,6 +197,9 @@ class PagedCache(Cache):
         self.logical_len = 0  # positions seen per row, padding included (what DynamicCache would hold)
         self._plan: StepPlan | None = None
         self._last_layer = -1
+        self._step_len = 0  # positions the current forward adds (logical_len already counts them)
+        # the last layer that calls update ("dummy" layers, KV-sharing consumers, never do)
+        self._last_storing_layer = max((i for i, t in enumerate(layer_types) if t != "dummy"), default=-1)
         # Engine mode: the engine owns the block tables and hands each forward its plan.
         self._engine_plan: StepPlan | None = None
         self.pools_bound = False  # the engine's compiled layers hold their pools (attention.bind_pools)
@@ -302,6 +312,7 @@ class PagedCache(Cache):
         elif self._plan is None or layer_idx <= self._last_layer:
             self._plan = self._plan_step(batch, q_len, key_states.device)
             self.logical_len += q_len
+            self._step_len = q_len
         self._last_layer = layer_idx
         layer = self.layers[layer_idx]
         if not layer.is_initialized:
@@ -324,7 +335,7 @@ class PagedCache(Cache):
         if (self.config._attn_implementation == "paged" and isinstance(call_kwargs, dict)
                 and layer_idx not in self.kv_producers):
             call_kwargs[METADATA_KEY] = _to_device(plan.metadata, layer.device)
-            call_kwargs[KV_POOL_KEY] = LayerKV(layer.keys, layer.values, layer.sliding_window)
+            call_kwargs[KV_POOL_KEY] = LayerKV(layer.keys, layer.values, layer.sliding_window, layer.chunk_size)
             return key_states, value_states
         return self._contiguous_kv(layer)
 
@@ -345,7 +356,13 @@ class PagedCache(Cache):
     # NOTE: in engine mode the forward is a packed [1, T] batch whose metadata carries all positions; transformers'
     # own mask is then a plain causal skip (kv length == query length) that the paged attention ignores.
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return 0 if self._engine_plan is not None else self.logical_len
+        if self._engine_plan is not None:
+            return 0
+        # Mid-forward, a layer that has not stored this step's tokens yet holds the length before them, as in
+        # DynamicCache (Llama4's attn_temperature_tuning reads it before its layer's update).
+        if self._plan is not None and self._last_layer < layer_idx <= self._last_storing_layer:
+            return self.logical_len - self._step_len
+        return self.logical_len
 
     def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
         return self.get_seq_length() + query_length, 0

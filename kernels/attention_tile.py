@@ -136,9 +136,15 @@ def attend_tile(
 
 @triton.jit
 def mask_scores(s, offs_n, in_range, q_pos, window, SLIDING: tl.constexpr):
-    """-inf for the keys a row may not see: past the range, after the row's position, or out of its window."""
+    """-inf for the keys a row may not see: past the range, after the row's position, or out of its window.
+
+    SLIDING 1 (or True): `window` is a sliding window (q - k < window); 2: it is a chunk size (chunked attention,
+    Llama4: only the keys of the row's own chunk, k >= q - q % window).
+    """
     visible = (offs_n[None, :] <= q_pos[:, None]) & in_range[None, :]
-    if SLIDING:
+    if SLIDING == 2:
+        visible = visible & (offs_n[None, :] >= (q_pos - q_pos % window)[:, None])
+    elif SLIDING:
         visible = visible & ((q_pos[:, None] - offs_n[None, :]) < window)
     return tl.where(visible, s, float("-inf"))
 

@@ -30,6 +30,7 @@ def paged_attention(
     softcap: float | None = None,
     sinks: torch.Tensor | None = None,
     expand=None,
+    chunk_size: int | None = None,
 ) -> torch.Tensor:
     """Same contract as `reference.paged_attention` (layouts in kernels/reference.py). With `expand` (a cache of
     latents) the whole padded batch's latents are expanded in one call."""
@@ -42,7 +43,7 @@ def paged_attention(
     max_len, max_q = int(lens.max()), int(q_lens.max())
     if num_seqs * max_len > MAX_PADDING * int(lens.sum()):
         return reference.paged_attention(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale,
-                                         sliding_window, softcap, sinks, expand)
+                                         sliding_window, softcap, sinks, expand, chunk_size)
     num_blocks, block_size = key_cache.shape[:2]
     width = -(-max_len // block_size)
     tables = block_tables[:, :width].long().clamp(0, num_blocks - 1)  # (S, nb); past a row's end: masked below
@@ -62,6 +63,8 @@ def paged_attention(
     visible = k_pos[None, None, :] <= q_pos[:, :, None]  # (S, Qmax, L); also keeps k_pos < seq_len
     if sliding_window is not None:
         visible &= (q_pos[:, :, None] - k_pos[None, None, :]) < sliding_window
+    if chunk_size is not None:
+        visible &= k_pos[None, None, :] >= (q_pos - q_pos % chunk_size)[:, :, None]
     visible |= ~real[:, :, None] & (k_pos == 0)  # padding rows see one key, so no row is all -inf
 
     qf = q.float().transpose(1, 2)  # (S, Hq, Qmax, D)

@@ -89,6 +89,7 @@ def paged_attention(
     value: torch.Tensor | None = None,
     fresh: bool = False,
     sinks: torch.Tensor | None = None,
+    chunk_size: int | None = None,
 ) -> torch.Tensor:
     """Varlen causal attention over paged K/V; see `reference.paged_attention` for the layouts.
 
@@ -97,29 +98,31 @@ def paged_attention(
     prefill reads the new tokens' keys there (contiguous rows) instead of through the block tables. The torch
     paths read the caches, which hold the same values. fresh: with them, no sequence has context before its new
     tokens (the Triton prefill then skips the block tables; the launcher's `fresh`). sinks: [num_q_heads] attention
-    sinks (gpt-oss's `s_aux`), one more logit per head in each softmax's denominator.
+    sinks (gpt-oss's `s_aux`), one more logit per head in each softmax's denominator. chunk_size: chunked attention
+    (Llama4): each query sees only the keys of its own chunk (instead of a sliding window; see kernels/reference.py).
     Under torch.compile it is the opaque custom op `hf_paged::paged_attention`, so the graph does not break here.
     """
     if torch.compiler.is_compiling():
         return torch.ops.hf_paged.paged_attention(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q,
                                                   scale, sliding_window, softcap, max_seqlen_q, key, value, fresh,
-                                                  sinks)
+                                                  sinks, chunk_size)
     return _paged_attention(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale, sliding_window,
-                            softcap, max_seqlen_q, key, value, fresh, sinks)
+                            softcap, max_seqlen_q, key, value, fresh, sinks, chunk_size)
 
 
 def _paged_attention(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale, sliding_window,
-                     softcap, max_seqlen_q, key=None, value=None, fresh=False, sinks=None):
+                     softcap, max_seqlen_q, key=None, value=None, fresh=False, sinks=None, chunk_size=None):
     if _use_triton(query):
         from hf_paged.kernels.paged_attention import paged_attention as triton_paged_attention
 
         return triton_paged_attention(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale,
-                                      sliding_window, softcap, max_seqlen_q, key, value, fresh=fresh, sinks=sinks)
+                                      sliding_window, softcap, max_seqlen_q, key, value, fresh=fresh, sinks=sinks,
+                                      chunk_size=chunk_size)
     if _mode() == "reference":
         return reference.paged_attention(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale,
-                                         sliding_window, softcap, sinks)
+                                         sliding_window, softcap, sinks, chunk_size=chunk_size)
     return batched.paged_attention(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale,
-                                   sliding_window, softcap, sinks)
+                                   sliding_window, softcap, sinks, chunk_size=chunk_size)
 
 
 # NOTE: eager calls take the plain functions above; only compiled graphs go through the dispatcher (a custom op
@@ -128,13 +131,14 @@ _paged_attention_op = torch.library.custom_op(
     "hf_paged::paged_attention", _paged_attention, mutates_args=(),
     schema="(Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, Tensor seq_lens, "
            "Tensor cu_seqlens_q, float scale, SymInt? sliding_window, float? softcap, SymInt? max_seqlen_q, "
-           "Tensor? key=None, Tensor? value=None, bool fresh=False, Tensor? sinks=None) -> Tensor",
+           "Tensor? key=None, Tensor? value=None, bool fresh=False, Tensor? sinks=None, SymInt? chunk_size=None) "
+           "-> Tensor",
 )
 
 
 @_paged_attention_op.register_fake
 def _(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale, sliding_window, softcap,
-      max_seqlen_q, key=None, value=None, fresh=False, sinks=None):
+      max_seqlen_q, key=None, value=None, fresh=False, sinks=None, chunk_size=None):
     return torch.empty_like(query, memory_format=torch.contiguous_format)  # (T, Hq, D)
 
 
@@ -177,48 +181,50 @@ def write_and_attend(
     max_seqlen_q: int | None = None,
     fresh: bool = False,
     sinks: torch.Tensor | None = None,
+    chunk_size: int | None = None,
 ) -> torch.Tensor:
     """`write_kv(key, value, ..., slot_mapping)`, then `paged_attention` with the step's own K/V: one launch on the
     Triton path (the kernels store the new tokens while they attend), the two calls on the torch paths.
 
     key, value: [num_tokens, num_kv_heads, head_dim] in the caches' dtype, rows packed like query's.
-    fresh: no sequence has context before its new tokens, sinks: attention sinks (see `paged_attention`).
+    fresh: no sequence has context before its new tokens; sinks, chunk_size: see `paged_attention`.
     NOTE: a token with slot -1 (padding) stores nothing, and which K/V the rows that see it read is unspecified.
     Under torch.compile it is the custom op `hf_paged::write_and_attend`, which mutates the two caches.
     """
     if torch.compiler.is_compiling():
         return torch.ops.hf_paged.write_and_attend(query, key, value, key_cache, value_cache, slot_mapping,
                                                    block_tables, seq_lens, cu_seqlens_q, scale, sliding_window,
-                                                   softcap, max_seqlen_q, fresh, sinks)
+                                                   softcap, max_seqlen_q, fresh, sinks, chunk_size)
     return _write_and_attend(query, key, value, key_cache, value_cache, slot_mapping, block_tables, seq_lens,
-                             cu_seqlens_q, scale, sliding_window, softcap, max_seqlen_q, fresh, sinks)
+                             cu_seqlens_q, scale, sliding_window, softcap, max_seqlen_q, fresh, sinks, chunk_size)
 
 
 def _write_and_attend(query, key, value, key_cache, value_cache, slot_mapping, block_tables, seq_lens, cu_seqlens_q,
-                      scale, sliding_window, softcap, max_seqlen_q, fresh=False, sinks=None) -> torch.Tensor:
+                      scale, sliding_window, softcap, max_seqlen_q, fresh=False, sinks=None,
+                      chunk_size=None) -> torch.Tensor:
     if _use_triton(query):
         from hf_paged.kernels.paged_attention import paged_attention as triton_paged_attention
 
         return triton_paged_attention(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale,
                                       sliding_window, softcap, max_seqlen_q, key, value, slot_mapping, fresh=fresh,
-                                      sinks=sinks)
+                                      sinks=sinks, chunk_size=chunk_size)
     _write_kv(key, value, key_cache, value_cache, slot_mapping)
     return _paged_attention(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale,
-                            sliding_window, softcap, max_seqlen_q, sinks=sinks)
+                            sliding_window, softcap, max_seqlen_q, sinks=sinks, chunk_size=chunk_size)
 
 
 _write_and_attend_op = torch.library.custom_op(
     "hf_paged::write_and_attend", _write_and_attend, mutates_args=("key_cache", "value_cache"),
     schema="(Tensor query, Tensor key, Tensor value, Tensor(a!) key_cache, Tensor(b!) value_cache, "
            "Tensor slot_mapping, Tensor block_tables, Tensor seq_lens, Tensor cu_seqlens_q, float scale, "
-           "SymInt? sliding_window, float? softcap, SymInt? max_seqlen_q, bool fresh=False, Tensor? sinks=None) "
-           "-> Tensor",
+           "SymInt? sliding_window, float? softcap, SymInt? max_seqlen_q, bool fresh=False, Tensor? sinks=None, "
+           "SymInt? chunk_size=None) -> Tensor",
 )
 
 
 @_write_and_attend_op.register_fake
 def _(query, key, value, key_cache, value_cache, slot_mapping, block_tables, seq_lens, cu_seqlens_q, scale,
-      sliding_window, softcap, max_seqlen_q, fresh=False, sinks=None):
+      sliding_window, softcap, max_seqlen_q, fresh=False, sinks=None, chunk_size=None):
     return torch.empty_like(query, memory_format=torch.contiguous_format)  # (T, Hq, D)
 
 

@@ -23,7 +23,8 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_HEAD_DIM = 256
 
 
-def _check_inputs(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, sliding_window, softcap):
+def _check_inputs(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, sliding_window, softcap,
+                  chunk_size=None):
     if query.dim() != 3:
         raise ValueError(f"query must be [num_tokens, num_q_heads, head_dim], got shape {tuple(query.shape)}")
     if key_cache.dim() != 4:
@@ -67,6 +68,8 @@ def _check_inputs(query, key_cache, value_cache, block_tables, seq_lens, cu_seql
         raise ValueError(f"sliding_window must be >= 1 or None, got {sliding_window}")
     if softcap is not None and softcap <= 0:
         raise ValueError(f"softcap must be > 0 or None, got {softcap}")
+    if chunk_size is not None and (chunk_size < 1 or sliding_window is not None):
+        raise ValueError(f"chunk_size must be >= 1 and without a sliding_window, got {chunk_size} / {sliding_window}")
 
 
 def _check_new_kv(query, key_cache, key, value, slot_mapping):
@@ -112,6 +115,7 @@ def paged_attention(
     *,
     fresh: bool = False,
     sinks: torch.Tensor | None = None,
+    chunk_size: int | None = None,
     config: DecodeConfig | PrefillConfig | None = None,
 ) -> torch.Tensor:
     """Varlen causal attention of packed queries over paged K/V; `reference.paged_attention` is the spec.
@@ -134,11 +138,14 @@ def paged_attention(
             a batch with cached context gives wrong results under it.
         sinks: [num_q_heads] attention sinks (gpt-oss's `s_aux`): one more logit per head in each softmax's
             denominator, attached to no value.
+        chunk_size: chunked attention (Llama4): a query sees only the keys of its own chunk of `chunk_size`
+            positions (the kernels' SLIDING=2, `window` then holding the chunk size).
         config: a DecodeConfig / PrefillConfig to override the tuned defaults (benchmarks, tests).
     Returns:
         [num_tokens, num_q_heads, head_dim] in query's dtype.
     """
-    _check_inputs(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, sliding_window, softcap)
+    _check_inputs(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, sliding_window, softcap,
+                  chunk_size)
     _check_new_kv(query, key_cache, key, value, slot_mapping)
     if sinks is not None and (tuple(sinks.shape) != (query.shape[1],) or sinks.device != query.device):
         raise ValueError(f"sinks must be [num_q_heads={query.shape[1]}] on {query.device}, got {tuple(sinks.shape)} "
@@ -158,12 +165,12 @@ def paged_attention(
         qk_scale, softcap_scale = softcap * _LOG2E, scale / softcap
     common = dict(
         GROUP=group, HEAD_DIM=head_dim, HEAD_PAD=max(16, triton.next_power_of_2(head_dim)), BLOCK_SIZE=block_size,
-        SLIDING=sliding_window is not None, SOFTCAP=softcap is not None,
+        SLIDING=2 if chunk_size is not None else sliding_window is not None, SOFTCAP=softcap is not None,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", INTERPRET=INTERPRET,
         PDL=not INTERPRET and use_pdl(query.device),
         SINKS=sinks is not None, sinks=query if sinks is None else (sinks.float() * _LOG2E).contiguous(),
     )
-    window = sliding_window if sliding_window is not None else 0
+    window = chunk_size if chunk_size is not None else sliding_window if sliding_window is not None else 0
     args = (query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q,
             query.stride(0), query.stride(1), out.stride(0), out.stride(1),
             key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), block_tables.stride(0),

@@ -49,7 +49,9 @@ def split_range(seq_len, window, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr
     many splits hold any (all NUM_SPLITS unless MIN_SPLIT_TILES > 1: then the splits past `active` are left out,
     by the decode kernel and by both merges)."""
     lo = seq_len * 0
-    if SLIDING:
+    if SLIDING == 2:  # chunked: the query (at seq_len - 1) reads its own chunk
+        lo = (seq_len - 1) - (seq_len - 1) % window
+    elif SLIDING:
         lo = tl.maximum(seq_len - window, 0)
     cached_end = seq_len  # keys read through the block table: all, or all but the step's own (NEW_KV)
     if NEW_KV:

@@ -110,6 +110,8 @@ def _prefill_kernel(
     end = ctx_start + tl.minimum(tile * BLOCK_Q + BLOCK_Q, q_len)  # = last + 1
     if SLIDING:
         lo = tl.maximum(first - window + 1, 0)
+        if SLIDING == 2:  # chunked: the tile's first row has the lowest chunk start
+            lo = first - first % window
         full_end = lo  # the window's lower edge moves per row: mask every tile
     else:
         lo = 0

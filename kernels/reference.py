@@ -8,7 +8,9 @@ Layouts shared by all kernels (vLLM's vocabulary):
     slot_mapping            [num_tokens] int64: block_id * block_size + offset, -1 = do not store
 Query token k of sequence s (q_len_s = cu_seqlens_q[s+1] - cu_seqlens_q[s]) sits at absolute position
 p = seq_lens[s] - q_len_s + k and attends to the keys at positions j with j <= p and, given a sliding window W,
-p - j < W (Hugging Face's convention: the window counts the query's own position).
+p - j < W (Hugging Face's convention: the window counts the query's own position), or given a chunk size C
+(Llama4's chunked attention), j // C == p // C: only the keys of the query's own chunk, the chunks counted from
+the sequence's first stored token (Hugging Face's chunked mask counts them from the first non-padding one).
 """
 
 import torch
@@ -37,6 +39,7 @@ def paged_attention(
     softcap: float | None = None,
     sinks: torch.Tensor | None = None,
     expand=None,
+    chunk_size: int | None = None,
 ) -> torch.Tensor:
     """Varlen causal attention of packed queries over paged K/V (decode is the case q_len_s == 1).
 
@@ -46,11 +49,13 @@ def paged_attention(
             denominator, attached to no value.
         expand: for caches of latents (multi-head latent attention): the model's `expand_kv(k, v)`, which turns a
             sequence's cached [1, Hc, L, Dc] pair into its K [1, Hkv, L, D] and V [1, Hkv, L, Dv].
+        chunk_size: chunked attention (module docstring); not together with sliding_window.
     Returns:
         [num_tokens, num_q_heads, Dv] in the query's dtype (Dv: the values' head_dim); computed in float32.
     """
     num_tokens, num_q_heads, head_dim = query.shape
     out = None
+    assert sliding_window is None or chunk_size is None, "give a sliding window or a chunk size, not both"
     seq_lens_l = seq_lens.tolist()
     cu_l = cu_seqlens_q.tolist()
     for s, seq_len in enumerate(seq_lens_l):
@@ -78,6 +83,8 @@ def paged_attention(
         visible = k_pos <= q_pos
         if sliding_window is not None:
             visible &= (q_pos - k_pos) < sliding_window
+        if chunk_size is not None:
+            visible &= k_pos >= q_pos - q_pos % chunk_size
         scores = scores.masked_fill(~visible, float("-inf"))
         probs = softmax_with_sinks(scores, sinks)
         out[q_start:q_end] = torch.matmul(probs, v).transpose(0, 1).to(query.dtype)

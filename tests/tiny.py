@@ -9,6 +9,7 @@ from transformers import (
     Gemma2Config,
     Gemma3TextConfig,
     Gemma4TextConfig,
+    Llama4TextConfig,
     GPT2Config,
     GptOssConfig,
     GraniteSWAConfig,
@@ -63,6 +64,10 @@ CONFIGS = {
         attention_k_eq_v=True, num_global_key_value_heads=1, num_kv_shared_layers=2,
         layer_types=["sliding_attention", "full_attention"] * 2,
     ),
+    "llama4_text": lambda: Llama4TextConfig(  # chunked attention (chunks of 5) on rope layers, NoPE full layers
+        **{**COMMON, "num_hidden_layers": 4}, num_key_value_heads=2, head_dim=16, intermediate_size_mlp=128,
+        num_local_experts=2, num_experts_per_tok=1, attention_chunk_size=5, floor_scale=24, attn_scale=0.5,
+    ),
     "mpt": lambda: MptConfig(vocab_size=VOCAB, d_model=64, n_heads=4, n_layers=2, max_seq_len=512,
                              initializer_range=0.2, pad_token_id=0, bos_token_id=1, eos_token_id=2),
     "deepseek_v3": lambda: DeepseekV3Config(  # multi-head latent attention: the cache holds latents
@@ -78,7 +83,8 @@ CONFIGS = {
 FEATURES = {"deepseek_v3": "multi-head latent attention (latents cached)", "gpt_oss": "attention sinks", "granite_swa": "attention sinks", "falcon": "parallel attention/MLP",
             "mixtral": "mixture of experts", "phi": "partial rotary",
             "gemma4_text": "per-layer head dims and KV heads, K = V on full layers, last 2 layers share KV",
-            "mpt": "ALiBi, use_cache off in its config"}
+            "mpt": "ALiBi, use_cache off in its config",
+            "llama4_text": "chunked attention (5), NoPE layers' temperature tuning from 24 positions"}
 
 _CACHE = {}
 

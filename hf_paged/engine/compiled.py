@@ -100,7 +100,7 @@ class CompiledLayers:
             layer._compiled_call_impl = compiled  # what nn.Module.compile() sets, for this call only
         for index, module in self.attention.items():
             layer = self.cache.layers[index]
-            bind_pools(module, LayerKV(layer.keys, layer.values, layer.sliding_window))
+            bind_pools(module, LayerKV(layer.keys, layer.values, layer.sliding_window, layer.chunk_size))
         self.cache.pools_bound = True
         try:
             return self.call(*args)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +40,17 @@ class _InFlight:
         return self.sampled.tokens if self.sampled is not None else None
 
 
+def packed_position_limit(text_config) -> int | None:
+    """Llama4's NoPE layers scale queries by log(floor((p + 1) / floor_scale) + 1), reading p from the cache's
+    length, which a packed engine step leaves at 0 (its tokens' index in the pack stands in for p): the same only
+    while every position and every pack stays below floor_scale - 1. That bound, or None for other models."""
+    if not getattr(text_config, "attn_temperature_tuning", False):
+        return None
+    if 0 not in (getattr(text_config, "no_rope_layers", None) or []):  # every layer has rope: no tuning applies
+        return None
+    return int(text_config.floor_scale) - 1
+
+
 class LLMEngine:
     """Continuous batching over a stock HF causal LM with a PagedCache.
 
@@ -64,6 +76,13 @@ class LLMEngine:
             )
         text_config = model.config.get_text_config(decoder=True)
         self.max_model_len = config.max_model_len or getattr(text_config, "max_position_embeddings", None) or 4096
+        limit = packed_position_limit(text_config)
+        if limit is not None and max(self.max_model_len, config.max_num_batched_tokens) > limit:
+            warnings.warn(f"{type(model).__name__} scales its queries by their position (attn_temperature_tuning), "
+                          "which a packed engine step does not tell it: max_model_len and max_num_batched_tokens are "
+                          f"capped at {limit}, below which the scale is 1", RuntimeWarning, stacklevel=3)
+            self.max_model_len = min(self.max_model_len, limit)
+            config.max_num_batched_tokens = min(config.max_num_batched_tokens, limit)
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         cpu_manager = None
         if config.preemption_mode == "swap":

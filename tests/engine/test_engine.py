@@ -222,6 +222,22 @@ def test_a_model_whose_attention_bypasses_the_cache_kwargs_is_named(make_llm):
         llm.generate(_prompts(2, seed=31), GREEDY, use_tqdm=False)
 
 
+def test_position_tuned_queries_cap_the_engines_lengths():
+    """Llama4 (chunked attention, NoPE layers scaling queries from floor_scale = 24 positions on): a packed step
+    cannot give the scale its positions, so the engine caps lengths below where it departs from 1, says so, and
+    matches generate there; a longer prompt is refused."""
+    model = tiny_model("llama4_text")
+    with pytest.warns(RuntimeWarning, match="capped at 23"):
+        llm = LLM(model, num_blocks=64, block_size=4)
+    prompts = _prompts(4, seed=32, low=3, high=11)
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    for prompt, output in zip(prompts, llm.generate(prompts, params, use_tqdm=False)):
+        assert output.outputs[0].token_ids == _hf_greedy(model, prompt, 12)
+    with pytest.raises(RequestError):
+        llm.generate([_prompts(1, seed=33, low=25, high=25)[0]], params, use_tqdm=False)
+    assert llm.get_stats().blocks_in_use == 0
+
+
 def test_kv_sharing_between_layers_is_refused_up_front():
     """Gemma4's last layers reuse earlier layers' K/V (num_kv_shared_layers): paged generate serves it, the engine
     says it cannot before taking any request."""
