@@ -22,6 +22,16 @@ def _model(config_cls, dtype, **extra):
     return model.to("cuda").eval()
 
 
+def _assert_greedy_matches_generate(llm, model, prompts, max_tokens):
+    """The engine's greedy outputs equal HF generate's, prompt by prompt."""
+    outputs = llm.generate(prompts, hf_paged.SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True),
+                           use_tqdm=False)
+    for prompt, output in zip(prompts, outputs):
+        ref = model.generate(torch.tensor([prompt], device="cuda"), max_new_tokens=max_tokens, do_sample=False,
+                             pad_token_id=0, eos_token_id=None)
+        assert output.outputs[0].token_ids == ref[0, len(prompt):].tolist()
+
+
 @pytest.mark.parametrize("config_cls,extra", [(LlamaConfig, {}), (MistralConfig, {"sliding_window": 24})],
                          ids=["llama", "mistral-sliding"])
 def test_generate_paged_on_cuda_matches_dynamic_cache(config_cls, extra):
@@ -56,12 +66,7 @@ def test_sinks_and_latents_on_cuda(arch):
         prompts = [ragged_batch([n], seed=n)[0][0].tolist() for n in (5, 17, 33)]
         with pytest.warns(RuntimeWarning, match="latents") if arch == "deepseek_v3" else contextlib.nullcontext():
             llm = hf_paged.LLM(model, num_blocks=256, max_num_batched_tokens=64)
-        outputs = llm.generate(prompts, hf_paged.SamplingParams(temperature=0, max_tokens=16, ignore_eos=True),
-                               use_tqdm=False)
-        for prompt, output in zip(prompts, outputs):
-            one = model.generate(torch.tensor([prompt], device="cuda"), max_new_tokens=16, do_sample=False,
-                                 pad_token_id=0, eos_token_id=None)
-            assert output.outputs[0].token_ids == one[0, len(prompt):].tolist()
+        _assert_greedy_matches_generate(llm, model, prompts, 16)
     finally:
         model.to("cpu")  # tiny_model caches it for the CPU tests
 
@@ -83,12 +88,7 @@ def test_engine_on_cuda_matches_generate():
     prompts = [ragged_batch([n], seed=n)[0][0].tolist() for n in (5, 17, 33, 64, 100, 3)]
     llm = hf_paged.LLM(model, num_blocks=512, max_num_batched_tokens=64)
     assert llm.engine.config.compile_model and llm.engine.runner.graphs is not None
-    outputs = llm.generate(prompts, hf_paged.SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),
-                           use_tqdm=False)
-    for prompt, output in zip(prompts, outputs):
-        ref = model.generate(torch.tensor([prompt], device="cuda"), max_new_tokens=24, do_sample=False,
-                             pad_token_id=0, eos_token_id=None)
-        assert output.outputs[0].token_ids == ref[0, len(prompt):].tolist()
+    _assert_greedy_matches_generate(llm, model, prompts, 24)
     assert llm.get_stats().blocks_in_use == 0
 
 
