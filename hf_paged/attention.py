@@ -21,6 +21,9 @@ from hf_paged.kernels.reference import softmax_with_sinks
 METADATA_KEY = "paged_metadata"
 KV_POOL_KEY = "paged_kv_pool"
 SLOTS_KEY = "paged_slot_mapping"  # the engine's compiled layers: the KV write happens here, into the module's pools
+# Attention modules that tile the K/V heads they cached over their query heads after cache.update
+# (JetMoE: `key_states.repeat(1, top_k, 1, 1)`): query head i reads K/V head i % Hkv, not the kernels' GQA i // group.
+TILED_KV_MODULES = ("JetMoeAttention",)
 
 
 @dataclass(slots=True)
@@ -71,6 +74,10 @@ def paged_attention_forward(
         layer = bound_pools(module)
     if meta is None or layer is None:
         return _contiguous_attention(module, query, key, value, attention_mask, scaling, softcap, **kwargs)
+    tiled = type(module).__name__ in TILED_KV_MODULES
+    if tiled and key.shape[1] != layer.key_cache.shape[2]:
+        return _tiled_kv_attention(module, query, key, value, attention_mask, dropout, scaling, sliding_window,
+                                   softcap, layer.key_cache.shape[2], **kwargs)
 
     sinks = kwargs.get("s_aux")  # attention sinks (gpt-oss and others): one more logit per head in the denominator
     batch, num_q_heads, q_len, head_dim = query.shape
@@ -110,6 +117,26 @@ def paged_attention_forward(
                                          key=new_k, value=new_v, fresh=meta.fresh, sinks=sinks,
                                          chunk_size=chunk)  # (T, Hq, D)
     return _unpack(packed_out, meta, batch, q_len), None
+
+
+def _tiled_kv_attention(module, query, key, value, attention_mask, dropout, scaling, sliding_window, softcap,
+                        num_kv_heads, **kwargs):
+    """JetMoE's mixture of attention: K/V [B, r*Hkv, Q, D] are the cached Hkv heads tiled r = top_k times, query head
+    e*Hkv + h reading K/V head h. Reorder the query heads to GQA order (h*r + e), attend over the Hkv heads the pool
+    holds (the first Hkv of the tiled ones), and put the output heads back."""
+    batch, num_q_heads, q_len, head_dim = query.shape
+    rep = key.shape[1] // num_kv_heads
+    if key.shape[1] != rep * num_kv_heads or num_q_heads != key.shape[1]:
+        raise ValueError(
+            f"{type(module).__name__} passes {num_q_heads} query and {key.shape[1]} K/V heads where cache.update "
+            f"stored {num_kv_heads}: not JetMoE's tiling; cache_implementation='paged' does not support it"
+        )
+    query = query.view(batch, rep, num_kv_heads, q_len, head_dim).transpose(1, 2).reshape(query.shape)
+    if kwargs.get("s_aux") is not None:
+        kwargs["s_aux"] = kwargs["s_aux"].view(rep, num_kv_heads).t().reshape(-1)
+    out, _ = paged_attention_forward(module, query, key[:, :num_kv_heads], value[:, :num_kv_heads], attention_mask,
+                                     dropout, scaling, sliding_window, softcap, **kwargs)  # [B, Q, Hq, D], GQA order
+    return out.view(batch, q_len, num_kv_heads, rep, -1).transpose(2, 3).reshape(out.shape), None
 
 
 def _unpack(packed_out: torch.Tensor, meta: PagedAttentionMetadata, batch: int, q_len: int) -> torch.Tensor:

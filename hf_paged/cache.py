@@ -124,8 +124,17 @@ def _kv_sharing_layers(config: PreTrainedConfig) -> tuple[set[int], set[int]]:
     return consumers, producers
 
 
+# Models whose attention reshapes the K/V that cache.update hands back before attending (transformers 5.24): the
+# paged attention reads the pools instead, so their outputs would be wrong without an error. Refused by name.
+# (JetMoE tiles its K/V heads over its experts: served, attention.TILED_KV_MODULES.)
+RESHAPES_KV_AFTER_UPDATE = {"diffllama": "its differential attention splits V into two halves"}
+
+
 def _check_layer_types(config: PreTrainedConfig, layer_types: list[str], consumers: set[int]) -> None:
     name = type(config).__name__
+    if config.model_type in RESHAPES_KV_AFTER_UPDATE:
+        raise ValueError(f"PagedCache does not support {name} yet: {RESHAPES_KV_AFTER_UPDATE[config.model_type]} "
+                         "after cache.update, which the paged attention does not see")
     stored = [t for i, t in enumerate(layer_types) if i not in consumers]  # consumers are "dummy": they store nothing
     unsupported = sorted({t for t in stored if t not in SUPPORTED_LAYER_TYPES})
     if unsupported:

@@ -9,6 +9,7 @@ from transformers import (
     Gemma2Config,
     Gemma3TextConfig,
     Gemma4TextConfig,
+    JetMoeConfig,
     Llama4TextConfig,
     GPT2Config,
     GptOssConfig,
@@ -68,6 +69,8 @@ CONFIGS = {
         **{**COMMON, "num_hidden_layers": 4}, num_key_value_heads=2, head_dim=16, intermediate_size_mlp=128,
         num_local_experts=2, num_experts_per_tok=1, attention_chunk_size=5, floor_scale=24, attn_scale=0.5,
     ),
+    "jetmoe": lambda: JetMoeConfig(**COMMON, num_key_value_heads=2, kv_channels=16, num_local_experts=4,
+                                   num_experts_per_tok=2),
     "mpt": lambda: MptConfig(vocab_size=VOCAB, d_model=64, n_heads=4, n_layers=2, max_seq_len=512,
                              initializer_range=0.2, pad_token_id=0, bos_token_id=1, eos_token_id=2),
     "deepseek_v3": lambda: DeepseekV3Config(  # multi-head latent attention: the cache holds latents
@@ -84,6 +87,7 @@ FEATURES = {"deepseek_v3": "multi-head latent attention (latents cached)", "gpt_
             "mixtral": "mixture of experts", "phi": "partial rotary",
             "gemma4_text": "per-layer head dims and KV heads, K = V on full layers, last 2 layers share KV",
             "mpt": "ALiBi, use_cache off in its config",
+            "jetmoe": "mixture of attention heads (K/V heads tiled over the experts)",
             "llama4_text": "chunked attention (5), NoPE layers' temperature tuning from 24 positions"}
 
 _CACHE = {}

@@ -160,3 +160,19 @@ def test_unsupported_transformers_version_is_named():
     with pytest.raises(patches.UnsupportedTransformersVersion, match="found 4.57.0"):
         patches.check_transformers_version("4.57.0")
     patches.check_transformers_version("5.24.0")
+
+
+@pytest.mark.parametrize("model_type, config", [("diffllama", {})])
+def test_models_that_reshape_kv_after_the_update_are_refused(model_type, config):
+    """DiffLlama splits the V cache.update returns before attending; paged, that would be silently wrong, so
+    generate and the engine refuse it by name (before anything is stored)."""
+    from transformers import CONFIG_MAPPING, AutoModelForCausalLM
+
+    from tests.tiny import COMMON
+
+    model = AutoModelForCausalLM.from_config(CONFIG_MAPPING[model_type](**COMMON, num_key_value_heads=2, **config))
+    ids, mask = ragged_batch([5, 8], seed=27)
+    with pytest.raises(ValueError, match="does not support .* yet"):
+        model.generate(ids, attention_mask=mask, max_new_tokens=2, pad_token_id=0, cache_implementation="paged")
+    with pytest.raises(ValueError, match="does not support .* yet"):
+        hf_paged.LLM(model, num_blocks=16, block_size=4)

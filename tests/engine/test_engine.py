@@ -35,7 +35,7 @@ def test_greedy_matches_per_prompt_generate_with_chunked_prefill(make_llm):
         assert output.outputs[0].token_ids == _hf_greedy(model, prompt, 12)
 
 
-@pytest.mark.parametrize("arch", ["mistral", "gemma2", "gpt2", "qwen3", "gpt_oss", "deepseek_v3"])
+@pytest.mark.parametrize("arch", ["mistral", "gemma2", "gpt2", "qwen3", "gpt_oss", "deepseek_v3", "jetmoe"])
 def test_greedy_matches_on_other_architectures(make_llm, arch):
     model = tiny_model(arch)
     prompts = _prompts(5, seed=2, low=5, high=20)
