@@ -229,7 +229,7 @@ def test_position_tuned_queries_cap_the_engines_lengths():
     model = tiny_model("llama4_text")
     with pytest.warns(RuntimeWarning, match="capped at 23"):
         llm = LLM(model, num_blocks=64, block_size=4)
-    prompts = _prompts(4, seed=32, low=3, high=11)
+    prompts = _prompts(2, seed=32, low=3, high=11)
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     for prompt, output in zip(prompts, llm.generate(prompts, params, use_tqdm=False)):
         assert output.outputs[0].token_ids == _hf_greedy(model, prompt, 12)

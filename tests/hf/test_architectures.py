@@ -9,7 +9,7 @@ from tests.tiny import CONFIGS, ragged_batch, tiny_model
 
 def _generate(model, ids, mask, **kwargs):
     return model.generate(
-        ids, attention_mask=mask, max_new_tokens=24, pad_token_id=0, eos_token_id=None,
+        ids, attention_mask=mask, max_new_tokens=16, pad_token_id=0, eos_token_id=None,
         return_dict_in_generate=True, output_scores=True, **kwargs,
     )
 
