@@ -99,7 +99,7 @@ def paged_attention_forward(
         if slots is not None:
             raise ValueError(f"{type(module).__name__} caches latents: the engine runs it without compiled layers")
         packed_out = ops.latent_attention(packed_q, layer.key_cache, layer.value_cache, *tables, scale, expand, window,
-                                          softcap, sinks)  # (T, Hq, Dv)
+                                          softcap, sinks, chunk)  # (T, Hq, Dv)
         return _unpack(packed_out, meta, batch, q_len), None
     decode = meta.max_seqlen_q == 1
     own_kv = (meta.query_index is None and key.dtype == layer.key_cache.dtype

@@ -54,6 +54,10 @@ class PagedLayer(CacheLayerMixin):
         # NOTE: transformers treats chunked layers as sliding ones (create_chunked_causal_mask looks for one)
         self.is_sliding = sliding_window is not None or chunk_size is not None
 
+    def pools(self) -> LayerKV:
+        """The layer's pools and attention span, as the paged attention takes them."""
+        return LayerKV(self.keys, self.values, self.sliding_window, self.chunk_size)
+
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         # key_states: (B, Hkv, Q, D); the pool goes on the layer's own device (accelerate device_map placements).
         _, num_kv_heads, _, head_dim = key_states.shape
@@ -190,12 +194,10 @@ class PagedCache(Cache):
                     f"kv_cache_memory={kv_cache_memory} bytes holds no block of {self.bytes_per_block} bytes"
                 )
         # get_layer_types_and_kwargs gives chunked layers their attention_chunk_size as "sliding_window"
-        layers = [
-            PagedLayer(num_blocks, block_size, chunk_size=kw.get("sliding_window"))
-            if layer_type == "chunked_attention"
-            else PagedLayer(num_blocks, block_size, kw.get("sliding_window"))
-            for layer_type, kw in zip(layer_types, layer_kwargs)
-        ]
+        spans = [(kw.get("sliding_window"), layer_type == "chunked_attention")
+                 for layer_type, kw in zip(layer_types, layer_kwargs)]
+        layers = [PagedLayer(num_blocks, block_size, None if chunked else span, span if chunked else None)
+                  for span, chunked in spans]
         super().__init__(layers=layers)
         self.block_size = block_size
         self.pool = BlockPool(num_blocks, enable_prefix_caching=enable_prefix_caching)
@@ -344,7 +346,7 @@ class PagedCache(Cache):
         if (self.config._attn_implementation == "paged" and isinstance(call_kwargs, dict)
                 and layer_idx not in self.kv_producers):
             call_kwargs[METADATA_KEY] = _to_device(plan.metadata, layer.device)
-            call_kwargs[KV_POOL_KEY] = LayerKV(layer.keys, layer.values, layer.sliding_window, layer.chunk_size)
+            call_kwargs[KV_POOL_KEY] = layer.pools()
             return key_states, value_states
         return self._contiguous_kv(layer)
 

@@ -4,7 +4,8 @@
 sequence per layer per step). This is the path the "paged" attention takes on CPU: every sequence's K/V is
 gathered through its block table into a zero-padded [S, L_max] batch and attended with torch's
 scaled_dot_product_attention (GQA without repeating K/V) under a boolean causal / window / padding mask.
-Soft-capping and attention sinks need the raw scores, so they run the same math by hand. Computed in float32, like the reference.
+Soft-capping and attention sinks need the raw scores, so they run the same math by hand. Computed in float32,
+like the reference.
 A very ragged batch (padding would more than triple the gathered tokens) goes to the reference instead.
 """
 

@@ -118,11 +118,16 @@ def _paged_attention(query, key_cache, value_cache, block_tables, seq_lens, cu_s
         return triton_paged_attention(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale,
                                       sliding_window, softcap, max_seqlen_q, key, value, fresh=fresh, sinks=sinks,
                                       chunk_size=chunk_size)
-    if _mode() == "reference":
-        return reference.paged_attention(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale,
-                                         sliding_window, softcap, sinks, chunk_size=chunk_size)
-    return batched.paged_attention(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale,
-                                   sliding_window, softcap, sinks, chunk_size=chunk_size)
+    return _torch_attention(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale, sliding_window,
+                            softcap, sinks, None, chunk_size)
+
+
+def _torch_attention(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale, sliding_window,
+                     softcap, sinks, expand, chunk_size):
+    """The torch paths: the reference's per-sequence loop under HF_PAGED_KERNELS=reference, else kernels/batched.py."""
+    attend = reference.paged_attention if _mode() == "reference" else batched.paged_attention
+    return attend(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale, sliding_window, softcap,
+                  sinks, expand, chunk_size)
 
 
 # NOTE: eager calls take the plain functions above; only compiled graphs go through the dispatcher (a custom op
@@ -154,15 +159,15 @@ def latent_attention(
     sliding_window: int | None = None,
     softcap: float | None = None,
     sinks: torch.Tensor | None = None,
+    chunk_size: int | None = None,
 ) -> torch.Tensor:
     """`paged_attention` over caches of latents (multi-head latent attention: DeepSeek-V2/V3, MiniCPM3, ...): each
     sequence's cached latents, read through its block table, become its K/V by the model's own `expand(k, v)`
     (the attention module's `expand_kv`), as they do under DynamicCache. Torch on every device: the latents are
     paged and shared like any K/V, the attention runs batched (kernels/batched.py), or per sequence under
     HF_PAGED_KERNELS=reference. Returns [num_tokens, num_q_heads, Dv]."""
-    attend = reference.paged_attention if _mode() == "reference" else batched.paged_attention
-    return attend(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale, sliding_window, softcap,
-                  sinks, expand)
+    return _torch_attention(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale, sliding_window,
+                            softcap, sinks, expand, chunk_size)
 
 
 def write_and_attend(

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 
-from hf_paged.attention import LayerKV, bind_pools
+from hf_paged.attention import bind_pools
 from hf_paged.cache import PagedCache
 from hf_paged.kernels.ops import env_choice
 
@@ -99,8 +99,7 @@ class CompiledLayers:
         for layer, compiled in zip(self.layers, self.compiled):
             layer._compiled_call_impl = compiled  # what nn.Module.compile() sets, for this call only
         for index, module in self.attention.items():
-            layer = self.cache.layers[index]
-            bind_pools(module, LayerKV(layer.keys, layer.values, layer.sliding_window, layer.chunk_size))
+            bind_pools(module, self.cache.layers[index].pools())
         self.cache.pools_bound = True
         try:
             return self.call(*args)
